@@ -1,0 +1,12 @@
+//! Hyphae: a Matrix homeserver that runs in a browser tab (wasm32, IndexedDB) and natively
+//! (`hyphae-node`, redb), exchanging signed room events with peers over libp2p.
+//!
+//! Layers, bottom up: [`store`] (ordered key-value storage, three backends), [`identity`] (one
+//! ed25519 key per peer), [`engine`] (the room engine: checks, DAG, state, timeline).
+
+pub mod engine;
+pub mod identity;
+pub mod store;
+
+#[cfg(target_arch = "wasm32")]
+pub mod web;

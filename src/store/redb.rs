@@ -1,0 +1,144 @@
+//! The native on-disk backend: one redb database file, one redb table per [`Table`].
+//!
+//! redb is synchronous, so every call runs on tokio's blocking pool; a write returns after
+//! `commit()`, which redb makes durable (fsync) by default.
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redb::TableDefinition;
+
+use super::{Direction, Entry, KeyRange, Op, Store, StoreError, StoreResult, Table, WriteBatch};
+
+fn definition(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
+    TableDefinition::new(table.name())
+}
+
+fn backend<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+pub struct RedbStore {
+    db: Arc<redb::Database>,
+}
+
+impl RedbStore {
+    /// Opens (or creates) the database file at `path` and makes sure every table exists.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let db = redb::Database::create(path).map_err(backend)?;
+        let txn = db.begin_write().map_err(backend)?;
+        for table in Table::ALL {
+            txn.open_table(definition(table)).map_err(backend)?;
+        }
+        txn.commit()
+            .map_err(|e| StoreError::NotCommitted(e.to_string()))?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&redb::Database) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(backend)?
+    }
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    async fn get(&self, table: Table, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        let key = key.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(definition(table)).map_err(backend)?;
+            Ok(t.get(key.as_slice())
+                .map_err(backend)?
+                .map(|v| v.value().to_vec()))
+        })
+        .await
+    }
+
+    async fn scan(
+        &self,
+        table: Table,
+        range: KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> StoreResult<Vec<Entry>> {
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(definition(table)).map_err(backend)?;
+            let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (
+                range.start.as_ref().map(Vec::as_slice),
+                range.end.as_ref().map(Vec::as_slice),
+            );
+            let iter = t.range::<&[u8]>(bounds).map_err(backend)?;
+            let mut out = Vec::new();
+            let mut push = |item: Result<_, redb::StorageError>| -> StoreResult<()> {
+                let (k, v): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>) =
+                    item.map_err(backend)?;
+                out.push((k.value().to_vec(), v.value().to_vec()));
+                Ok(())
+            };
+            match direction {
+                Direction::Forward => {
+                    for item in iter.take(limit) {
+                        push(item)?;
+                    }
+                }
+                Direction::Backward => {
+                    for item in iter.rev().take(limit) {
+                        push(item)?;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn write(&self, batch: WriteBatch) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                // Open each table once per transaction, lazily.
+                let mut open: Vec<(Table, redb::Table<&[u8], &[u8]>)> = Vec::new();
+                for op in &batch.ops {
+                    let table = match op {
+                        Op::Put { table, .. } | Op::Delete { table, .. } => *table,
+                    };
+                    let idx = match open.iter().position(|(t, _)| *t == table) {
+                        Some(i) => i,
+                        None => {
+                            open.push((table, txn.open_table(definition(table)).map_err(backend)?));
+                            open.len() - 1
+                        }
+                    };
+                    let t = &mut open[idx].1;
+                    match op {
+                        Op::Put { key, value, .. } => {
+                            t.insert(key.as_slice(), value.as_slice())
+                                .map_err(backend)?;
+                        }
+                        Op::Delete { key, .. } => {
+                            t.remove(key.as_slice()).map_err(backend)?;
+                        }
+                    }
+                }
+            }
+            txn.commit()
+                .map_err(|e| StoreError::NotCommitted(e.to_string()))
+        })
+        .await
+    }
+}
