@@ -1,0 +1,120 @@
+//! Helpers shared by the test files: signed-event builders for simulated peers, and the store
+//! conformance suite that runs on every backend.
+#![allow(dead_code)]
+
+pub mod conformance;
+
+use std::collections::BTreeMap;
+
+use hyphae::engine::pdu::{build_signed, rules_for, NewEvent};
+use hyphae::engine::{Engine, Outcome};
+use hyphae::identity::Identity;
+use ruma::events::TimelineEventType;
+use ruma::{MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UInt};
+use serde_json::Value;
+
+pub fn ts(ms: u64) -> MilliSecondsSinceUnixEpoch {
+    MilliSecondsSinceUnixEpoch(UInt::new(ms).expect("small"))
+}
+
+/// A simulated remote server with one user on it.
+pub struct Peer {
+    pub identity: Identity,
+    pub user: OwnedUserId,
+}
+
+impl Peer {
+    pub fn new(seed: u8, localpart: &str) -> Self {
+        let identity = Identity::from_seed([seed; 32]);
+        let user = format!("@{localpart}:{}", identity.server_name()).try_into().expect("valid user id");
+        Self { identity, user }
+    }
+}
+
+/// Builds a signed event by `peer` on top of `prev_events`, choosing auth_events from the state
+/// after the first prev event as `engine` knows it.
+#[allow(clippy::too_many_arguments)]
+pub async fn event_on(
+    engine: &Engine,
+    peer: &Peer,
+    room_id: &RoomId,
+    kind: &str,
+    state_key: Option<&str>,
+    content: Value,
+    prev_events: &[OwnedEventId],
+    at: u64,
+) -> (OwnedEventId, Vec<u8>) {
+    let room = engine.room(room_id).await.unwrap().expect("room known to the builder engine");
+    let rules = rules_for(&room.room_version).unwrap();
+    let state = engine.state_after(&prev_events[0]).await.unwrap().expect("prev event has state");
+    let mut depth = 0;
+    for p in prev_events {
+        depth = depth.max(engine.event(p).await.unwrap().expect("prev known").pdu.depth);
+    }
+    let raw_content = serde_json::value::to_raw_value(&content).unwrap();
+    let types = ruma::state_res::auth_types_for_event(
+        &TimelineEventType::from(kind),
+        &peer.user,
+        state_key,
+        &raw_content,
+        &rules.authorization,
+    )
+    .unwrap();
+    let mut auth: Vec<OwnedEventId> =
+        types.iter().filter_map(|(t, k)| state.get(&(t.to_string(), k.clone())).cloned()).collect();
+    auth.sort();
+    auth.dedup();
+    build_signed(
+        &peer.identity,
+        &rules,
+        NewEvent {
+            room_id: Some(room_id),
+            sender: &peer.user,
+            kind,
+            state_key,
+            content,
+            prev_events: prev_events.to_vec(),
+            auth_events: auth,
+            depth: depth + 1,
+            origin_server_ts: ts(at),
+            redacts: None,
+        },
+    )
+    .expect("builds")
+}
+
+/// Delivers `raw` and expects it to be accepted.
+pub async fn accept(engine: &Engine, raw: &[u8]) -> OwnedEventId {
+    let r = engine.receive(raw).await.expect("valid event");
+    assert!(matches!(r.outcome, Outcome::Accepted { .. }), "expected acceptance, got {:?}", r.outcome);
+    r.event_id
+}
+
+/// A comparable picture of a room: current state, sorted extremities, timeline ids.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RoomPicture {
+    pub state: BTreeMap<(String, String), OwnedEventId>,
+    pub extremities: Vec<OwnedEventId>,
+    pub timeline: Vec<OwnedEventId>,
+}
+
+pub async fn picture(engine: &Engine, room_id: &RoomId) -> RoomPicture {
+    let room = engine.room(room_id).await.unwrap().expect("room exists");
+    let mut extremities = room.forward_extremities.clone();
+    extremities.sort();
+    let timeline = engine
+        .timeline(room_id, None, hyphae::store::Direction::Forward, usize::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.pdu.event_id.clone())
+        .collect();
+    RoomPicture { state: engine.current_state(room_id).await.unwrap().unwrap(), extremities, timeline }
+}
+
+/// The room ids of every room an engine holds, sorted.
+pub async fn room_ids(engine: &Engine) -> Vec<OwnedRoomId> {
+    let mut ids = engine.rooms().await.unwrap();
+    ids.sort();
+    ids
+}
