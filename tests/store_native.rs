@@ -43,20 +43,43 @@ async fn redb_writes_survive_reopen() {
         store.write(b).await.unwrap();
     }
     let store = redb(&dir, "d.redb");
-    assert_eq!(store.get(Table::Events, b"k").await.unwrap(), Some(b"v".to_vec()));
+    assert_eq!(
+        store.get(Table::Events, b"k").await.unwrap(),
+        Some(b"v".to_vec())
+    );
 }
 
 /// A store holding a real room, for the export/import round trips.
 async fn populated(store: Arc<dyn Store>) -> Engine {
     let engine = Engine::open(store).await.unwrap();
     let alice = common::Peer::new(1, "alice");
-    let opts = CreateRoom { name: Some("Export me".into()), topic: Some("t".into()), ..Default::default() };
-    let (room, _) = engine.create_room(&alice.identity, &alice.user, &opts, common::ts(1000)).await.unwrap();
+    let opts = CreateRoom {
+        name: Some("Export me".into()),
+        topic: Some("t".into()),
+        ..Default::default()
+    };
+    let (room, _) = engine
+        .create_room(&alice.identity, &alice.user, &opts, common::ts(1000))
+        .await
+        .unwrap();
     for i in 0..50 {
         let content = serde_json::json!({ "msgtype": "m.text", "body": format!("message {i}") });
-        engine.send(&alice.identity, &room, &alice.user, "m.room.message", None, content, common::ts(2000 + i)).await.unwrap();
+        engine
+            .send(
+                &alice.identity,
+                &room,
+                &alice.user,
+                "m.room.message",
+                None,
+                content,
+                common::ts(2000 + i),
+            )
+            .await
+            .unwrap();
     }
-    Identity::load_or_create(engine.store().as_ref()).await.unwrap();
+    Identity::load_or_create(engine.store().as_ref())
+        .await
+        .unwrap();
     engine
 }
 
@@ -70,9 +93,15 @@ async fn export_import_memory_to_redb_and_back() {
 
     // The imported store opens as the same rooms, state and timeline.
     let imported = Engine::open(disk.clone()).await.unwrap();
-    assert_eq!(common::room_ids(&source).await, common::room_ids(&imported).await);
+    assert_eq!(
+        common::room_ids(&source).await,
+        common::room_ids(&imported).await
+    );
     for room in common::room_ids(&source).await {
-        assert_eq!(common::picture(&source, &room).await, common::picture(&imported, &room).await);
+        assert_eq!(
+            common::picture(&source, &room).await,
+            common::picture(&imported, &room).await
+        );
     }
     // Same identity too.
     let a = Identity::load_or_create(memory.as_ref()).await.unwrap();

@@ -5,7 +5,8 @@ use std::ops::Bound;
 use hyphae::store::export::{export, import};
 use hyphae::store::schema::{self, Migration, CURRENT_SCHEMA_VERSION};
 use hyphae::store::{
-    scan_all, Direction, KeyRange, MaybeSendFuture, Store, StoreError, StoreResult, Table, WriteBatch,
+    scan_all, Direction, KeyRange, MaybeSendFuture, Store, StoreError, StoreResult, Table,
+    WriteBatch,
 };
 
 async fn put(store: &dyn Store, table: Table, key: &[u8], value: &[u8]) {
@@ -22,11 +23,17 @@ fn keys(entries: &[(Vec<u8>, Vec<u8>)]) -> Vec<Vec<u8>> {
 pub async fn basics(store: &dyn Store) {
     assert_eq!(store.get(Table::Events, b"a").await.unwrap(), None);
     put(store, Table::Events, b"a", b"1").await;
-    assert_eq!(store.get(Table::Events, b"a").await.unwrap(), Some(b"1".to_vec()));
+    assert_eq!(
+        store.get(Table::Events, b"a").await.unwrap(),
+        Some(b"1".to_vec())
+    );
     // Tables are separate namespaces.
     assert_eq!(store.get(Table::Rooms, b"a").await.unwrap(), None);
     put(store, Table::Events, b"a", b"2").await;
-    assert_eq!(store.get(Table::Events, b"a").await.unwrap(), Some(b"2".to_vec()));
+    assert_eq!(
+        store.get(Table::Events, b"a").await.unwrap(),
+        Some(b"2".to_vec())
+    );
 
     // A batch over several tables, with a delete, applies in order.
     let mut b = WriteBatch::new();
@@ -36,8 +43,14 @@ pub async fn basics(store: &dyn Store) {
     b.put(Table::Timeline, b"t", b"y");
     store.write(b).await.unwrap();
     assert_eq!(store.get(Table::Events, b"a").await.unwrap(), None);
-    assert_eq!(store.get(Table::Rooms, b"r").await.unwrap(), Some(b"room".to_vec()));
-    assert_eq!(store.get(Table::Timeline, b"t").await.unwrap(), Some(b"y".to_vec()));
+    assert_eq!(
+        store.get(Table::Rooms, b"r").await.unwrap(),
+        Some(b"room".to_vec())
+    );
+    assert_eq!(
+        store.get(Table::Timeline, b"t").await.unwrap(),
+        Some(b"y".to_vec())
+    );
     // Deleting a missing key is fine; an empty batch is fine.
     let mut b = WriteBatch::new();
     b.delete(Table::Events, b"nope");
@@ -45,8 +58,15 @@ pub async fn basics(store: &dyn Store) {
     store.write(WriteBatch::new()).await.unwrap();
 
     // Binary keys order byte-wise (0x00 < 0x7f < 0x80 < 0xff), shorter prefix first.
-    let binary: Vec<Vec<u8>> =
-        vec![vec![0x00], vec![0x01, 0xff], vec![0x01], vec![0x7f], vec![0x80], vec![0xff, 0x00], vec![0xff]];
+    let binary: Vec<Vec<u8>> = vec![
+        vec![0x00],
+        vec![0x01, 0xff],
+        vec![0x01],
+        vec![0x7f],
+        vec![0x80],
+        vec![0xff, 0x00],
+        vec![0xff],
+    ];
     let mut b = WriteBatch::new();
     for k in &binary {
         b.put(Table::StateGroups, k.clone(), k.clone());
@@ -54,27 +74,74 @@ pub async fn basics(store: &dyn Store) {
     store.write(b).await.unwrap();
     let mut expected = binary.clone();
     expected.sort();
-    let all = store.scan(Table::StateGroups, KeyRange::all(), Direction::Forward, 100).await.unwrap();
+    let all = store
+        .scan(Table::StateGroups, KeyRange::all(), Direction::Forward, 100)
+        .await
+        .unwrap();
     assert_eq!(keys(&all), expected);
     assert!(all.iter().all(|(k, v)| k == v));
-    let back = store.scan(Table::StateGroups, KeyRange::all(), Direction::Backward, 100).await.unwrap();
+    let back = store
+        .scan(
+            Table::StateGroups,
+            KeyRange::all(),
+            Direction::Backward,
+            100,
+        )
+        .await
+        .unwrap();
     let mut rev = expected.clone();
     rev.reverse();
     assert_eq!(keys(&back), rev);
 
     // Prefix ranges, bounds and limits, both directions.
-    let pre = store.scan(Table::StateGroups, KeyRange::prefix(&[0x01]), Direction::Forward, 100).await.unwrap();
+    let pre = store
+        .scan(
+            Table::StateGroups,
+            KeyRange::prefix(&[0x01]),
+            Direction::Forward,
+            100,
+        )
+        .await
+        .unwrap();
     assert_eq!(keys(&pre), vec![vec![0x01], vec![0x01, 0xff]]);
-    let pre = store.scan(Table::StateGroups, KeyRange::prefix(&[0xff]), Direction::Backward, 1).await.unwrap();
+    let pre = store
+        .scan(
+            Table::StateGroups,
+            KeyRange::prefix(&[0xff]),
+            Direction::Backward,
+            1,
+        )
+        .await
+        .unwrap();
     assert_eq!(keys(&pre), vec![vec![0xff, 0x00]]);
-    let range = KeyRange { start: Bound::Excluded(vec![0x01]), end: Bound::Included(vec![0x80]) };
-    let mid = store.scan(Table::StateGroups, range.clone(), Direction::Forward, 100).await.unwrap();
+    let range = KeyRange {
+        start: Bound::Excluded(vec![0x01]),
+        end: Bound::Included(vec![0x80]),
+    };
+    let mid = store
+        .scan(Table::StateGroups, range.clone(), Direction::Forward, 100)
+        .await
+        .unwrap();
     assert_eq!(keys(&mid), vec![vec![0x01, 0xff], vec![0x7f], vec![0x80]]);
-    let mid = store.scan(Table::StateGroups, range, Direction::Backward, 2).await.unwrap();
+    let mid = store
+        .scan(Table::StateGroups, range, Direction::Backward, 2)
+        .await
+        .unwrap();
     assert_eq!(keys(&mid), vec![vec![0x80], vec![0x7f]]);
-    let empty = KeyRange { start: Bound::Included(vec![0x80]), end: Bound::Excluded(vec![0x10]) };
-    assert!(store.scan(Table::StateGroups, empty, Direction::Forward, 10).await.unwrap().is_empty());
-    assert!(store.scan(Table::Meta, KeyRange::all(), Direction::Forward, 10).await.unwrap().is_empty());
+    let empty = KeyRange {
+        start: Bound::Included(vec![0x80]),
+        end: Bound::Excluded(vec![0x10]),
+    };
+    assert!(store
+        .scan(Table::StateGroups, empty, Direction::Forward, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .scan(Table::Meta, KeyRange::all(), Direction::Forward, 10)
+        .await
+        .unwrap()
+        .is_empty());
 
     // Values up to the PDU limit and beyond round-trip exactly.
     let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
@@ -115,17 +182,38 @@ pub async fn schema_and_migrations(store: &dyn Store) {
             Ok(batch)
         })
     }
-    let steps = [Migration { from: 1, run: upgrade }];
+    let steps = [Migration {
+        from: 1,
+        run: upgrade,
+    }];
     assert_eq!(schema::migrate(store, 2, &steps).await.unwrap(), 2);
     assert_eq!(schema::read_version(store).await.unwrap(), Some(2));
-    assert_eq!(store.get(Table::Rooms, b"!a").await.unwrap(), Some(b"v2:alpha".to_vec()));
-    assert_eq!(store.get(Table::Rooms, b"!b").await.unwrap(), Some(b"v2:beta".to_vec()));
+    assert_eq!(
+        store.get(Table::Rooms, b"!a").await.unwrap(),
+        Some(b"v2:alpha".to_vec())
+    );
+    assert_eq!(
+        store.get(Table::Rooms, b"!b").await.unwrap(),
+        Some(b"v2:beta".to_vec())
+    );
     // Opening again is a no-op.
     assert_eq!(schema::migrate(store, 2, &steps).await.unwrap(), 2);
-    assert_eq!(store.get(Table::Rooms, b"!a").await.unwrap(), Some(b"v2:alpha".to_vec()));
+    assert_eq!(
+        store.get(Table::Rooms, b"!a").await.unwrap(),
+        Some(b"v2:alpha".to_vec())
+    );
     // Older code refuses a newer store; a missing step is an error, not a silent skip.
-    assert!(matches!(schema::migrate(store, 1, &[]).await, Err(StoreError::TooNew { found: 2, supported: 1 })));
-    assert!(matches!(schema::migrate(store, 3, &steps).await, Err(StoreError::NoMigration(2))));
+    assert!(matches!(
+        schema::migrate(store, 1, &[]).await,
+        Err(StoreError::TooNew {
+            found: 2,
+            supported: 1
+        })
+    ));
+    assert!(matches!(
+        schema::migrate(store, 3, &steps).await,
+        Err(StoreError::NoMigration(2))
+    ));
     assert_eq!(schema::read_version(store).await.unwrap(), Some(2));
 }
 
@@ -135,18 +223,38 @@ pub async fn export_import(source: &dyn Store, target: &dyn Store) {
     let version = schema::read_version(source).await.unwrap();
     assert_eq!(version, Some(CURRENT_SCHEMA_VERSION));
     // Bad files change nothing.
-    for bad in ["", "not json", "{\"format\":\"other\",\"version\":1,\"schema\":1}"] {
-        assert!(matches!(import(target, bad).await, Err(StoreError::BadExport { .. })), "{bad:?}");
+    for bad in [
+        "",
+        "not json",
+        "{\"format\":\"other\",\"version\":1,\"schema\":1}",
+    ] {
+        assert!(
+            matches!(import(target, bad).await, Err(StoreError::BadExport { .. })),
+            "{bad:?}"
+        );
     }
-    let corrupted = format!("{}{{\"table\":\"nope\",\"key\":\"\",\"value\":\"\"}}\n", data);
-    assert!(matches!(import(target, &corrupted).await, Err(StoreError::BadExport { .. })));
+    let corrupted = format!(
+        "{}{{\"table\":\"nope\",\"key\":\"\",\"value\":\"\"}}\n",
+        data
+    );
+    assert!(matches!(
+        import(target, &corrupted).await,
+        Err(StoreError::BadExport { .. })
+    ));
     assert!(hyphae::store::is_empty(target).await.unwrap());
 
     let n = import(target, &data).await.unwrap();
     assert!(n > 0);
     for table in Table::ALL {
-        assert_eq!(scan_all(source, table).await.unwrap(), scan_all(target, table).await.unwrap(), "{table:?}");
+        assert_eq!(
+            scan_all(source, table).await.unwrap(),
+            scan_all(target, table).await.unwrap(),
+            "{table:?}"
+        );
     }
     // A second import is refused: imports go into empty stores only.
-    assert!(matches!(import(target, &data).await, Err(StoreError::NotEmpty)));
+    assert!(matches!(
+        import(target, &data).await,
+        Err(StoreError::NotEmpty)
+    ));
 }

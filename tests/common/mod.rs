@@ -26,7 +26,9 @@ pub struct Peer {
 impl Peer {
     pub fn new(seed: u8, localpart: &str) -> Self {
         let identity = Identity::from_seed([seed; 32]);
-        let user = format!("@{localpart}:{}", identity.server_name()).try_into().expect("valid user id");
+        let user = format!("@{localpart}:{}", identity.server_name())
+            .try_into()
+            .expect("valid user id");
         Self { identity, user }
     }
 }
@@ -44,12 +46,28 @@ pub async fn event_on(
     prev_events: &[OwnedEventId],
     at: u64,
 ) -> (OwnedEventId, Vec<u8>) {
-    let room = engine.room(room_id).await.unwrap().expect("room known to the builder engine");
+    let room = engine
+        .room(room_id)
+        .await
+        .unwrap()
+        .expect("room known to the builder engine");
     let rules = rules_for(&room.room_version).unwrap();
-    let state = engine.state_after(&prev_events[0]).await.unwrap().expect("prev event has state");
+    let state = engine
+        .state_after(&prev_events[0])
+        .await
+        .unwrap()
+        .expect("prev event has state");
     let mut depth = 0;
     for p in prev_events {
-        depth = depth.max(engine.event(p).await.unwrap().expect("prev known").pdu.depth);
+        depth = depth.max(
+            engine
+                .event(p)
+                .await
+                .unwrap()
+                .expect("prev known")
+                .pdu
+                .depth,
+        );
     }
     let raw_content = serde_json::value::to_raw_value(&content).unwrap();
     let types = ruma::state_res::auth_types_for_event(
@@ -60,8 +78,10 @@ pub async fn event_on(
         &rules.authorization,
     )
     .unwrap();
-    let mut auth: Vec<OwnedEventId> =
-        types.iter().filter_map(|(t, k)| state.get(&(t.to_string(), k.clone())).cloned()).collect();
+    let mut auth: Vec<OwnedEventId> = types
+        .iter()
+        .filter_map(|(t, k)| state.get(&(t.to_string(), k.clone())).cloned())
+        .collect();
     auth.sort();
     auth.dedup();
     build_signed(
@@ -86,7 +106,11 @@ pub async fn event_on(
 /// Delivers `raw` and expects it to be accepted.
 pub async fn accept(engine: &Engine, raw: &[u8]) -> OwnedEventId {
     let r = engine.receive(raw).await.expect("valid event");
-    assert!(matches!(r.outcome, Outcome::Accepted { .. }), "expected acceptance, got {:?}", r.outcome);
+    assert!(
+        matches!(r.outcome, Outcome::Accepted { .. }),
+        "expected acceptance, got {:?}",
+        r.outcome
+    );
     r.event_id
 }
 
@@ -109,7 +133,11 @@ pub async fn picture(engine: &Engine, room_id: &RoomId) -> RoomPicture {
         .iter()
         .map(|e| e.pdu.event_id.clone())
         .collect();
-    RoomPicture { state: engine.current_state(room_id).await.unwrap().unwrap(), extremities, timeline }
+    RoomPicture {
+        state: engine.current_state(room_id).await.unwrap().unwrap(),
+        extremities,
+        timeline,
+    }
 }
 
 /// The room ids of every room an engine holds, sorted.
