@@ -29,16 +29,48 @@ async fn engine() -> Engine {
 async fn random_room(seed: u64, n: usize) -> (OwnedRoomId, Vec<(OwnedEventId, Vec<u8>)>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let builder = engine().await;
-    let peers = [Peer::new(1, "alice"), Peer::new(2, "bob"), Peer::new(3, "carol")];
-    let opts = CreateRoom { preset: Preset::PublicChat, ..Default::default() };
-    let (room, ids) = builder.create_room(&peers[0].identity, &peers[0].user, &opts, common::ts(1)).await.unwrap();
+    let peers = [
+        Peer::new(1, "alice"),
+        Peer::new(2, "bob"),
+        Peer::new(3, "carol"),
+    ];
+    let opts = CreateRoom {
+        preset: Preset::PublicChat,
+        ..Default::default()
+    };
+    let (room, ids) = builder
+        .create_room(&peers[0].identity, &peers[0].user, &opts, common::ts(1))
+        .await
+        .unwrap();
     let mut events = Vec::new();
     for id in &ids {
-        events.push((id.clone(), builder.event(id).await.unwrap().unwrap().pdu.json.get().as_bytes().to_vec()));
+        events.push((
+            id.clone(),
+            builder
+                .event(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .pdu
+                .json
+                .get()
+                .as_bytes()
+                .to_vec(),
+        ));
     }
     let mut head = ids.last().unwrap().clone();
     for p in &peers[1..] {
-        let (id, raw) = event_on(&builder, p, &room, "m.room.member", Some(p.user.as_str()), json!({"membership": "join"}), &[head.clone()], 2).await;
+        let (id, raw) = event_on(
+            &builder,
+            p,
+            &room,
+            "m.room.member",
+            Some(p.user.as_str()),
+            json!({"membership": "join"}),
+            &[head.clone()],
+            2,
+        )
+        .await;
         head = accept(&builder, &raw).await;
         events.push((id, raw));
     }
@@ -48,7 +80,17 @@ async fn random_room(seed: u64, n: usize) -> (OwnedRoomId, Vec<(OwnedEventId, Ve
         serde_json::from_str(builder.event(id).await.unwrap().unwrap().pdu.content.get()).unwrap()
     };
     pl["users"][peers[1].user.as_str()] = json!(50);
-    let (id, raw) = event_on(&builder, &peers[0], &room, "m.room.power_levels", Some(""), pl, &[head.clone()], 3).await;
+    let (id, raw) = event_on(
+        &builder,
+        &peers[0],
+        &room,
+        "m.room.power_levels",
+        Some(""),
+        pl,
+        &[head.clone()],
+        3,
+    )
+    .await;
     accept(&builder, &raw).await;
     events.push((id.clone(), raw));
 
@@ -56,7 +98,8 @@ async fn random_room(seed: u64, n: usize) -> (OwnedRoomId, Vec<(OwnedEventId, Ve
     let mut accepted = vec![id];
     for i in 0..n {
         let sender = &peers[rng.gen_range(0..3)];
-        let mut prevs = vec![accepted[rng.gen_range(accepted.len().saturating_sub(6)..accepted.len())].clone()];
+        let mut prevs =
+            vec![accepted[rng.gen_range(accepted.len().saturating_sub(6)..accepted.len())].clone()];
         if rng.gen_bool(0.25) {
             let other = accepted[rng.gen_range(0..accepted.len())].clone();
             if !prevs.contains(&other) {
@@ -65,10 +108,26 @@ async fn random_room(seed: u64, n: usize) -> (OwnedRoomId, Vec<(OwnedEventId, Ve
         }
         let at = 10 + i as u64;
         let (kind, key, content) = match rng.gen_range(0..10) {
-            0..=4 => ("m.room.message", None, json!({"msgtype": "m.text", "body": format!("m{i}")})),
-            5 | 6 => ("m.room.topic", Some(""), json!({"topic": format!("topic {i}")})),
-            7 | 8 => ("m.room.name", Some(""), json!({"name": format!("name {i}")})),
-            _ => ("m.room.join_rules", Some(""), json!({"join_rule": if rng.gen_bool(0.5) { "public" } else { "invite" }})),
+            0..=4 => (
+                "m.room.message",
+                None,
+                json!({"msgtype": "m.text", "body": format!("m{i}")}),
+            ),
+            5 | 6 => (
+                "m.room.topic",
+                Some(""),
+                json!({"topic": format!("topic {i}")}),
+            ),
+            7 | 8 => (
+                "m.room.name",
+                Some(""),
+                json!({"name": format!("name {i}")}),
+            ),
+            _ => (
+                "m.room.join_rules",
+                Some(""),
+                json!({"join_rule": if rng.gen_bool(0.5) { "public" } else { "invite" }}),
+            ),
         };
         let (id, raw) = event_on(&builder, sender, &room, kind, key, content, &prevs, at).await;
         let r = builder.receive(&raw).await.unwrap();
@@ -113,7 +172,10 @@ type Verdicts = BTreeMap<OwnedEventId, EventStatus>;
 async fn verdicts(e: &Engine, events: &[(OwnedEventId, Vec<u8>)]) -> Verdicts {
     let mut out = BTreeMap::new();
     for (id, _) in events {
-        out.insert(id.clone(), e.event(id).await.unwrap().expect("stored").status);
+        out.insert(
+            id.clone(),
+            e.event(id).await.unwrap().expect("stored").status,
+        );
     }
     out
 }

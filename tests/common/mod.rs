@@ -146,3 +146,109 @@ pub async fn room_ids(engine: &Engine) -> Vec<OwnedRoomId> {
     ids.sort();
     ids
 }
+
+/// Every room of an engine as JSON (for comparing stores across processes and targets).
+pub async fn summary(engine: &Engine) -> Value {
+    let mut rooms = Vec::new();
+    for room in room_ids(engine).await {
+        let p = picture(engine, &room).await;
+        let state: Vec<(String, String, String)> = p
+            .state
+            .into_iter()
+            .map(|((t, k), v)| (t, k, v.to_string()))
+            .collect();
+        rooms.push(serde_json::json!({
+            "room_id": room,
+            "state": state,
+            "forward_extremities": p.extremities,
+            "timeline": p.timeline,
+        }));
+    }
+    let identity = Identity::load_or_create(engine.store().as_ref())
+        .await
+        .unwrap();
+    serde_json::json!({ "server_name": identity.server_name().to_string(), "rooms": rooms })
+}
+
+/// Fills an engine with a small but complete history: a room made by the local user, a remote
+/// member joining and both talking, and a rejected event.
+pub async fn sample_history(engine: &Engine) {
+    let local = Identity::load_or_create(engine.store().as_ref())
+        .await
+        .unwrap();
+    let alice: OwnedUserId = format!("@alice:{}", local.server_name())
+        .try_into()
+        .unwrap();
+    let bob = Peer::new(2, "bob");
+    let carol = Peer::new(3, "carol");
+    let opts = hyphae::engine::create_room::CreateRoom {
+        preset: hyphae::engine::create_room::Preset::PublicChat,
+        name: Some("Sample".into()),
+        topic: Some("exported and imported".into()),
+        ..Default::default()
+    };
+    let (room, _) = engine
+        .create_room(&local, &alice, &opts, ts(1000))
+        .await
+        .unwrap();
+    let head = engine
+        .room(&room)
+        .await
+        .unwrap()
+        .unwrap()
+        .forward_extremities[0]
+        .clone();
+    let (_, join) = event_on(
+        engine,
+        &bob,
+        &room,
+        "m.room.member",
+        Some(bob.user.as_str()),
+        serde_json::json!({"membership": "join"}),
+        &[head],
+        1001,
+    )
+    .await;
+    let mut head = accept(engine, &join).await;
+    for i in 0..20u64 {
+        let body = serde_json::json!({"msgtype": "m.text", "body": format!("bob {i}")});
+        let (_, raw) = event_on(
+            engine,
+            &bob,
+            &room,
+            "m.room.message",
+            None,
+            body,
+            &[head.clone()],
+            1100 + i,
+        )
+        .await;
+        accept(engine, &raw).await;
+        let r = engine
+            .send(
+                &local,
+                &room,
+                &alice,
+                "m.room.message",
+                None,
+                serde_json::json!({"msgtype": "m.text", "body": format!("alice {i}")}),
+                ts(1200 + i),
+            )
+            .await
+            .unwrap();
+        head = r.event_id;
+    }
+    let (_, intruder) = event_on(
+        engine,
+        &carol,
+        &room,
+        "m.room.message",
+        None,
+        serde_json::json!({"body": "no"}),
+        &[head],
+        1300,
+    )
+    .await;
+    let r = engine.receive(&intruder).await.unwrap();
+    assert!(matches!(r.outcome, Outcome::Rejected { .. }));
+}

@@ -1,0 +1,65 @@
+//! Browser tests (headless Chromium): the store conformance suite on IndexedDB, the engine on
+//! IndexedDB surviving a reopen, and an export for the cross-backend test to import into redb.
+#![cfg(target_arch = "wasm32")]
+
+mod common;
+
+use std::rc::Rc;
+
+use base64::Engine as _;
+use common::conformance;
+use hyphae::engine::Engine;
+use hyphae::store::indexeddb::IndexedDbStore;
+use hyphae::store::memory::MemoryStore;
+use hyphae::store::SharedStore;
+use wasm_bindgen_test::*;
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+async fn fresh(name: &str) -> IndexedDbStore {
+    IndexedDbStore::delete(name).await.unwrap();
+    IndexedDbStore::open(name).await.unwrap()
+}
+
+#[wasm_bindgen_test]
+async fn indexeddb_conformance() {
+    conformance::basics(&fresh("conf-basics").await).await;
+    conformance::large_table(&fresh("conf-large").await).await;
+    conformance::schema_and_migrations(&fresh("conf-schema").await).await;
+}
+
+#[wasm_bindgen_test]
+async fn memory_conformance_in_the_browser() {
+    conformance::basics(&MemoryStore::new()).await;
+    conformance::schema_and_migrations(&MemoryStore::new()).await;
+}
+
+#[wasm_bindgen_test]
+async fn engine_on_indexeddb_survives_reopen_and_exports() {
+    let name = "engine-history";
+    let store: SharedStore = Rc::new(fresh(name).await);
+    let engine = Engine::open(store.clone()).await.unwrap();
+    common::sample_history(&engine).await;
+    let before = common::summary(&engine).await;
+    drop(engine);
+    drop(store);
+
+    // Reopen: everything comes back from IndexedDB.
+    let store: SharedStore = Rc::new(IndexedDbStore::open(name).await.unwrap());
+    let engine = Engine::open(store.clone()).await.unwrap();
+    assert_eq!(before, common::summary(&engine).await);
+
+    // Export, and import into a second IndexedDB profile: identical.
+    let target = fresh("engine-history-import").await;
+    conformance::export_import(store.as_ref(), &target).await;
+    let imported = Engine::open(Rc::new(target)).await.unwrap();
+    assert_eq!(before, common::summary(&imported).await);
+
+    // Hand the export to the native cross-backend test (scripts/test.sh captures this output).
+    let data = hyphae::store::export::export(store.as_ref()).await.unwrap();
+    console_log!(
+        "HYPHAE-EXPORT {}",
+        base64::engine::general_purpose::STANDARD.encode(data)
+    );
+    console_log!("HYPHAE-SUMMARY {}", before);
+}
