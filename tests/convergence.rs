@@ -67,7 +67,7 @@ async fn random_room(seed: u64, n: usize) -> (OwnedRoomId, Vec<(OwnedEventId, Ve
             "m.room.member",
             Some(p.user.as_str()),
             json!({"membership": "join"}),
-            &[head.clone()],
+            std::slice::from_ref(&head),
             2,
         )
         .await;
@@ -87,7 +87,7 @@ async fn random_room(seed: u64, n: usize) -> (OwnedRoomId, Vec<(OwnedEventId, Ve
         "m.room.power_levels",
         Some(""),
         pl,
-        &[head.clone()],
+        std::slice::from_ref(&head),
         3,
     )
     .await;

@@ -405,13 +405,14 @@ async fn malformed_and_forged_events_are_refused_and_change_nothing() {
         "m.room.message",
         None,
         json!({"msgtype": "m.text", "body": "x"}),
-        &[head.clone()],
+        std::slice::from_ref(&head),
         200,
     )
     .await;
     let before = dump(&e).await;
 
-    let cases: Vec<(&str, Vec<u8>, fn(&IngestError) -> bool)> = vec![
+    type Check = fn(&IngestError) -> bool;
+    let cases: Vec<(&str, Vec<u8>, Check)> = vec![
         ("not json", b"{nope".to_vec(), |e| {
             matches!(e, IngestError::NotJson(_))
         }),
@@ -485,7 +486,7 @@ async fn malformed_and_forged_events_are_refused_and_change_nothing() {
                     "m.room.message",
                     None,
                     json!({"body": "x"}),
-                    &[head.clone()],
+                    std::slice::from_ref(&head),
                     201,
                 )
                 .await;
@@ -543,7 +544,7 @@ async fn prev_event_references_that_repeat_or_point_nowhere() {
         "m.room.message",
         None,
         json!({"body": "y"}),
-        &[head.clone()],
+        std::slice::from_ref(&head),
         301,
     )
     .await;
@@ -587,7 +588,7 @@ async fn missing_prev_events_are_reported_then_filled() {
         "m.room.message",
         None,
         json!({"body": "1"}),
-        &[head.clone()],
+        std::slice::from_ref(&head),
         400,
     )
     .await;
@@ -599,7 +600,7 @@ async fn missing_prev_events_are_reported_then_filled() {
         "m.room.message",
         None,
         json!({"body": "2"}),
-        &[m1_id.clone()],
+        std::slice::from_ref(&m1_id),
         401,
     )
     .await;
@@ -641,7 +642,7 @@ async fn unauthorised_events_are_stored_as_rejected_and_kept_out_of_state() {
         "m.room.message",
         None,
         json!({"body": "let me in"}),
-        &[head.clone()],
+        std::slice::from_ref(&head),
         500,
     )
     .await;
@@ -664,7 +665,7 @@ async fn unauthorised_events_are_stored_as_rejected_and_kept_out_of_state() {
         "m.room.power_levels",
         Some(""),
         json!({"users": {bob.user.as_str(): 100}}),
-        &[head.clone()],
+        std::slice::from_ref(&head),
         501,
     )
     .await;
@@ -794,7 +795,7 @@ async fn ban_beats_a_concurrent_power_level_change() {
         "m.room.member",
         Some(bob.user.as_str()),
         json!({"membership": "ban"}),
-        &[base.clone()],
+        std::slice::from_ref(&base),
         200,
     )
     .await;
@@ -807,7 +808,7 @@ async fn ban_beats_a_concurrent_power_level_change() {
         "m.room.power_levels",
         Some(""),
         pl,
-        &[base.clone()],
+        std::slice::from_ref(&base),
         201,
     )
     .await;
@@ -847,7 +848,7 @@ async fn concurrent_topic_changes_resolve_to_the_later_one_everywhere() {
         "m.room.topic",
         Some(""),
         json!({"topic": "from alice"}),
-        &[base.clone()],
+        std::slice::from_ref(&base),
         300,
     )
     .await;
@@ -858,7 +859,7 @@ async fn concurrent_topic_changes_resolve_to_the_later_one_everywhere() {
         "m.room.topic",
         Some(""),
         json!({"topic": "from bob"}),
-        &[base.clone()],
+        std::slice::from_ref(&base),
         301,
     )
     .await;
@@ -896,7 +897,7 @@ async fn a_join_concurrent_with_closing_the_room_is_not_let_in() {
         "m.room.join_rules",
         Some(""),
         json!({"join_rule": "invite"}),
-        &[base.clone()],
+        std::slice::from_ref(&base),
         400,
     )
     .await;
@@ -907,7 +908,7 @@ async fn a_join_concurrent_with_closing_the_room_is_not_let_in() {
         "m.room.member",
         Some(carol.user.as_str()),
         json!({"membership": "join"}),
-        &[base.clone()],
+        std::slice::from_ref(&base),
         401,
     )
     .await;
@@ -945,7 +946,7 @@ async fn a_member_kicked_on_one_branch_while_speaking_on_another() {
         "m.room.member",
         Some(bob.user.as_str()),
         json!({"membership": "leave"}),
-        &[base.clone()],
+        std::slice::from_ref(&base),
         500,
     )
     .await;
@@ -956,7 +957,7 @@ async fn a_member_kicked_on_one_branch_while_speaking_on_another() {
         "m.room.topic",
         Some(""),
         json!({"topic": "bob was here"}),
-        &[base.clone()],
+        std::slice::from_ref(&base),
         501,
     )
     .await;
@@ -968,7 +969,7 @@ async fn a_member_kicked_on_one_branch_while_speaking_on_another() {
         "m.room.message",
         None,
         json!({"body": "still talking"}),
-        &[topic_id.clone()],
+        std::slice::from_ref(&topic_id),
         502,
     )
     .await;

@@ -7,9 +7,11 @@ use async_trait::async_trait;
 
 use super::{Direction, Entry, KeyRange, Op, Store, StoreResult, Table, WriteBatch};
 
+type Tables = BTreeMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
+
 #[derive(Default)]
 pub struct MemoryStore {
-    tables: Mutex<BTreeMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>>,
+    tables: Mutex<Tables>,
 }
 
 impl MemoryStore {

@@ -254,24 +254,6 @@ pub async fn scan_all(store: &dyn Store, table: Table) -> StoreResult<Vec<Entry>
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefix_ranges_cover_exactly_the_prefix() {
-        let r = KeyRange::prefix(b"ab");
-        assert!(r.contains(b"ab"));
-        assert!(r.contains(b"ab\xff\xff"));
-        assert!(!r.contains(b"ac"));
-        assert!(!r.contains(b"aa\xff"));
-        let r = KeyRange::prefix(b"a\xff");
-        assert!(r.contains(b"a\xff\x00"));
-        assert!(!r.contains(b"b"));
-        assert!(KeyRange::prefix(b"\xff\xff").contains(b"\xff\xff\xff"));
-    }
-}
-
 /// A boxed future that is `Send` natively and need not be in the browser.
 #[cfg(not(target_arch = "wasm32"))]
 pub type MaybeSendFuture<'a, T> = futures::future::BoxFuture<'a, T>;
@@ -290,4 +272,22 @@ pub async fn is_empty(store: &dyn Store) -> StoreResult<bool> {
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ranges_cover_exactly_the_prefix() {
+        let r = KeyRange::prefix(b"ab");
+        assert!(r.contains(b"ab"));
+        assert!(r.contains(b"ab\xff\xff"));
+        assert!(!r.contains(b"ac"));
+        assert!(!r.contains(b"aa\xff"));
+        let r = KeyRange::prefix(b"a\xff");
+        assert!(r.contains(b"a\xff\x00"));
+        assert!(!r.contains(b"b"));
+        assert!(KeyRange::prefix(b"\xff\xff").contains(b"\xff\xff\xff"));
+    }
 }
