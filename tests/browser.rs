@@ -25,6 +25,7 @@ async fn fresh(name: &str) -> IndexedDbStore {
 async fn indexeddb_conformance() {
     conformance::basics(&fresh("conf-basics").await).await;
     conformance::large_table(&fresh("conf-large").await).await;
+    conformance::get_many(&fresh("conf-get-many").await).await;
     conformance::schema_and_migrations(&fresh("conf-schema").await).await;
 }
 

@@ -22,6 +22,7 @@ fn redb(dir: &tempfile::TempDir, name: &str) -> RedbStore {
 async fn memory_conformance() {
     conformance::basics(&MemoryStore::new()).await;
     conformance::large_table(&MemoryStore::new()).await;
+    conformance::get_many(&MemoryStore::new()).await;
     conformance::schema_and_migrations(&MemoryStore::new()).await;
 }
 
@@ -30,6 +31,7 @@ async fn redb_conformance() {
     let dir = tempfile::tempdir().unwrap();
     conformance::basics(&redb(&dir, "a.redb")).await;
     conformance::large_table(&redb(&dir, "b.redb")).await;
+    conformance::get_many(&redb(&dir, "e.redb")).await;
     conformance::schema_and_migrations(&redb(&dir, "c.redb")).await;
 }
 

@@ -108,6 +108,15 @@ enum Origin {
     Remote,
 }
 
+/// A PDU past the format checks, with its id computed.
+struct Prepared {
+    object: CanonicalJsonObject,
+    version: RoomVersionId,
+    rules: RoomVersionRules,
+    known_room: Option<RoomRecord>,
+    event_id: OwnedEventId,
+}
+
 pub struct Engine {
     store: SharedStore,
     inner: Mutex<Inner>,
@@ -122,6 +131,8 @@ struct Inner {
     resolved: HashMap<Vec<u64>, u64>,
     /// Groups created since the last write; stored with the next batch.
     pending_groups: Vec<(u64, StateGroupRecord)>,
+    /// Event ids a batch prefetch found absent from the store (valid until the batch ends).
+    known_absent: HashSet<OwnedEventId>,
     next_stream: u64,
     next_group: u64,
 }
@@ -185,15 +196,47 @@ impl Engine {
     ) -> Result<Vec<Result<Received, IngestError>>, StoreError> {
         let mut inner = self.inner.lock().await;
         let store = self.store.as_ref();
+        // Prepare what can be prepared now (rooms created inside this batch come later), and
+        // look every new event id up in one read instead of one per event.
+        let mut prepared: Vec<Option<Result<Prepared, IngestError>>> =
+            Vec::with_capacity(raws.len());
+        for raw in raws {
+            prepared.push(match inner.prepare(store, raw).await {
+                Err(IngestError::UnknownRoom(_)) => None,
+                other => Some(other),
+            });
+        }
+        let ids: Vec<&OwnedEventId> = prepared
+            .iter()
+            .filter_map(|p| p.as_ref()?.as_ref().ok())
+            .map(|p| &p.event_id)
+            .collect();
+        let fetched = inner.prefetch(store, &ids).await;
         let mut batch = WriteBatch::new();
         let mut results = Vec::with_capacity(raws.len());
-        for raw in raws {
-            let result = inner.ingest(store, raw, &mut batch, Origin::Remote).await;
-            if let Err(IngestError::Store(e)) = result {
-                inner.reset(store).await?;
-                return Err(e);
+        let mut failure = fetched.err();
+        for (raw, p) in raws.iter().zip(prepared) {
+            if failure.is_some() {
+                break;
             }
-            results.push(result);
+            let result = match p {
+                Some(Ok(p)) => {
+                    inner
+                        .ingest_prepared(store, p, &mut batch, Origin::Remote)
+                        .await
+                }
+                Some(Err(e)) => Err(e),
+                None => inner.ingest(store, raw, &mut batch, Origin::Remote).await,
+            };
+            match result {
+                Err(IngestError::Store(e)) => failure = Some(e),
+                other => results.push(other),
+            }
+        }
+        inner.known_absent.clear();
+        if let Some(e) = failure {
+            inner.reset(store).await?;
+            return Err(e);
         }
         inner.commit(store, batch).await?;
         Ok(results)
@@ -451,6 +494,9 @@ impl Inner {
         if let Some(ev) = self.events.get(id) {
             return Ok(Some(ev.clone()));
         }
+        if self.known_absent.contains(id) {
+            return Ok(None);
+        }
         let Some(raw) = store.get(Table::Events, id.as_bytes()).await? else {
             return Ok(None);
         };
@@ -696,14 +742,7 @@ impl Inner {
             redacts: None,
         };
         let (_, bytes) = build_signed(identity, &rules, new).map_err(IngestError::BadFormat)?;
-        self.ingest_with(
-            store,
-            &bytes,
-            batch,
-            Origin::Local,
-            if is_create { Some(rules) } else { None },
-        )
-        .await
+        self.ingest(store, &bytes, batch, Origin::Local).await
     }
 
     async fn ingest(
@@ -713,19 +752,13 @@ impl Inner {
         batch: &mut WriteBatch,
         origin: Origin,
     ) -> Result<Received, IngestError> {
-        self.ingest_with(store, raw, batch, origin, None).await
+        let prepared = self.prepare(store, raw).await?;
+        self.ingest_prepared(store, prepared, batch, origin).await
     }
 
-    /// The checks on receipt of a PDU, in the spec's order, then the bookkeeping.
-    async fn ingest_with(
-        &mut self,
-        store: &dyn Store,
-        raw: &[u8],
-        batch: &mut WriteBatch,
-        origin: Origin,
-        _create_rules: Option<RoomVersionRules>,
-    ) -> Result<Received, IngestError> {
-        // 1. Size and format.
+    /// Step 1 of the receipt checks (size, JSON, format) and the event id. Needs the room to
+    /// be known already (except for create events).
+    async fn prepare(&mut self, store: &dyn Store, raw: &[u8]) -> Result<Prepared, IngestError> {
         if raw.len() > MAX_PDU_BYTES {
             return Err(IngestError::TooLarge(raw.len()));
         }
@@ -775,6 +808,67 @@ impl Inner {
         ruma::state_res::check_pdu_format(&object, &rules.event_format)
             .map_err(IngestError::BadFormat)?;
         let event_id = event_id_of(&object, &rules).map_err(IngestError::BadFormat)?;
+        Ok(Prepared {
+            object,
+            version,
+            rules,
+            known_room,
+            event_id,
+        })
+    }
+
+    /// Loads the events named by `ids` that are not cached yet, in one store read.
+    async fn prefetch(
+        &mut self,
+        store: &dyn Store,
+        ids: &[&OwnedEventId],
+    ) -> Result<(), StoreError> {
+        let wanted: Vec<&OwnedEventId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.events.contains_key(*id))
+            .collect();
+        let keys: Vec<&[u8]> = wanted.iter().map(|id| id.as_bytes()).collect();
+        let values = store.get_many(Table::Events, &keys).await?;
+        for (id, value) in wanted.into_iter().zip(values) {
+            match value {
+                Some(raw) => {
+                    let ev = StoredEvent::decode(id, &raw)
+                        .map_err(|e| StoreError::Corrupt(format!("event {id}: {e}")))?;
+                    self.events.insert(id.clone(), Arc::new(ev));
+                }
+                None => {
+                    self.known_absent.insert(id.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps 2-6 of the receipt checks on a prepared PDU, then the bookkeeping.
+    async fn ingest_prepared(
+        &mut self,
+        store: &dyn Store,
+        prepared: Prepared,
+        batch: &mut WriteBatch,
+        origin: Origin,
+    ) -> Result<Received, IngestError> {
+        let Prepared {
+            object,
+            version,
+            rules,
+            known_room,
+            event_id,
+        } = prepared;
+        // Earlier events of the same batch may have moved the room on since `prepare`.
+        let known_room = match known_room {
+            Some(room) => Some(
+                self.load_room(store, &room.room_id)
+                    .await?
+                    .ok_or_else(|| corrupt("room vanished"))?,
+            ),
+            None => None,
+        };
         if let Some(existing) = self.load_event(store, &event_id).await? {
             if existing.status != EventStatus::Outlier {
                 return Ok(Received {

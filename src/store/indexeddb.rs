@@ -121,6 +121,28 @@ impl Store for IndexedDbStore {
         value.map(|v| bytes(&v)).transpose()
     }
 
+    async fn get_many(&self, table: Table, keys: &[&[u8]]) -> StoreResult<Vec<Option<Vec<u8>>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tx = self
+            .db
+            .transaction(&[table.name()], TransactionMode::ReadOnly)
+            .map_err(backend)?;
+        let store = tx.object_store(table.name()).map_err(backend)?;
+        // Issue every request before awaiting any: they run back to back in one transaction.
+        let requests = keys
+            .iter()
+            .map(|k| store.get(Query::Key(js_bytes(k))).map_err(backend))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(keys.len());
+        for request in requests {
+            let value = request.await.map_err(backend)?;
+            out.push(value.map(|v| bytes(&v)).transpose()?);
+        }
+        Ok(out)
+    }
+
     async fn scan(
         &self,
         table: Table,

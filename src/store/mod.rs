@@ -206,6 +206,15 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait Store: MaybeSendSync {
     async fn get(&self, table: Table, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
 
+    /// Several lookups at once (one read transaction where the backend has them).
+    async fn get_many(&self, table: Table, keys: &[&[u8]]) -> StoreResult<Vec<Option<Vec<u8>>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.get(table, key).await?);
+        }
+        Ok(out)
+    }
+
     /// Entries whose keys lie in `range`, in key order (or reverse), at most `limit` of them.
     async fn scan(
         &self,

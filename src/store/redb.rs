@@ -1,7 +1,9 @@
 //! The native on-disk backend: one redb database file, one redb table per [`Table`].
 //!
-//! redb is synchronous, so every call runs on tokio's blocking pool; a write returns after
-//! `commit()`, which redb makes durable (fsync) by default.
+//! redb is synchronous. Reads are B-tree lookups, usually in redb's page cache, so they run in
+//! place (`block_in_place` on a multi-threaded runtime, so other tasks move off this worker);
+//! a hop to the blocking pool per lookup cost more than the lookup. Writes run on tokio's
+//! blocking pool and return after `commit()`, which redb makes durable (fsync) by default.
 
 use std::ops::Bound;
 use std::path::Path;
@@ -37,6 +39,18 @@ impl RedbStore {
         Ok(Self { db: Arc::new(db) })
     }
 
+    /// Runs a short synchronous read without stalling other tasks on this worker.
+    fn read<T>(&self, f: impl FnOnce(&redb::Database) -> StoreResult<T>) -> StoreResult<T> {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .map(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+            .unwrap_or(false);
+        if multi_thread {
+            tokio::task::block_in_place(|| f(&self.db))
+        } else {
+            f(&self.db)
+        }
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&redb::Database) -> StoreResult<T> + Send + 'static,
@@ -60,6 +74,19 @@ impl Store for RedbStore {
                 .map(|v| v.value().to_vec()))
         })
         .await
+    }
+
+    async fn get_many(&self, table: Table, keys: &[&[u8]]) -> StoreResult<Vec<Option<Vec<u8>>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.read(|db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let t = txn.open_table(definition(table)).map_err(backend)?;
+            keys.iter()
+                .map(|k| Ok(t.get(*k).map_err(backend)?.map(|v| v.value().to_vec())))
+                .collect()
+        })
     }
 
     async fn scan(

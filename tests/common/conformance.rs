@@ -258,3 +258,21 @@ pub async fn export_import(source: &dyn Store, target: &dyn Store) {
         Err(StoreError::NotEmpty)
     ));
 }
+
+/// Batched lookups agree with single ones, in order, including misses.
+pub async fn get_many(store: &dyn Store) {
+    put(store, Table::Events, b"one", b"1").await;
+    put(store, Table::Events, b"three", b"3").await;
+    let keys: [&[u8]; 4] = [b"one", b"two", b"three", b"one"];
+    let got = store.get_many(Table::Events, &keys).await.unwrap();
+    assert_eq!(
+        got,
+        vec![
+            Some(b"1".to_vec()),
+            None,
+            Some(b"3".to_vec()),
+            Some(b"1".to_vec())
+        ]
+    );
+    assert!(store.get_many(Table::Events, &[]).await.unwrap().is_empty());
+}

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+pub mod workload;
 
 use std::collections::BTreeMap;
 
