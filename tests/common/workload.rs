@@ -128,6 +128,7 @@ async fn base() -> Base {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn sign(
     base: &Base,
     who: usize,

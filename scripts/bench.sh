@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Reproduces the figures in docs/benchmarks.md: native ingest and state resolution, IndexedDB
+# ingest in headless Chromium, and the size of the release wasm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+echo "== machine: $(nproc) cores, $(uname -m), $(date -u +%Y-%m-%d)"
+echo "== native (release): cargo bench --bench ingest"
+cargo bench --bench ingest 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
+
+echo "== browser (release, headless Chromium): IndexedDB ingest"
+WASM_BINDGEN_TEST_TIMEOUT=600 cargo test --release --target wasm32-unknown-unknown --test browser_bench -- --nocapture 2>&1 \
+  | grep -E 'BENCH|test result' | sed 's/^BENCH //'
+
+echo "== release wasm size"
+bash scripts/build-wasm.sh >/dev/null
+wasm=pkg/hyphae_bg.wasm
+echo "raw:     $(stat -c %s "$wasm") bytes"
+echo "gzipped: $(gzip -9 -c "$wasm" | wc -c) bytes"
