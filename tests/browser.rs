@@ -64,3 +64,45 @@ async fn engine_on_indexeddb_survives_reopen_and_exports() {
     );
     console_log!("HYPHAE-SUMMARY {}", before);
 }
+
+#[wasm_bindgen_test]
+async fn the_page_api_creates_sends_exports_and_imports() {
+    use hyphae::web::{import_profile, Hyphae};
+    use wasm_bindgen_futures::JsFuture;
+    IndexedDbStore::delete("page-a").await.unwrap();
+    IndexedDbStore::delete("page-b").await.unwrap();
+    let hs = Hyphae::open("page-a".into(), "alice".into()).await.unwrap();
+    assert!(hs.user_id().ends_with(&hs.server_name()));
+    let room = JsFuture::from(hs.create_room(Some("Tab room".into()), None, false))
+        .await
+        .unwrap();
+    let room = room.as_string().unwrap();
+    JsFuture::from(hs.send_text(room.clone(), "hello from the tab".into()))
+        .await
+        .unwrap();
+    let timeline = JsFuture::from(hs.timeline(room.clone(), 3)).await.unwrap();
+    let timeline: serde_json::Value =
+        serde_json::from_str(&String::from(js_sys::JSON::stringify(&timeline).unwrap())).unwrap();
+    assert_eq!(timeline.as_array().unwrap().len(), 3);
+    assert_eq!(timeline[2]["content"]["body"], "hello from the tab");
+    // A bad room id is a rejected promise, not a panic.
+    assert!(
+        JsFuture::from(hs.send_text("not a room".into(), "x".into()))
+            .await
+            .is_err()
+    );
+
+    let data = JsFuture::from(hs.export_profile())
+        .await
+        .unwrap()
+        .as_string()
+        .unwrap();
+    assert!(import_profile("page-b".into(), data).await.unwrap() > 0);
+    let copy = Hyphae::open("page-b".into(), "alice".into()).await.unwrap();
+    assert_eq!(copy.server_name(), hs.server_name());
+    let rooms = JsFuture::from(copy.rooms()).await.unwrap();
+    assert_eq!(
+        String::from(js_sys::JSON::stringify(&rooms).unwrap()),
+        format!("[\"{room}\"]")
+    );
+}

@@ -39,8 +39,26 @@ async fn indexeddb_ingest() {
     let linear = workload::linear(10_000).await;
     let forks = workload::forks(100, 100).await;
     for (name, w) in [("linear", &linear), ("100-way forks", &forks)] {
-        run(&format!("{name}, wasm memory, 100 per commit"), Rc::new(MemoryStore::new()), &w.events, 100).await;
-        run(&format!("{name}, IndexedDB, 100 per commit"), fresh("bench-100").await, &w.events, 100).await;
-        run(&format!("{name}, IndexedDB, 1 per commit"), fresh("bench-1").await, &w.events[..2000], 1).await;
+        run(
+            &format!("{name}, wasm memory, 100 per commit"),
+            Rc::new(MemoryStore::new()),
+            &w.events,
+            100,
+        )
+        .await;
+        run(
+            &format!("{name}, IndexedDB, 100 per commit"),
+            fresh("bench-100").await,
+            &w.events,
+            100,
+        )
+        .await;
+        run(
+            &format!("{name}, IndexedDB, 1 per commit"),
+            fresh("bench-1").await,
+            &w.events[..2000],
+            1,
+        )
+        .await;
     }
 }
