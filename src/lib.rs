@@ -6,6 +6,7 @@
 
 pub mod engine;
 pub mod identity;
+pub mod net;
 pub mod store;
 
 #[cfg(target_arch = "wasm32")]

@@ -97,6 +97,15 @@ pub struct RoomRecord {
     pub current_state: u64,
 }
 
+/// Where a new event would go in a room (see [`Engine::template`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Template {
+    pub room_version: RoomVersionId,
+    pub prev_events: Vec<OwnedEventId>,
+    pub auth_events: Vec<OwnedEventId>,
+    pub depth: u64,
+}
+
 /// A room state as `(type, state_key) -> event id`, sorted, for callers and comparisons.
 pub type SortedState = BTreeMap<(String, String), OwnedEventId>;
 
@@ -341,6 +350,73 @@ impl Engine {
         }
         inner.commit(store, batch).await?;
         Ok((room_id.expect("create event sets the room id"), ids))
+    }
+
+    /// The position a new event from `sender` (possibly a user of another server, as for a
+    /// remote join) would take in the room: what `make_join` hands out.
+    pub async fn template(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        kind: &str,
+        state_key: Option<&str>,
+        content: &serde_json::Value,
+    ) -> Result<Template, IngestError> {
+        let mut inner = self.inner.lock().await;
+        let store = self.store.as_ref();
+        let room = inner
+            .load_room(store, room_id)
+            .await?
+            .ok_or_else(|| IngestError::UnknownRoom(room_id.to_string()))?;
+        let rules = rules_for(&room.room_version)
+            .ok_or_else(|| IngestError::UnsupportedRoomVersion(room.room_version.to_string()))?;
+        let (prev_events, depth, auth_events) = inner
+            .position(store, &room, &rules, sender, kind, state_key, content)
+            .await?;
+        Ok(Template {
+            room_version: room.room_version,
+            prev_events,
+            auth_events,
+            depth,
+        })
+    }
+
+    /// Events of `room_id` reachable backwards from `latest` through prev_events, stopping at
+    /// `earliest` and at events already listed, at most `limit`, in an order where every
+    /// event comes after its prev_events (so the receiver can ingest them in turn).
+    pub async fn missing_events(
+        &self,
+        room_id: &RoomId,
+        earliest: &[OwnedEventId],
+        latest: &[OwnedEventId],
+        limit: usize,
+    ) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
+        let mut inner = self.inner.lock().await;
+        let store = self.store.as_ref();
+        let stop: HashSet<&OwnedEventId> = earliest.iter().collect();
+        let mut seen: HashSet<OwnedEventId> = HashSet::new();
+        let mut found: Vec<Arc<StoredEvent>> = Vec::new();
+        let mut queue: std::collections::VecDeque<OwnedEventId> = latest.iter().cloned().collect();
+        while let Some(id) = queue.pop_front() {
+            if found.len() >= limit {
+                break;
+            }
+            if stop.contains(&id) || !seen.insert(id.clone()) {
+                continue;
+            }
+            let Some(ev) = inner.load_event(store, &id).await? else {
+                continue;
+            };
+            if ev.pdu.room_id != room_id || ev.status == EventStatus::Outlier {
+                continue;
+            }
+            queue.extend(ev.pdu.prev_events.iter().cloned());
+            found.push(ev);
+        }
+        // Depth order with prev_events first: stable, since an event's prevs are deeper in the walk.
+        found.reverse();
+        found.sort_by_key(|e| e.pdu.depth);
+        Ok(found)
     }
 
     pub async fn room(&self, room_id: &RoomId) -> Result<Option<RoomRecord>, StoreError> {
@@ -689,39 +765,8 @@ impl Inner {
         let (prev_events, depth, auth_events) = match &room {
             None => (Vec::new(), 1, Vec::new()),
             Some(room) => {
-                let prev: Vec<OwnedEventId> = room
-                    .forward_extremities
-                    .iter()
-                    .rev()
-                    .take(MAX_PREV_EVENTS)
-                    .cloned()
-                    .collect();
-                let mut depth = 0;
-                for p in &prev {
-                    let ev = self
-                        .load_event(store, p)
-                        .await?
-                        .ok_or_else(|| corrupt("extremity missing"))?;
-                    depth = depth.max(ev.pdu.depth);
-                }
-                let current = self.load_group(store, room.current_state).await?;
-                let raw_content = serde_json::value::to_raw_value(&content)
-                    .map_err(|e| IngestError::BadJson(e.to_string()))?;
-                let types = ruma::state_res::auth_types_for_event(
-                    &TimelineEventType::from(kind),
-                    sender,
-                    state_key,
-                    &raw_content,
-                    &rules.authorization,
-                )
-                .map_err(IngestError::BadFormat)?;
-                let mut auth: Vec<OwnedEventId> = types
-                    .iter()
-                    .filter_map(|k| current.map.get(k).cloned())
-                    .collect();
-                auth.sort();
-                auth.dedup();
-                (prev, depth + 1, auth)
+                self.position(store, room, &rules, sender, kind, state_key, &content)
+                    .await?
             }
         };
         let room_id_field = if is_create && rules.authorization.room_create_event_id_as_room_id {
@@ -743,6 +788,54 @@ impl Inner {
         };
         let (_, bytes) = build_signed(identity, &rules, new).map_err(IngestError::BadFormat)?;
         self.ingest(store, &bytes, batch, Origin::Local).await
+    }
+
+    /// Where a new event from `sender` goes: prev_events (the room's forward extremities),
+    /// depth, and auth_events chosen from the current state.
+    #[allow(clippy::too_many_arguments)]
+    async fn position(
+        &mut self,
+        store: &dyn Store,
+        room: &RoomRecord,
+        rules: &RoomVersionRules,
+        sender: &UserId,
+        kind: &str,
+        state_key: Option<&str>,
+        content: &serde_json::Value,
+    ) -> Result<(Vec<OwnedEventId>, u64, Vec<OwnedEventId>), IngestError> {
+        let prev: Vec<OwnedEventId> = room
+            .forward_extremities
+            .iter()
+            .rev()
+            .take(MAX_PREV_EVENTS)
+            .cloned()
+            .collect();
+        let mut depth = 0;
+        for p in &prev {
+            let ev = self
+                .load_event(store, p)
+                .await?
+                .ok_or_else(|| corrupt("extremity missing"))?;
+            depth = depth.max(ev.pdu.depth);
+        }
+        let current = self.load_group(store, room.current_state).await?;
+        let raw_content = serde_json::value::to_raw_value(content)
+            .map_err(|e| IngestError::BadJson(e.to_string()))?;
+        let types = ruma::state_res::auth_types_for_event(
+            &TimelineEventType::from(kind),
+            sender,
+            state_key,
+            &raw_content,
+            &rules.authorization,
+        )
+        .map_err(IngestError::BadFormat)?;
+        let mut auth: Vec<OwnedEventId> = types
+            .iter()
+            .filter_map(|k| current.map.get(k).cloned())
+            .collect();
+        auth.sort();
+        auth.dedup();
+        Ok((prev, depth + 1, auth))
     }
 
     async fn ingest(
@@ -1119,6 +1212,23 @@ impl Inner {
         }
         None
     }
+}
+
+/// Checks a PDU for a room this engine may not know (an invite to a room elsewhere): format,
+/// origin signature and content hash, but no authorisation. Returns the parsed event.
+pub fn verify_standalone(raw: &[u8], version: &RoomVersionId) -> Result<Pdu, IngestError> {
+    if raw.len() > MAX_PDU_BYTES {
+        return Err(IngestError::TooLarge(raw.len()));
+    }
+    let object: CanonicalJsonObject =
+        serde_json::from_slice(raw).map_err(|e| IngestError::BadJson(e.to_string()))?;
+    let rules = rules_for(version)
+        .ok_or_else(|| IngestError::UnsupportedRoomVersion(version.to_string()))?;
+    ruma::state_res::check_pdu_format(&object, &rules.event_format)
+        .map_err(IngestError::BadFormat)?;
+    let event_id = event_id_of(&object, &rules).map_err(IngestError::BadFormat)?;
+    let object = verify_and_redact(&object, &rules)?;
+    Pdu::from_canonical(event_id, &object).map_err(|e| IngestError::BadFormat(e.to_string()))
 }
 
 /// Step 2 and 3 of the receipt checks: the origin's signature must verify against the key that

@@ -1,0 +1,1244 @@
+//! The native peer: owns the libp2p swarm (TCP, QUIC, WebSocket) and connects it to the engine.
+//!
+//! One task runs the swarm and nothing slow: engine work happens in other tasks that talk back
+//! through a command channel. PDUs from gossip go through a single ingest task, in arrival order,
+//! batched into one durable commit per burst. Whatever the engine reports missing is pulled from
+//! the peer that sent it (`GetMissingEvents`); on every new connection and periodically, peers
+//! compare forward extremities (anti-entropy), so a peer that was away converges without anyone
+//! re-sending.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    gossipsub, identify, noise, ping, request_response, tcp, yamux, Multiaddr, PeerId,
+    StreamProtocol, Swarm,
+};
+use ruma::{
+    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId,
+};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::protocol::{
+    room_topic, topic_room, FedErrorCode, FedRequest, FedResponse, FED_PROTOCOL, MAX_MISSING_EVENTS,
+};
+use crate::engine::create_room::CreateRoom;
+use crate::engine::pdu::{build_signed, rules_for, NewEvent};
+use crate::engine::{verify_standalone, Engine, IngestError, Outcome, Received};
+use crate::identity::{Identity, ServerName};
+use crate::store::SharedStore;
+
+/// Requests a peer may make per second before it is throttled (burst: twice that).
+const REQUESTS_PER_SECOND: f64 = 200.0;
+/// Most rounds of `GetMissingEvents` one catch-up makes, and most events it accepts.
+const MAX_CATCH_UP_ROUNDS: usize = 64;
+const MAX_CATCH_UP_EVENTS: usize = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Addresses to listen on (`/ip4/127.0.0.1/tcp/0` picks a free port).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start and whenever the connection to them drops.
+    pub bootstrap: Vec<Multiaddr>,
+    /// How often peers compare forward extremities even without reconnecting.
+    pub anti_entropy_every: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            anti_entropy_every: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("peer refused: {0:?} {1}")]
+    Refused(FedErrorCode, String),
+    #[error("network: {0}")]
+    Network(String),
+    #[error("the node has stopped")]
+    Stopped,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    fed: request_response::cbor::Behaviour<FedRequest, FedResponse>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+}
+
+enum Command {
+    Publish {
+        room_id: OwnedRoomId,
+        pdu: Vec<u8>,
+    },
+    Subscribe(OwnedRoomId),
+    Request {
+        peer: PeerId,
+        request: FedRequest,
+        reply: oneshot::Sender<Result<FedResponse, String>>,
+    },
+    Respond {
+        channel: request_response::ResponseChannel<FedResponse>,
+        response: FedResponse,
+    },
+    Validate {
+        id: gossipsub::MessageId,
+        source: PeerId,
+        acceptance: gossipsub::MessageAcceptance,
+    },
+    Dial(Multiaddr),
+    SetOffline(bool),
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+}
+
+/// A PDU that arrived from a peer, waiting for the ingest task.
+struct Inbound {
+    pdu: Vec<u8>,
+    from: PeerId,
+    gossip_id: Option<gossipsub::MessageId>,
+    /// Catch-ups already tried for this PDU (bounded so a bad peer cannot loop us).
+    attempts: u8,
+}
+
+/// A PDU fetched during catch-up that waits for its dependencies.
+struct Held {
+    depth: u64,
+    /// The id the sending peer gave (used only to decide what to ask for next).
+    id: OwnedEventId,
+    pdu: Vec<u8>,
+}
+
+/// An invite for one of this peer's users to a room elsewhere.
+#[derive(Debug, Clone)]
+pub struct Invite {
+    pub room_id: OwnedRoomId,
+    pub room_version: RoomVersionId,
+    pub event_id: OwnedEventId,
+    pub sender: OwnedUserId,
+    pub invitee: OwnedUserId,
+    pub from: PeerId,
+}
+
+struct Shared {
+    engine: Arc<Engine>,
+    identity: Arc<Identity>,
+    commands: mpsc::UnboundedSender<Command>,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    changes: watch::Sender<u64>,
+    listen_addrs: watch::Receiver<Vec<Multiaddr>>,
+    invites: Mutex<Vec<Invite>>,
+}
+
+/// A running peer. Cheap to clone; the swarm stops when the last clone and its tasks are gone
+/// (or on [`P2pNode::shutdown`]).
+#[derive(Clone)]
+pub struct P2pNode {
+    shared: Arc<Shared>,
+}
+
+fn now() -> MilliSecondsSinceUnixEpoch {
+    MilliSecondsSinceUnixEpoch::now()
+}
+
+impl P2pNode {
+    /// Opens the engine on `store`, loads (or creates) the identity, and starts the swarm.
+    pub async fn start(store: SharedStore, config: NodeConfig) -> Result<Self, NodeError> {
+        let engine = Arc::new(Engine::open(store.clone()).await?);
+        let identity = Arc::new(Identity::load_or_create(store.as_ref()).await?);
+        let swarm = build_swarm(&identity).map_err(NodeError::Network)?;
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (inbound, inbound_rx) = mpsc::unbounded_channel();
+        let (addrs_tx, listen_addrs) = watch::channel(Vec::new());
+        let (changes, _) = watch::channel(0);
+        let node = P2pNode {
+            shared: Arc::new(Shared {
+                engine,
+                identity,
+                commands,
+                inbound,
+                changes,
+                listen_addrs,
+                invites: Mutex::new(Vec::new()),
+            }),
+        };
+        let rooms = node.shared.engine.rooms().await?;
+        let driver = SwarmDriver {
+            swarm,
+            node: Arc::downgrade(&node.shared),
+            commands: command_rx,
+            pending: HashMap::new(),
+            addrs: addrs_tx,
+            bootstrap: config.bootstrap.clone(),
+            offline: false,
+            unpublished: Vec::new(),
+            buckets: HashMap::new(),
+        };
+        tokio::spawn(driver.run(config, rooms));
+        tokio::spawn(ingest_loop(Arc::downgrade(&node.shared), inbound_rx));
+        Ok(node)
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.shared.engine
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.shared.identity
+    }
+
+    pub fn server_name(&self) -> ServerName {
+        self.shared.identity.server_name()
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.identity.peer_id()
+    }
+
+    /// `@localpart:<this server>`.
+    pub fn user(&self, localpart: &str) -> OwnedUserId {
+        OwnedUserId::try_from(format!("@{localpart}:{}", self.server_name()))
+            .expect("valid user id")
+    }
+
+    /// The addresses the swarm listens on, once it listens on at least one.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        let mut rx = self.shared.listen_addrs.clone();
+        let addrs = rx
+            .wait_for(|a| !a.is_empty())
+            .await
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        let peer = self.peer_id();
+        addrs
+            .into_iter()
+            .map(|a| a.with_p2p(peer).unwrap_or_else(|a| a))
+            .collect()
+    }
+
+    fn command(&self, c: Command) -> Result<(), NodeError> {
+        self.shared.commands.send(c).map_err(|_| NodeError::Stopped)
+    }
+
+    pub fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
+        self.command(Command::Dial(addr))
+    }
+
+    /// Cuts every connection and refuses new ones (`true`), or comes back (`false`): for
+    /// partition tests and an app's offline switch.
+    pub fn set_offline(&self, offline: bool) -> Result<(), NodeError> {
+        self.command(Command::SetOffline(offline))
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::ConnectedPeers(tx))?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// A counter that moves whenever this node stores something new; tests and clients wait on it.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.shared.changes.send_modify(|c| *c += 1);
+    }
+
+    pub fn invites(&self) -> Vec<Invite> {
+        self.shared.invites.lock().expect("invites lock").clone()
+    }
+
+    async fn request(&self, peer: PeerId, request: FedRequest) -> Result<FedResponse, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Request {
+            peer,
+            request,
+            reply,
+        })?;
+        match rx
+            .await
+            .map_err(|_| NodeError::Stopped)?
+            .map_err(NodeError::Network)?
+        {
+            FedResponse::Error { code, message } => Err(NodeError::Refused(code, message)),
+            ok => Ok(ok),
+        }
+    }
+
+    async fn publish_event(
+        &self,
+        room_id: &RoomId,
+        event_id: &OwnedEventId,
+    ) -> Result<(), NodeError> {
+        let ev = self
+            .shared
+            .engine
+            .event(event_id)
+            .await?
+            .ok_or(NodeError::Stopped)?;
+        self.command(Command::Publish {
+            room_id: room_id.to_owned(),
+            pdu: ev.pdu.json.get().as_bytes().to_vec(),
+        })
+    }
+
+    /// Creates a room as `localpart` and announces it.
+    pub async fn create_room(
+        &self,
+        localpart: &str,
+        opts: &CreateRoom,
+    ) -> Result<OwnedRoomId, NodeError> {
+        let (room_id, ids) = self
+            .shared
+            .engine
+            .create_room(&self.shared.identity, &self.user(localpart), opts, now())
+            .await?;
+        self.command(Command::Subscribe(room_id.clone()))?;
+        for id in &ids {
+            self.publish_event(&room_id, id).await?;
+        }
+        for invitee in &opts.invite {
+            self.deliver_invite(&room_id, invitee).await?;
+        }
+        self.changed();
+        Ok(room_id)
+    }
+
+    /// Sends an event as `localpart`; returns once it is durable here (delivery is in the background).
+    pub async fn send(
+        &self,
+        room_id: &RoomId,
+        localpart: &str,
+        kind: &str,
+        state_key: Option<&str>,
+        content: serde_json::Value,
+    ) -> Result<Received, NodeError> {
+        let r = self
+            .shared
+            .engine
+            .send(
+                &self.shared.identity,
+                room_id,
+                &self.user(localpart),
+                kind,
+                state_key,
+                content,
+                now(),
+            )
+            .await?;
+        self.publish_event(room_id, &r.event_id).await?;
+        self.changed();
+        Ok(r)
+    }
+
+    /// Invites `invitee` (on any server) and hands the invite to the invitee's peer directly.
+    pub async fn invite(
+        &self,
+        room_id: &RoomId,
+        localpart: &str,
+        invitee: &OwnedUserId,
+    ) -> Result<(), NodeError> {
+        self.send(
+            room_id,
+            localpart,
+            "m.room.member",
+            Some(invitee.as_str()),
+            json!({"membership": "invite"}),
+        )
+        .await?;
+        self.deliver_invite(room_id, invitee).await
+    }
+
+    async fn deliver_invite(
+        &self,
+        room_id: &RoomId,
+        invitee: &OwnedUserId,
+    ) -> Result<(), NodeError> {
+        let server = ServerName::try_from(invitee.server_name())
+            .map_err(|e| NodeError::Refused(FedErrorCode::BadRequest, e.to_string()))?;
+        if server == self.server_name() {
+            return Ok(());
+        }
+        let state = self
+            .shared
+            .engine
+            .current_state(room_id)
+            .await?
+            .unwrap_or_default();
+        let Some(id) = state.get(&("m.room.member".to_owned(), invitee.to_string())) else {
+            return Ok(());
+        };
+        let ev = self
+            .shared
+            .engine
+            .event(id)
+            .await?
+            .ok_or(NodeError::Stopped)?;
+        let room = self
+            .shared
+            .engine
+            .room(room_id)
+            .await?
+            .ok_or(NodeError::Stopped)?;
+        let request = FedRequest::Invite {
+            room_version: room.room_version,
+            pdu: ev.pdu.json.get().to_owned(),
+        };
+        // The invitee may be offline: the invite is in the room DAG anyway, and reaches them
+        // when they next meet a member.
+        if let Err(e) = self.request(server.peer_id(), request).await {
+            tracing::info!(%invitee, error = %e, "invite not delivered now");
+        }
+        Ok(())
+    }
+
+    /// Joins `room_id` as `localpart` through `via`, a peer already in the room: asks it for a
+    /// join template, signs it, hands it back, then catches up on the room's history.
+    pub async fn join(
+        &self,
+        room_id: &RoomId,
+        localpart: &str,
+        via: PeerId,
+    ) -> Result<OwnedEventId, NodeError> {
+        let user = self.user(localpart);
+        let FedResponse::JoinTemplate {
+            room_id: tpl_room,
+            template,
+        } = self
+            .request(
+                via,
+                FedRequest::MakeJoin {
+                    room_id: room_id.to_owned(),
+                    user_id: user.clone(),
+                },
+            )
+            .await?
+        else {
+            return Err(NodeError::Network("unexpected answer to make_join".into()));
+        };
+        if tpl_room != room_id {
+            return Err(NodeError::Network(
+                "make_join answered for another room".into(),
+            ));
+        }
+        let rules = rules_for(&template.room_version).ok_or_else(|| {
+            IngestError::UnsupportedRoomVersion(template.room_version.to_string())
+        })?;
+        let (event_id, pdu) = build_signed(
+            &self.shared.identity,
+            &rules,
+            NewEvent {
+                room_id: Some(room_id),
+                sender: &user,
+                kind: "m.room.member",
+                state_key: Some(user.as_str()),
+                content: json!({"membership": "join"}),
+                prev_events: template.prev_events,
+                auth_events: template.auth_events,
+                depth: template.depth,
+                origin_server_ts: now(),
+                redacts: None,
+            },
+        )
+        .map_err(IngestError::BadFormat)?;
+        let pdu = String::from_utf8(pdu).expect("canonical JSON is UTF-8");
+        self.request(via, FedRequest::SendJoin { pdu }).await?;
+        self.catch_up(via, room_id, vec![event_id.clone()]).await?;
+        self.command(Command::Subscribe(room_id.to_owned()))?;
+        self.shared
+            .invites
+            .lock()
+            .expect("invites lock")
+            .retain(|i| i.room_id != room_id);
+        Ok(event_id)
+    }
+
+    /// Pulls from `peer` everything needed to place `latest` in our DAG.
+    async fn catch_up(
+        &self,
+        peer: PeerId,
+        room_id: &RoomId,
+        latest: Vec<OwnedEventId>,
+    ) -> Result<usize, NodeError> {
+        let engine = &self.shared.engine;
+        let mut wanted = latest;
+        let mut held: Vec<Held> = Vec::new();
+        let mut total = 0;
+        for _ in 0..MAX_CATCH_UP_ROUNDS {
+            if wanted.is_empty() || total >= MAX_CATCH_UP_EVENTS {
+                break;
+            }
+            let earliest = engine
+                .room(room_id)
+                .await?
+                .map(|r| r.forward_extremities)
+                .unwrap_or_default();
+            let latest: Vec<OwnedEventId> = wanted
+                .iter()
+                .take(super::protocol::MAX_IDS_PER_REQUEST)
+                .cloned()
+                .collect();
+            let request = FedRequest::GetMissingEvents {
+                room_id: room_id.to_owned(),
+                earliest,
+                latest,
+                limit: MAX_MISSING_EVENTS,
+            };
+            let FedResponse::Events { pdus, event_ids } = self.request(peer, request).await? else {
+                return Err(NodeError::Network(
+                    "unexpected answer to get_missing_events".into(),
+                ));
+            };
+            let known: HashSet<&OwnedEventId> = held.iter().map(|h| &h.id).collect();
+            let fresh: Vec<(String, OwnedEventId)> = pdus
+                .into_iter()
+                .zip(event_ids)
+                .filter(|(_, id)| !known.contains(id))
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            total += fresh.len();
+            for (pdu, id) in fresh {
+                let depth = serde_json::from_str::<serde_json::Value>(&pdu)
+                    .ok()
+                    .and_then(|v| v["depth"].as_u64())
+                    .unwrap_or(u64::MAX);
+                held.push(Held {
+                    depth,
+                    id,
+                    pdu: pdu.into_bytes(),
+                });
+            }
+            held.sort_by_key(|h| h.depth);
+            let (still_held, missing) = self.ingest_held(held).await?;
+            held = still_held;
+            wanted = missing;
+        }
+        self.changed();
+        Ok(total)
+    }
+
+    /// Ingests `held` (depth order) in one batch, in passes while that makes progress. Returns
+    /// the PDUs that still lack something, and the ids to ask for next: what the engine reported
+    /// missing, or — while the room itself is unknown here — the prev_events of the held PDUs;
+    /// minus what is already held.
+    async fn ingest_held(
+        &self,
+        mut held: Vec<Held>,
+    ) -> Result<(Vec<Held>, Vec<OwnedEventId>), NodeError> {
+        loop {
+            let refs: Vec<&[u8]> = held.iter().map(|h| h.pdu.as_slice()).collect();
+            let results = self.shared.engine.receive_batch(&refs).await?;
+            let before = held.len();
+            let mut still = Vec::new();
+            let mut missing = Vec::new();
+            for (h, result) in held.into_iter().zip(results) {
+                match result {
+                    Ok(Received {
+                        outcome: Outcome::MissingEvents(ids),
+                        ..
+                    }) => {
+                        missing.extend(ids);
+                        still.push(h);
+                    }
+                    Err(IngestError::UnknownRoom(_)) => {
+                        let v: serde_json::Value =
+                            serde_json::from_slice(&h.pdu).unwrap_or_default();
+                        let prevs = v["prev_events"].as_array().cloned().unwrap_or_default();
+                        missing.extend(
+                            prevs
+                                .iter()
+                                .filter_map(|p| p.as_str())
+                                .filter_map(|p| OwnedEventId::try_from(p).ok()),
+                        );
+                        still.push(h);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "catch-up event refused"),
+                }
+            }
+            held = still;
+            // Another pass helps only if this one stored something the rest may depend on.
+            if held.is_empty() || held.len() == before {
+                let held_ids: HashSet<&OwnedEventId> = held.iter().map(|h| &h.id).collect();
+                missing.retain(|id| !held_ids.contains(id));
+                missing.sort();
+                missing.dedup();
+                return Ok((held, missing));
+            }
+        }
+    }
+
+    /// Compares forward extremities of every room with `peer` and pulls what we lack.
+    async fn anti_entropy(&self, peer: PeerId) -> Result<(), NodeError> {
+        for room_id in self.shared.engine.rooms().await? {
+            let response = self
+                .request(
+                    peer,
+                    FedRequest::Extremities {
+                        room_id: room_id.clone(),
+                    },
+                )
+                .await;
+            let ids = match response {
+                Ok(FedResponse::Extremities { event_ids }) => event_ids,
+                Ok(_) | Err(NodeError::Refused(..)) => continue,
+                Err(e) => return Err(e),
+            };
+            let mut unknown = Vec::new();
+            for id in ids {
+                if self.shared.engine.event(&id).await?.is_none() {
+                    unknown.push(id);
+                }
+            }
+            if !unknown.is_empty() {
+                let n = self.catch_up(peer, &room_id, unknown).await?;
+                tracing::info!(%peer, %room_id, events = n, "anti-entropy caught up");
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a peer's request.
+    async fn answer(&self, peer: PeerId, request: FedRequest) -> FedResponse {
+        use FedErrorCode::*;
+        if let Err(e) = request.check_bounds() {
+            tracing::warn!(%peer, reason = %e, "oversized request refused");
+            return FedResponse::error(BadRequest, e);
+        }
+        let engine = &self.shared.engine;
+        let result: Result<FedResponse, NodeError> = async {
+            Ok(match request {
+                FedRequest::GetEvent { event_id } => match engine.event(&event_id).await? {
+                    Some(ev) => FedResponse::Event {
+                        pdu: ev.pdu.json.get().to_owned(),
+                    },
+                    None => FedResponse::error(NotFound, "no such event"),
+                },
+                FedRequest::GetMissingEvents {
+                    room_id,
+                    earliest,
+                    latest,
+                    limit,
+                } => {
+                    let limit = limit.min(MAX_MISSING_EVENTS) as usize;
+                    let events = engine
+                        .missing_events(&room_id, &earliest, &latest, limit)
+                        .await?;
+                    FedResponse::Events {
+                        pdus: events.iter().map(|e| e.pdu.json.get().to_owned()).collect(),
+                        event_ids: events.iter().map(|e| e.pdu.event_id.clone()).collect(),
+                    }
+                }
+                FedRequest::Extremities { room_id } => match engine.room(&room_id).await? {
+                    Some(room) => FedResponse::Extremities {
+                        event_ids: room.forward_extremities,
+                    },
+                    None => FedResponse::error(NotFound, "room unknown here"),
+                },
+                FedRequest::MakeJoin { room_id, user_id } => {
+                    let origin_ok = ServerName::try_from(user_id.server_name())
+                        .ok()
+                        .map(|s| s.peer_id())
+                        == Some(peer);
+                    if !origin_ok {
+                        return Ok(FedResponse::error(
+                            Forbidden,
+                            "a peer asks to join only for its own users",
+                        ));
+                    }
+                    let content = json!({"membership": "join"});
+                    match engine
+                        .template(
+                            &room_id,
+                            &user_id,
+                            "m.room.member",
+                            Some(user_id.as_str()),
+                            &content,
+                        )
+                        .await
+                    {
+                        Ok(template) => FedResponse::JoinTemplate { room_id, template },
+                        Err(IngestError::UnknownRoom(_)) => {
+                            FedResponse::error(NotFound, "room unknown here")
+                        }
+                        Err(e) => FedResponse::error(BadRequest, e.to_string()),
+                    }
+                }
+                FedRequest::SendJoin { pdu } => match engine.receive(pdu.as_bytes()).await {
+                    Ok(Received {
+                        outcome: Outcome::Accepted { .. } | Outcome::Duplicate,
+                        room_id,
+                        event_id,
+                    }) => {
+                        self.command(Command::Publish {
+                            room_id,
+                            pdu: pdu.into_bytes(),
+                        })?;
+                        tracing::info!(%peer, %event_id, "remote join accepted");
+                        self.changed();
+                        FedResponse::Ok
+                    }
+                    Ok(Received { outcome, .. }) => {
+                        FedResponse::error(Forbidden, format!("{outcome:?}"))
+                    }
+                    Err(e) => FedResponse::error(BadRequest, e.to_string()),
+                },
+                FedRequest::Invite { room_version, pdu } => {
+                    self.accept_invite(peer, &room_version, &pdu)
+                }
+            })
+        }
+        .await;
+        result.unwrap_or_else(|e| FedResponse::error(Internal, e.to_string()))
+    }
+
+    fn accept_invite(&self, peer: PeerId, room_version: &RoomVersionId, pdu: &str) -> FedResponse {
+        use FedErrorCode::*;
+        let ev = match verify_standalone(pdu.as_bytes(), room_version) {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "invalid invite refused");
+                return FedResponse::error(BadRequest, e.to_string());
+            }
+        };
+        let membership = serde_json::from_str::<serde_json::Value>(ev.content.get())
+            .ok()
+            .and_then(|c| c["membership"].as_str().map(str::to_owned));
+        let invitee = ev
+            .state_key
+            .as_deref()
+            .and_then(|k| OwnedUserId::try_from(k).ok());
+        let Some(invitee) = invitee.filter(|_| {
+            ev.kind.to_string() == "m.room.member" && membership.as_deref() == Some("invite")
+        }) else {
+            return FedResponse::error(BadRequest, "not an invite");
+        };
+        if ServerName::try_from(invitee.server_name()).ok() != Some(self.server_name()) {
+            return FedResponse::error(Forbidden, "the invitee is not on this server");
+        }
+        let invite = Invite {
+            room_id: ev.room_id.clone(),
+            room_version: room_version.clone(),
+            event_id: ev.event_id.clone(),
+            sender: ev.sender.clone(),
+            invitee,
+            from: peer,
+        };
+        let mut invites = self.shared.invites.lock().expect("invites lock");
+        if !invites.iter().any(|i| i.event_id == invite.event_id) {
+            invites.push(invite);
+        }
+        drop(invites);
+        self.changed();
+        FedResponse::Ok
+    }
+
+    /// Waits until `done` holds, re-checking whenever this node stores something, for at most
+    /// `timeout`. Returns whether it held.
+    pub async fn wait_until<F, Fut>(&self, timeout: Duration, mut done: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let mut changes = self.changes();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            changes.mark_unchanged();
+            if done().await {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return done().await;
+            }
+        }
+    }
+}
+
+fn build_swarm(identity: &Identity) -> Result<Swarm<Behaviour>, String> {
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        // PDUs are signed by their origin already; gossipsub's own signing would halve
+        // throughput. The message id is the hash of the content, so duplicates are dropped.
+        .validation_mode(gossipsub::ValidationMode::Anonymous)
+        .message_id_fn(|m: &gossipsub::Message| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            m.data.hash(&mut h);
+            m.topic.hash(&mut h);
+            gossipsub::MessageId::from(h.finish().to_be_bytes().to_vec())
+        })
+        .validate_messages()
+        .max_transmit_size(crate::engine::pdu::MAX_PDU_BYTES + 1024)
+        .heartbeat_interval(Duration::from_millis(500))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(identity.libp2p_keypair().clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| e.to_string())?
+        .with_quic()
+        .with_behaviour(|key| {
+            let gossipsub =
+                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)
+                    .map_err(|e| e.to_string())?;
+            let fed = request_response::cbor::Behaviour::new(
+                [(
+                    StreamProtocol::new(FED_PROTOCOL),
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+            );
+            let identify =
+                identify::Behaviour::new(identify::Config::new("/hyphae/1".into(), key.public()));
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
+                gossipsub,
+                fed,
+                identify,
+                ping: ping::Behaviour::default(),
+            })
+        })
+        .map_err(|e| e.to_string())?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .build();
+    Ok(swarm)
+}
+
+/// A token bucket per peer for inbound requests.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens
+            + now.duration_since(self.at).as_secs_f64() * REQUESTS_PER_SECOND)
+            .min(2.0 * REQUESTS_PER_SECOND);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct SwarmDriver {
+    swarm: Swarm<Behaviour>,
+    node: std::sync::Weak<Shared>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    pending:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<FedResponse, String>>>,
+    addrs: watch::Sender<Vec<Multiaddr>>,
+    bootstrap: Vec<Multiaddr>,
+    offline: bool,
+    /// Gossip that could not go out yet (no subscribed peer, queues full), retried on heartbeat.
+    unpublished: Vec<(OwnedRoomId, Vec<u8>)>,
+    buckets: HashMap<PeerId, Bucket>,
+}
+
+impl SwarmDriver {
+    fn node(&self) -> Option<P2pNode> {
+        self.node.upgrade().map(|shared| P2pNode { shared })
+    }
+
+    async fn run(mut self, config: NodeConfig, rooms: Vec<OwnedRoomId>) {
+        for addr in &config.listen {
+            if let Err(e) = self.swarm.listen_on(addr.clone()) {
+                tracing::error!(%addr, error = %e, "cannot listen");
+            }
+        }
+        for room in rooms {
+            self.subscribe(&room);
+        }
+        for addr in self.bootstrap.clone() {
+            self.dial(addr);
+        }
+        let mut anti_entropy = tokio::time::interval(config.anti_entropy_every);
+        let mut retry = tokio::time::interval(Duration::from_millis(250));
+        let mut redial = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                _ = anti_entropy.tick() => {
+                    if let Some(node) = self.node() {
+                        for peer in self.swarm.connected_peers().copied().collect::<Vec<_>>() {
+                            let node = node.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = node.anti_entropy(peer).await {
+                                    tracing::debug!(%peer, error = %e, "anti-entropy round failed");
+                                }
+                            });
+                        }
+                    }
+                }
+                _ = retry.tick() => self.retry_unpublished(),
+                _ = redial.tick() => self.redial_bootstrap(),
+            }
+        }
+        tracing::info!("swarm stopped");
+    }
+
+    fn subscribe(&mut self, room: &RoomId) {
+        let topic = gossipsub::IdentTopic::new(room_topic(room));
+        if let Err(e) = self.swarm.behaviour_mut().gossipsub.subscribe(&topic) {
+            tracing::error!(%room, error = ?e, "cannot subscribe");
+        }
+    }
+
+    fn dial(&mut self, addr: Multiaddr) {
+        if self.offline {
+            return;
+        }
+        if let Err(e) = self.swarm.dial(addr.clone()) {
+            tracing::debug!(%addr, error = %e, "dial failed");
+        }
+    }
+
+    /// Keeps bootstrap peers connected; dials every few seconds while a connection is missing.
+    fn redial_bootstrap(&mut self) {
+        for addr in self.bootstrap.clone() {
+            let peer = addr.iter().find_map(|p| match p {
+                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                _ => None,
+            });
+            if peer.is_some_and(|p| !self.swarm.is_connected(&p)) {
+                self.dial(addr);
+            }
+        }
+    }
+
+    fn publish(&mut self, room_id: OwnedRoomId, pdu: Vec<u8>) {
+        let topic = gossipsub::IdentTopic::new(room_topic(&room_id));
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic, pdu.clone())
+        {
+            Ok(_) | Err(gossipsub::PublishError::Duplicate) => {}
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic)
+            | Err(gossipsub::PublishError::AllQueuesFull(_)) => {
+                self.unpublished.push((room_id, pdu));
+            }
+            Err(e) => tracing::warn!(%room_id, error = ?e, "publish failed"),
+        }
+    }
+
+    fn retry_unpublished(&mut self) {
+        if self.unpublished.is_empty() || self.swarm.connected_peers().next().is_none() {
+            return;
+        }
+        // Anti-entropy delivers these anyway; gossip is the fast path, so a bounded retry suffices.
+        let queued = std::mem::take(&mut self.unpublished);
+        let keep_from = queued.len().saturating_sub(10_000);
+        for (room, pdu) in queued.into_iter().skip(keep_from) {
+            self.publish(room, pdu);
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Publish { room_id, pdu } => self.publish(room_id, pdu),
+            Command::Subscribe(room) => self.subscribe(&room),
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                if self.offline {
+                    let _ = reply.send(Err("offline".into()));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().fed.send_request(&peer, request);
+                self.pending.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .fed
+                    .send_response(channel, response);
+            }
+            Command::Validate {
+                id,
+                source,
+                acceptance,
+            } => {
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&id, &source, acceptance);
+            }
+            Command::Dial(addr) => self.dial(addr),
+            Command::SetOffline(offline) => {
+                self.offline = offline;
+                if offline {
+                    for peer in self.swarm.connected_peers().copied().collect::<Vec<_>>() {
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                    }
+                } else {
+                    self.redial_bootstrap();
+                }
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.addrs.send_modify(|a| a.push(address));
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id, endpoint, ..
+            } => {
+                if self.offline {
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                tracing::info!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
+                if let Some(node) = self.node() {
+                    tokio::spawn(async move {
+                        if let Err(e) = node.anti_entropy(peer_id).await {
+                            tracing::debug!(peer = %peer_id, error = %e, "anti-entropy on connect failed");
+                        }
+                    });
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                tracing::info!(peer = %peer_id, "disconnected");
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => {
+                let Some(node) = self.node() else { return };
+                if topic_room(message.topic.as_str()).is_none() {
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            gossipsub::MessageAcceptance::Reject,
+                        );
+                    return;
+                }
+                let _ = node.shared.inbound.send(Inbound {
+                    pdu: message.data,
+                    from: propagation_source,
+                    gossip_id: Some(message_id),
+                    attempts: 0,
+                });
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed {
+                ..
+            })) => {
+                self.retry_unpublished();
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Fed(event)) => self.on_fed_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                for addr in info.listen_addrs {
+                    self.swarm.add_peer_address(peer_id, addr);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_fed_event(&mut self, event: request_response::Event<FedRequest, FedResponse>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let allowed = self
+                    .buckets
+                    .entry(peer)
+                    .or_insert(Bucket {
+                        tokens: 2.0 * REQUESTS_PER_SECOND,
+                        at: Instant::now(),
+                    })
+                    .take();
+                if !allowed {
+                    tracing::warn!(%peer, "request rate exceeded; throttling");
+                    let response =
+                        FedResponse::error(FedErrorCode::LimitExceeded, "too many requests");
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .fed
+                        .send_response(channel, response);
+                    return;
+                }
+                let Some(node) = self.node() else { return };
+                tokio::spawn(async move {
+                    let response = node.answer(peer, request).await;
+                    let _ = node.command(Command::Respond { channel, response });
+                });
+            }
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            } => {
+                tracing::debug!(%peer, error = %error, "request failed");
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, error = %error, "inbound request failed");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+/// Ingests gossip in arrival order, a burst at a time in one commit, and reports each
+/// message's verdict to gossipsub (so invalid senders are scored down).
+async fn ingest_loop(node: std::sync::Weak<Shared>, mut inbound: mpsc::UnboundedReceiver<Inbound>) {
+    while let Some(first) = inbound.recv().await {
+        let mut burst = vec![first];
+        while burst.len() < 200 {
+            match inbound.try_recv() {
+                Ok(next) => burst.push(next),
+                Err(_) => break,
+            }
+        }
+        let Some(shared) = node.upgrade() else { return };
+        let node = P2pNode { shared };
+        let refs: Vec<&[u8]> = burst.iter().map(|i| i.pdu.as_slice()).collect();
+        let results = match node.shared.engine.receive_batch(&refs).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "store write failed; gossip dropped (anti-entropy will refetch)");
+                continue;
+            }
+        };
+        let mut stored = false;
+        for (item, result) in burst.into_iter().zip(results) {
+            use gossipsub::MessageAcceptance::*;
+            let acceptance = match result {
+                Ok(Received {
+                    outcome: Outcome::Accepted { .. } | Outcome::SoftFailed { .. },
+                    ..
+                }) => {
+                    stored = true;
+                    Accept
+                }
+                Ok(Received {
+                    outcome: Outcome::Duplicate,
+                    ..
+                }) => Ignore,
+                Ok(Received {
+                    outcome: Outcome::Rejected { reason },
+                    event_id,
+                    ..
+                }) => {
+                    stored = true;
+                    tracing::warn!(peer = %item.from, %event_id, %reason, "peer sent an unauthorised event");
+                    Reject
+                }
+                Ok(Received {
+                    outcome: Outcome::MissingEvents(ids),
+                    room_id,
+                    ..
+                }) => {
+                    if item.attempts < 3 {
+                        let node = node.clone();
+                        let again = Inbound {
+                            pdu: item.pdu.clone(),
+                            from: item.from,
+                            gossip_id: None,
+                            attempts: item.attempts + 1,
+                        };
+                        tokio::spawn(async move {
+                            match node.catch_up(again.from, &room_id, ids).await {
+                                Ok(_) => {
+                                    let _ = node.shared.inbound.send(again);
+                                }
+                                Err(e) => tracing::debug!(error = %e, "catch-up failed"),
+                            }
+                        });
+                    }
+                    Ignore
+                }
+                Err(IngestError::UnknownRoom(_)) => Ignore,
+                Err(e) => {
+                    tracing::warn!(peer = %item.from, error = %e, "peer sent an invalid event");
+                    Reject
+                }
+            };
+            if let Some(id) = item.gossip_id {
+                let _ = node.command(Command::Validate {
+                    id,
+                    source: item.from,
+                    acceptance,
+                });
+            }
+        }
+        if stored {
+            node.changed();
+        }
+    }
+}

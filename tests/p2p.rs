@@ -1,0 +1,366 @@
+//! Rooms across peers over real libp2p on loopback: invites and joins, chat in every direction,
+//! concurrent senders, a partition healed by anti-entropy, a late joiner with a long history, and
+//! a node restarted from its data directory.
+#![cfg(not(target_arch = "wasm32"))]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyphae::engine::create_room::{CreateRoom, Preset};
+use hyphae::engine::SortedState;
+use hyphae::net::node::{NodeConfig, P2pNode};
+use hyphae::store::memory::MemoryStore;
+use hyphae::store::redb::RedbStore;
+use hyphae::store::{Direction, SharedStore};
+use libp2p::Multiaddr;
+use ruma::{OwnedEventId, OwnedRoomId};
+use serde_json::json;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn config(bootstrap: Vec<Multiaddr>) -> NodeConfig {
+    NodeConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap,
+        anti_entropy_every: Duration::from_secs(2),
+    }
+}
+
+async fn node(bootstrap: &[&P2pNode]) -> P2pNode {
+    node_on(Arc::new(MemoryStore::new()), bootstrap).await
+}
+
+async fn node_on(store: SharedStore, bootstrap: &[&P2pNode]) -> P2pNode {
+    let mut addrs = Vec::new();
+    for b in bootstrap {
+        addrs.push(b.listen_addrs().await[0].clone());
+    }
+    P2pNode::start(store, config(addrs)).await.unwrap()
+}
+
+async fn wait_connected(n: &P2pNode, peers: usize) {
+    for _ in 0..600 {
+        if n.connected_peers().await.unwrap().len() >= peers {
+            return;
+        }
+        // Connections are not stored events, so there is no change signal to wait on; poll briefly.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("peers never connected");
+}
+
+/// What must agree across peers: current state, forward extremities, the set of timeline events.
+#[derive(Debug, PartialEq, Eq)]
+struct View {
+    state: SortedState,
+    extremities: Vec<OwnedEventId>,
+    events: Vec<OwnedEventId>,
+}
+
+async fn view(n: &P2pNode, room: &OwnedRoomId) -> Option<View> {
+    let record = n.engine().room(room).await.unwrap()?;
+    let mut extremities = record.forward_extremities;
+    extremities.sort();
+    let mut events: Vec<OwnedEventId> = n
+        .engine()
+        .timeline(room, None, Direction::Forward, usize::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.pdu.event_id.clone())
+        .collect();
+    events.sort();
+    Some(View {
+        state: n.engine().current_state(room).await.unwrap()?,
+        extremities,
+        events,
+    })
+}
+
+async fn message_count(n: &P2pNode, room: &OwnedRoomId) -> usize {
+    n.engine()
+        .timeline(room, None, Direction::Forward, usize::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.pdu.kind.to_string() == "m.room.message")
+        .count()
+}
+
+/// Waits until every node holds the same view of `room` as the first, with at least `messages`.
+async fn converge(nodes: &[&P2pNode], room: &OwnedRoomId, messages: usize) {
+    for n in nodes {
+        let others: Vec<P2pNode> = nodes.iter().map(|n| (*n).clone()).collect();
+        let ok = n
+            .wait_until(PATIENCE, || {
+                let others = others.clone();
+                let room = room.clone();
+                async move {
+                    let first = view(&others[0], &room).await;
+                    if first.is_none() || message_count(&others[0], &room).await < messages {
+                        return false;
+                    }
+                    for o in &others[1..] {
+                        if view(o, &room).await != first {
+                            return false;
+                        }
+                    }
+                    true
+                }
+            })
+            .await;
+        if !ok {
+            for (i, o) in nodes.iter().enumerate() {
+                let v = view(o, room).await;
+                eprintln!(
+                    "node {i}: {} events, {:?} extremities",
+                    v.as_ref().map_or(0, |v| v.events.len()),
+                    v.map(|v| v.extremities)
+                );
+            }
+            panic!("nodes did not converge");
+        }
+    }
+}
+
+async fn text(n: &P2pNode, room: &OwnedRoomId, who: &str, body: &str) {
+    n.send(
+        room,
+        who,
+        "m.room.message",
+        None,
+        json!({"msgtype": "m.text", "body": body}),
+    )
+    .await
+    .unwrap();
+}
+
+/// Three nodes; a private room on A with B's and C's users invited and joined.
+async fn three_in_a_room() -> (P2pNode, P2pNode, P2pNode, OwnedRoomId) {
+    let a = node(&[]).await;
+    let b = node(&[&a]).await;
+    let c = node(&[&a]).await;
+    wait_connected(&a, 2).await;
+    let opts = CreateRoom {
+        preset: Preset::PrivateChat,
+        name: Some("three".into()),
+        invite: vec![b.user("bob"), c.user("carol")],
+        ..Default::default()
+    };
+    let room = a.create_room("alice", &opts).await.unwrap();
+    for (n, who) in [(&b, "bob"), (&c, "carol")] {
+        let r = room.clone();
+        let n2 = n.clone();
+        assert!(
+            n.wait_until(PATIENCE, || {
+                let n2 = n2.clone();
+                let r = r.clone();
+                async move { n2.invites().iter().any(|i| i.room_id == r) }
+            })
+            .await
+        );
+        let invite = n.invites().into_iter().find(|i| i.room_id == room).unwrap();
+        assert_eq!(invite.sender, a.user("alice"));
+        assert_eq!(invite.invitee, n.user(who));
+        n.join(&room, who, a.peer_id()).await.unwrap();
+    }
+    (a, b, c, room)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_invite_join_and_chat_both_ways() {
+    let (a, b, c, room) = three_in_a_room().await;
+    text(&a, &room, "alice", "hi from A").await;
+    text(&b, &room, "bob", "hello from B").await;
+    text(&c, &room, "carol", "hey from C").await;
+    converge(&[&a, &b, &c], &room, 3).await;
+    let state = view(&b, &room).await.unwrap().state;
+    for user in [a.user("alice"), b.user("bob"), c.user("carol")] {
+        assert!(state.contains_key(&("m.room.member".to_owned(), user.to_string())));
+    }
+    assert!(b.invites().is_empty(), "joining clears the invite");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_nodes_sending_at_once_lose_nothing() {
+    let (a, b, c, room) = three_in_a_room().await;
+    let send = |n: P2pNode, who: &'static str| {
+        let room = room.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                text(&n, &room, who, &format!("{who} {i}")).await;
+            }
+        })
+    };
+    let tasks = [
+        send(a.clone(), "alice"),
+        send(b.clone(), "bob"),
+        send(c.clone(), "carol"),
+    ];
+    for t in tasks {
+        t.await.unwrap();
+    }
+    converge(&[&a, &b, &c], &room, 600).await;
+    assert_eq!(message_count(&a, &room).await, 600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_heals_to_one_resolved_state() {
+    let (a, b, c, room) = three_in_a_room().await;
+    converge(&[&a, &b, &c], &room, 0).await;
+    c.set_offline(true).unwrap();
+    // Both sides keep writing: messages, a rename, a power change and a kick on A's side;
+    // messages on C's.
+    for i in 0..20 {
+        text(&a, &room, "alice", &format!("while C is away {i}")).await;
+        text(&c, &room, "carol", &format!("C alone {i}")).await;
+    }
+    a.send(
+        &room,
+        "alice",
+        "m.room.name",
+        Some(""),
+        json!({"name": "renamed during the split"}),
+    )
+    .await
+    .unwrap();
+    let mut pl: serde_json::Value = {
+        let state = a.engine().current_state(&room).await.unwrap().unwrap();
+        let id = &state[&("m.room.power_levels".to_owned(), String::new())];
+        serde_json::from_str(
+            a.engine()
+                .event(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .pdu
+                .content
+                .get(),
+        )
+        .unwrap()
+    };
+    pl["users"][b.user("bob").as_str()] = json!(50);
+    a.send(&room, "alice", "m.room.power_levels", Some(""), pl)
+        .await
+        .unwrap();
+    let bob = b.user("bob");
+    a.send(
+        &room,
+        "alice",
+        "m.room.member",
+        Some(bob.as_str()),
+        json!({"membership": "leave"}),
+    )
+    .await
+    .unwrap();
+    c.set_offline(false).unwrap();
+    converge(&[&a, &b, &c], &room, 40).await;
+    let state = view(&c, &room).await.unwrap().state;
+    let name = &state[&("m.room.name".to_owned(), String::new())];
+    let content = c
+        .engine()
+        .event(name)
+        .await
+        .unwrap()
+        .unwrap()
+        .pdu
+        .content
+        .get()
+        .to_owned();
+    assert!(content.contains("renamed during the split"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_pages_back_to_the_create_event() {
+    let a = node(&[]).await;
+    let opts = CreateRoom {
+        preset: Preset::PublicChat,
+        ..Default::default()
+    };
+    let room = a.create_room("alice", &opts).await.unwrap();
+    for i in 0..5000 {
+        a.engine()
+            .send(
+                &identity_of(&a),
+                &room,
+                &a.user("alice"),
+                "m.room.message",
+                None,
+                json!({"body": format!("{i}")}),
+                ruma::MilliSecondsSinceUnixEpoch::now(),
+            )
+            .await
+            .unwrap();
+    }
+    let b = node(&[&a]).await;
+    wait_connected(&b, 1).await;
+    b.join(&room, "bob", a.peer_id()).await.unwrap();
+    // Page back from the newest event in pages of 100 until nothing is left.
+    let mut from = None;
+    let mut seen = Vec::new();
+    loop {
+        let page = b
+            .engine()
+            .timeline(&room, from, Direction::Backward, 100)
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        from = last.stream;
+        seen.extend(page.iter().map(|e| e.pdu.event_id.clone()));
+    }
+    assert!(seen.len() >= 5000 + 6, "{} events", seen.len());
+    let create = b
+        .engine()
+        .event(seen.last().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(create.pdu.kind.to_string(), "m.room.create");
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "no duplicates");
+}
+
+fn identity_of(n: &P2pNode) -> hyphae::identity::Identity {
+    // Tests reach the node's key the way the node does: through its store.
+    futures::executor::block_on(hyphae::identity::Identity::load_or_create(
+        n.engine().store().as_ref(),
+    ))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_restarts_from_its_data_dir_and_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.redb");
+    let a = node(&[]).await;
+    let opts = CreateRoom {
+        preset: Preset::PublicChat,
+        ..Default::default()
+    };
+    let room = a.create_room("alice", &opts).await.unwrap();
+    let b = node_on(Arc::new(RedbStore::open(&path).unwrap()), &[&a]).await;
+    wait_connected(&b, 1).await;
+    b.join(&room, "bob", a.peer_id()).await.unwrap();
+    for i in 0..50 {
+        text(&b, &room, "bob", &format!("before the crash {i}")).await;
+    }
+    converge(&[&a, &b], &room, 50).await;
+    // Kill B without a goodbye while A keeps talking.
+    b.set_offline(true).unwrap();
+    drop(b);
+    for i in 0..50 {
+        text(&a, &room, "alice", &format!("while B is dead {i}")).await;
+    }
+    let b = loop {
+        // The old swarm task releases the database file as it winds down.
+        match RedbStore::open(&path) {
+            Ok(store) => break node_on(Arc::new(store), &[&a]).await,
+            Err(_) => tokio::task::yield_now().await,
+        }
+    };
+    converge(&[&a, &b], &room, 100).await;
+}
