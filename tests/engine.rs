@@ -1013,3 +1013,70 @@ async fn a_member_kicked_on_one_branch_while_speaking_on_another() {
         .stream
         .is_some());
 }
+
+#[tokio::test]
+async fn a_reopened_engine_authorises_with_a_cold_cache() {
+    // Everything the checks consult must come from the store, not only from what this process
+    // happened to cache: reopen the same store and keep going.
+    let store: Arc<dyn hyphae::store::Store> = Arc::new(MemoryStore::new());
+    let alice = Peer::new(1, "alice");
+    let bob = Peer::new(2, "bob");
+    let carol = Peer::new(3, "carol");
+    let room = {
+        let e = Engine::open(store.clone()).await.unwrap();
+        public_room(&e, &alice).await.0
+    };
+    let builder = Engine::open(store.clone()).await.unwrap();
+    let head = builder
+        .room(&room)
+        .await
+        .unwrap()
+        .unwrap()
+        .forward_extremities[0]
+        .clone();
+    let (_, join) = event_on(
+        &builder,
+        &bob,
+        &room,
+        "m.room.member",
+        Some(bob.user.as_str()),
+        json!({"membership": "join"}),
+        std::slice::from_ref(&head),
+        100,
+    )
+    .await;
+    let (_, intruder) = event_on(
+        &builder,
+        &carol,
+        &room,
+        "m.room.message",
+        None,
+        json!({"body": "x"}),
+        std::slice::from_ref(&head),
+        101,
+    )
+    .await;
+    drop(builder);
+
+    let e = Engine::open(store.clone()).await.unwrap();
+    let join_id = accept(&e, &join).await;
+    assert!(matches!(
+        e.receive(&intruder).await.unwrap().outcome,
+        Outcome::Rejected { .. }
+    ));
+    drop(e);
+    let e = Engine::open(store).await.unwrap();
+    let (_, msg) = event_on(
+        &e,
+        &bob,
+        &room,
+        "m.room.message",
+        None,
+        json!({"body": "after restart"}),
+        std::slice::from_ref(&join_id),
+        102,
+    )
+    .await;
+    let e = Engine::open(e.store().clone()).await.unwrap();
+    accept(&e, &msg).await;
+}

@@ -1018,9 +1018,12 @@ impl Inner {
             self.resolve_groups(store, &rules, prev_groups).await?
         };
         let before = self.load_group(store, state_before).await?;
+        // The auth checks read events through the cache only: load the ones they may consult.
+        let create_event_id = known_room.as_ref().map(|r| r.create_event.clone());
+        self.load_auth_state(store, &pdu, &rules, &before.map, create_event_id.as_ref())
+            .await?;
 
         // 4-5. Authorisation against auth_events, then against the state before the event.
-        let create_event_id = known_room.as_ref().map(|r| r.create_event.clone());
         let mut verdict = self.authorise(&pdu, &rules, &before.map, create_event_id.as_ref());
 
         // 6. Soft fail against the room's current state.
@@ -1033,6 +1036,8 @@ impl Inner {
             if let Some(room) = &known_room {
                 if room.current_state != state_before {
                     let current = self.load_group(store, room.current_state).await?;
+                    self.load_auth_state(store, &pdu, &rules, &current.map, None)
+                        .await?;
                     let stored = self.view(&pdu);
                     let fetch = |t: &StateEventType, k: &str| {
                         current
@@ -1144,6 +1149,38 @@ impl Inner {
             room_id,
             outcome,
         })
+    }
+
+    /// Loads into the cache the events of `state` that authorising `pdu` may look at (the
+    /// spec's auth event selection, plus the create event).
+    async fn load_auth_state(
+        &mut self,
+        store: &dyn Store,
+        pdu: &Pdu,
+        rules: &RoomVersionRules,
+        state: &StateMap,
+        create: Option<&OwnedEventId>,
+    ) -> Result<(), IngestError> {
+        let mut keys = ruma::state_res::auth_types_for_event(
+            &pdu.kind,
+            &pdu.sender,
+            pdu.state_key.as_deref(),
+            &pdu.content,
+            &rules.authorization,
+        )
+        .unwrap_or_default();
+        keys.push((StateEventType::RoomCreate, String::new()));
+        let ids: Vec<OwnedEventId> = keys
+            .iter()
+            .filter_map(|k| state.get(k).cloned())
+            .chain(create.cloned())
+            .collect();
+        for id in ids {
+            if self.load_event(store, &id).await?.is_none() {
+                return Err(corrupt(format!("state names unknown event {id}")));
+            }
+        }
+        Ok(())
     }
 
     /// A not-yet-stored event in the shape ruma's auth checks take.
