@@ -33,6 +33,12 @@ async fn node(bootstrap: &[&P2pNode]) -> P2pNode {
 }
 
 async fn node_on(store: SharedStore, bootstrap: &[&P2pNode]) -> P2pNode {
+    // RUST_LOG=hyphae=debug shows what the nodes do, per test thread.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_thread_names(true)
+        .with_test_writer()
+        .try_init();
     let mut addrs = Vec::new();
     for b in bootstrap {
         addrs.push(b.listen_addrs().await[0].clone());
@@ -89,33 +95,30 @@ async fn message_count(n: &P2pNode, room: &OwnedRoomId) -> usize {
         .count()
 }
 
-/// Waits until every node holds the same view of `room` as the first, with at least `messages`.
+/// Waits until every node holds the same view of `room` as the first, with at least
+/// `messages` messages, re-checking whenever any node stores something.
 async fn converge(nodes: &[&P2pNode], room: &OwnedRoomId, messages: usize) {
-    for n in nodes {
-        let others: Vec<P2pNode> = nodes.iter().map(|n| (*n).clone()).collect();
-        let ok = n
-            .wait_until(PATIENCE, || {
-                let others = others.clone();
-                let room = room.clone();
-                async move {
-                    let first = view(&others[0], &room).await;
-                    if first.is_none() || message_count(&others[0], &room).await < messages {
-                        return false;
-                    }
-                    for o in &others[1..] {
-                        if view(o, &room).await != first {
-                            return false;
-                        }
-                    }
-                    true
-                }
-            })
-            .await;
-        if !ok {
-            for (i, o) in nodes.iter().enumerate() {
-                let v = view(o, room).await;
+    let mut changes: Vec<_> = nodes.iter().map(|n| n.changes()).collect();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        for c in changes.iter_mut() {
+            c.mark_unchanged();
+        }
+        let first = view(nodes[0], room).await;
+        let mut same = first.is_some() && message_count(nodes[0], room).await >= messages;
+        for n in &nodes[1..] {
+            same = same && view(n, room).await == first;
+        }
+        if same {
+            return;
+        }
+        let any_change =
+            futures::future::select_all(changes.iter_mut().map(|c| Box::pin(c.changed())));
+        if tokio::time::timeout_at(deadline, any_change).await.is_err() {
+            for (i, n) in nodes.iter().enumerate() {
+                let v = view(n, room).await;
                 eprintln!(
-                    "node {i}: {} events, {:?} extremities",
+                    "node {i}: {} events, extremities {:?}",
                     v.as_ref().map_or(0, |v| v.events.len()),
                     v.map(|v| v.extremities)
                 );
