@@ -25,6 +25,7 @@ fn config(bootstrap: Vec<Multiaddr>) -> NodeConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         bootstrap,
         anti_entropy_every: Duration::from_secs(2),
+        mdns: false,
     }
 }
 

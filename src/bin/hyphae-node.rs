@@ -1,5 +1,5 @@
-//! `hyphae-node`: the always-on native peer. For now it opens (or creates) its data directory,
-//! prints its identity, and runs until SIGINT/SIGTERM, closing the store cleanly.
+//! `hyphae-node`: the always-on native peer. Opens (or creates) its data directory, prints its
+//! identity and dialable addresses, and exchanges rooms with peers until SIGINT/SIGTERM.
 
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
@@ -7,10 +7,17 @@ mod native {
     use std::sync::Arc;
 
     use clap::Parser;
-    use hyphae::engine::Engine;
-    use hyphae::identity::Identity;
+    use hyphae::net::node::{NodeConfig, P2pNode};
     use hyphae::store::redb::RedbStore;
     use hyphae::store::SharedStore;
+    use libp2p::Multiaddr;
+
+    /// Default listeners: TCP 4001, QUIC 4001/udp, WebSocket 4002 (for browsers).
+    const DEFAULT_LISTEN: [&str; 3] = [
+        "/ip4/0.0.0.0/tcp/4001",
+        "/ip4/0.0.0.0/udp/4001/quic-v1",
+        "/ip4/0.0.0.0/tcp/4002/ws",
+    ];
 
     /// A Hyphae peer: a Matrix homeserver that exchanges rooms over libp2p.
     #[derive(Parser, Debug)]
@@ -19,6 +26,18 @@ mod native {
         /// Data directory: the redb store (rooms, events, identity key).
         #[arg(long, default_value = "./hyphae-data")]
         data: PathBuf,
+        /// Address to listen on (repeatable). Default: TCP 4001, QUIC 4001, WebSocket 4002.
+        #[arg(long = "listen", value_name = "MULTIADDR")]
+        listen: Vec<Multiaddr>,
+        /// Peer to dial at start and keep reconnecting to (repeatable), with its /p2p/ id.
+        #[arg(long = "bootstrap", value_name = "MULTIADDR")]
+        bootstrap: Vec<Multiaddr>,
+        /// Do not look for peers on the local network with mDNS.
+        #[arg(long)]
+        no_mdns: bool,
+        /// Seconds between anti-entropy rounds with connected peers.
+        #[arg(long, default_value_t = 30)]
+        anti_entropy_secs: u64,
         /// Print the identity and exit instead of running.
         #[arg(long)]
         print_identity: bool,
@@ -34,22 +53,41 @@ mod native {
         let args = Args::parse();
         std::fs::create_dir_all(&args.data)?;
         let store: SharedStore = Arc::new(RedbStore::open(&args.data.join("hyphae.redb"))?);
-        let engine = Engine::open(store.clone()).await?;
-        let identity = Identity::load_or_create(store.as_ref()).await?;
-        let rooms = engine.rooms().await?;
-        println!("server name: {}", identity.server_name());
-        println!("peer id:     {}", identity.peer_id());
+        let listen = if args.print_identity {
+            Vec::new()
+        } else if args.listen.is_empty() {
+            DEFAULT_LISTEN
+                .iter()
+                .map(|a| a.parse().expect("valid default"))
+                .collect()
+        } else {
+            args.listen.clone()
+        };
+        let listeners = listen.len();
+        let config = NodeConfig {
+            listen,
+            bootstrap: args.bootstrap.clone(),
+            anti_entropy_every: std::time::Duration::from_secs(args.anti_entropy_secs.max(1)),
+            mdns: !args.no_mdns && !args.print_identity,
+        };
+        let node = P2pNode::start(store, config).await?;
+        let rooms = node.engine().rooms().await?;
+        println!("server name: {}", node.server_name());
+        println!("peer id:     {}", node.peer_id());
         println!("signing key: ed25519:p2p");
         println!("data:        {}", args.data.display());
         println!("rooms:       {}", rooms.len());
         if args.print_identity {
             return Ok(());
         }
+        for addr in node.listen_addrs_at_least(listeners).await {
+            println!("listening:   {addr}");
+        }
         tracing::info!("running; press Ctrl-C to stop");
         shutdown_signal().await;
         tracing::info!("shutting down");
-        drop(engine);
-        drop(store);
+        // Dropping the last handle stops the swarm; redb closes when the engine is dropped.
+        drop(node);
         Ok(())
     }
 

@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    gossipsub, identify, noise, ping, request_response, tcp, yamux, Multiaddr, PeerId,
-    StreamProtocol, Swarm,
+    gossipsub, identify, mdns, noise, ping, relay, rendezvous, request_response, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm,
 };
 use ruma::{
     MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId,
@@ -46,6 +47,8 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// How often peers compare forward extremities even without reconnecting.
     pub anti_entropy_every: Duration,
+    /// Find peers on the local network with mDNS (multicast: off in tests).
+    pub mdns: bool,
 }
 
 impl Default for NodeConfig {
@@ -54,7 +57,22 @@ impl Default for NodeConfig {
             listen: Vec::new(),
             bootstrap: Vec::new(),
             anti_entropy_every: Duration::from_secs(30),
+            mdns: false,
         }
+    }
+}
+
+/// Circuit relay limits that suit chat: libp2p's defaults end a relayed connection after two
+/// minutes or 128 KiB, which would cut a browser-to-browser conversation mid-sentence.
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_circuit_duration: Duration::from_secs(24 * 3600),
+        max_circuit_bytes: 1 << 30,
+        reservation_duration: Duration::from_secs(3600),
+        max_reservations: 1024,
+        max_circuits: 1024,
+        max_circuits_per_peer: 16,
+        ..relay::Config::default()
     }
 }
 
@@ -78,6 +96,11 @@ struct Behaviour {
     fed: request_response::cbor::Behaviour<FedRequest, FedResponse>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    /// Browsers reach each other through circuits on native nodes.
+    relay: relay::Behaviour,
+    /// Browsers register and discover each other here.
+    rendezvous: rendezvous::server::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
 enum Command {
@@ -159,7 +182,9 @@ impl P2pNode {
     pub async fn start(store: SharedStore, config: NodeConfig) -> Result<Self, NodeError> {
         let engine = Arc::new(Engine::open(store.clone()).await?);
         let identity = Arc::new(Identity::load_or_create(store.as_ref()).await?);
-        let swarm = build_swarm(&identity).map_err(NodeError::Network)?;
+        let swarm = build_swarm(&identity, config.mdns)
+            .await
+            .map_err(NodeError::Network)?;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (inbound, inbound_rx) = mpsc::unbounded_channel();
         let (addrs_tx, listen_addrs) = watch::channel(Vec::new());
@@ -773,7 +798,7 @@ impl P2pNode {
     }
 }
 
-fn build_swarm(identity: &Identity) -> Result<Swarm<Behaviour>, String> {
+async fn build_swarm(identity: &Identity, with_mdns: bool) -> Result<Swarm<Behaviour>, String> {
     let gossip_config = gossipsub::ConfigBuilder::default()
         // PDUs are signed by their origin already; gossipsub's own signing would halve
         // throughput. The message id is the hash of the content, so duplicates are dropped.
@@ -799,6 +824,11 @@ fn build_swarm(identity: &Identity) -> Result<Swarm<Behaviour>, String> {
         )
         .map_err(|e| e.to_string())?
         .with_quic()
+        .with_dns()
+        .map_err(|e| e.to_string())?
+        .with_websocket(noise::Config::new, yamux::Config::default)
+        .await
+        .map_err(|e| e.to_string())?
         .with_behaviour(|key| {
             let gossipsub =
                 gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)
@@ -812,11 +842,25 @@ fn build_swarm(identity: &Identity) -> Result<Swarm<Behaviour>, String> {
             );
             let identify =
                 identify::Behaviour::new(identify::Config::new("/hyphae/1".into(), key.public()));
+            let peer_id = key.public().to_peer_id();
+            let mdns = if with_mdns {
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    peer_id,
+                )?)
+            } else {
+                None
+            };
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
                 gossipsub,
                 fed,
                 identify,
                 ping: ping::Behaviour::default(),
+                relay: relay::Behaviour::new(peer_id, relay_config()),
+                rendezvous: rendezvous::server::Behaviour::new(
+                    rendezvous::server::Config::default(),
+                ),
+                mdns: mdns.into(),
             })
         })
         .map_err(|e| e.to_string())?
