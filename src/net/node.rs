@@ -241,9 +241,14 @@ impl P2pNode {
 
     /// The addresses the swarm listens on, once it listens on at least one.
     pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.listen_addrs_at_least(1).await
+    }
+
+    /// The addresses the swarm listens on, once there are at least `n` (with `/p2p/<id>`).
+    pub async fn listen_addrs_at_least(&self, n: usize) -> Vec<Multiaddr> {
         let mut rx = self.shared.listen_addrs.clone();
         let addrs = rx
-            .wait_for(|a| !a.is_empty())
+            .wait_for(|a| a.len() >= n)
             .await
             .map(|a| a.clone())
             .unwrap_or_default();
