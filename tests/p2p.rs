@@ -368,3 +368,158 @@ async fn a_killed_node_restarts_from_its_data_dir_and_catches_up() {
     };
     converge(&[&a, &b], &room, 100).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malicious_peer_is_refused_and_throttled_while_honest_traffic_flows() {
+    use hyphae::net::protocol::{FedErrorCode, FedRequest, FedResponse};
+    let a = node(&[]).await;
+    let b = node(&[&a]).await;
+    let m = node(&[&a]).await;
+    wait_connected(&a, 2).await;
+    let opts = CreateRoom {
+        preset: Preset::PublicChat,
+        ..Default::default()
+    };
+    let room = a.create_room("alice", &opts).await.unwrap();
+    b.join(&room, "bob", a.peer_id()).await.unwrap();
+    text(&b, &room, "bob", "honest 1").await;
+    converge(&[&a, &b], &room, 1).await;
+    let before = view(&a, &room).await.unwrap();
+
+    // Mallory signs with a key of her own; the transport peer `m` only carries her bytes.
+    let mallory = common::Peer::new(9, "mallory");
+    let head = before.extremities[0].clone();
+    let at = 10_000;
+    let mut junk = Vec::new();
+    // A non-member's message, and a non-member granting herself power.
+    let (_, raw) = common::event_on(
+        a.engine(),
+        &mallory,
+        &room,
+        "m.room.message",
+        None,
+        json!({"body": "spam"}),
+        std::slice::from_ref(&head),
+        at,
+    )
+    .await;
+    junk.push(raw);
+    let mut pl: serde_json::Value = {
+        let id = &before.state[&("m.room.power_levels".to_owned(), String::new())];
+        serde_json::from_str(
+            a.engine()
+                .event(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .pdu
+                .content
+                .get(),
+        )
+        .unwrap()
+    };
+    pl["users"][mallory.user.as_str()] = json!(100);
+    let (_, raw) = common::event_on(
+        a.engine(),
+        &mallory,
+        &room,
+        "m.room.power_levels",
+        Some(""),
+        pl,
+        std::slice::from_ref(&head),
+        at + 1,
+    )
+    .await;
+    junk.push(raw);
+    // Bob's name on mallory's signature.
+    let (_, raw) = common::event_on(
+        a.engine(),
+        &mallory,
+        &room,
+        "m.room.message",
+        None,
+        json!({"body": "i am bob"}),
+        std::slice::from_ref(&head),
+        at + 2,
+    )
+    .await;
+    let mut forged: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    forged["sender"] = json!(b.user("bob"));
+    junk.push(serde_json::to_vec(&forged).unwrap());
+    // A reference into a DAG nobody can produce.
+    let fake: OwnedEventId = "$BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB"
+        .try_into()
+        .unwrap();
+    let (_, raw) = common::event_on(
+        a.engine(),
+        &mallory,
+        &room,
+        "m.room.message",
+        None,
+        json!({"body": "follow me"}),
+        std::slice::from_ref(&head),
+        at + 3,
+    )
+    .await;
+    let mut dangling: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    dangling["prev_events"] = json!([fake]);
+    junk.push(serde_json::to_vec(&dangling).unwrap());
+    junk.push(b"not even json".to_vec());
+    for j in junk {
+        m.publish_raw(&room, j).unwrap();
+    }
+    // An oversized join is refused before any work.
+    let huge = format!("{{\"pad\":\"{}\"}}", "x".repeat(70_000));
+    let r = m
+        .request(a.peer_id(), FedRequest::SendJoin { pdu: huge })
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(hyphae::net::node::NodeError::Refused(
+                FedErrorCode::BadRequest,
+                _
+            ))
+        ),
+        "{r:?}"
+    );
+    // A flood of requests (50 in flight at a time) is throttled.
+    let mut limited = 0;
+    for _ in 0..40 {
+        let burst: Vec<_> = (0..50)
+            .map(|_| {
+                m.request(
+                    a.peer_id(),
+                    FedRequest::Extremities {
+                        room_id: room.clone(),
+                    },
+                )
+            })
+            .collect();
+        for r in futures::future::join_all(burst).await {
+            match r {
+                Err(hyphae::net::node::NodeError::Refused(FedErrorCode::LimitExceeded, _)) => {
+                    limited += 1
+                }
+                Ok(FedResponse::Extremities { .. }) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert!(limited > 0, "the flood was throttled");
+
+    // Honest traffic still flows, and nothing of mallory's entered state or timeline.
+    text(&a, &room, "alice", "honest 2").await;
+    text(&b, &room, "bob", "honest 3").await;
+    converge(&[&a, &b], &room, 3).await;
+    let after = view(&a, &room).await.unwrap();
+    assert_eq!(after.state, before.state);
+    for id in &after.events {
+        let ev = a.engine().event(id).await.unwrap().unwrap();
+        assert_ne!(
+            ev.pdu.sender.as_str(),
+            mallory.user.as_str(),
+            "mallory's event in the timeline"
+        );
+    }
+}

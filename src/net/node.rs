@@ -292,7 +292,12 @@ impl P2pNode {
         self.shared.invites.lock().expect("invites lock").clone()
     }
 
-    async fn request(&self, peer: PeerId, request: FedRequest) -> Result<FedResponse, NodeError> {
+    /// Sends a `/hyphae/fed/1` request to `peer` and waits for the answer.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        request: FedRequest,
+    ) -> Result<FedResponse, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Request {
             peer,
@@ -307,6 +312,15 @@ impl P2pNode {
             FedResponse::Error { code, message } => Err(NodeError::Refused(code, message)),
             ok => Ok(ok),
         }
+    }
+
+    /// Publishes arbitrary bytes on a room's gossip topic, unchecked: for tools and for testing
+    /// how peers treat misbehaviour. Normal sends go through [`P2pNode::send`].
+    pub fn publish_raw(&self, room_id: &RoomId, pdu: Vec<u8>) -> Result<(), NodeError> {
+        self.command(Command::Publish {
+            room_id: room_id.to_owned(),
+            pdu,
+        })
     }
 
     async fn publish_event(
