@@ -523,3 +523,49 @@ async fn a_malicious_peer_is_refused_and_throttled_while_honest_traffic_flows() 
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invites_survive_a_restart_until_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("invitee.redb");
+    let reopen = || async {
+        loop {
+            match RedbStore::open(&path) {
+                Ok(store) => break Arc::new(store) as SharedStore,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+    };
+    let a = node(&[]).await;
+    let b = node_on(reopen().await, &[&a]).await;
+    wait_connected(&a, 1).await;
+    let invitee = b.user("bob");
+    let opts = CreateRoom {
+        invite: vec![invitee.clone()],
+        ..Default::default()
+    };
+    let room = a.create_room("alice", &opts).await.unwrap();
+    let b2 = b.clone();
+    assert!(
+        b.wait_until(PATIENCE, || {
+            let b2 = b2.clone();
+            async move { !b2.invites().is_empty() }
+        })
+        .await
+    );
+    drop((b, b2));
+
+    let b = node_on(reopen().await, &[&a]).await;
+    let invites = b.invites();
+    assert_eq!(invites.len(), 1, "the invite was kept across the restart");
+    assert_eq!(
+        (invites[0].room_id.clone(), invites[0].invitee.clone()),
+        (room.clone(), invitee)
+    );
+    wait_connected(&b, 1).await;
+    b.join(&room, "bob", invites[0].from).await.unwrap();
+    assert!(b.invites().is_empty());
+    drop(b);
+    let b = node_on(reopen().await, &[&a]).await;
+    assert!(b.invites().is_empty(), "an answered invite stays answered");
+}

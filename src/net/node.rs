@@ -31,7 +31,7 @@ use crate::engine::create_room::CreateRoom;
 use crate::engine::pdu::{build_signed, rules_for, NewEvent};
 use crate::engine::{verify_standalone, Engine, IngestError, Outcome, Received};
 use crate::identity::{Identity, ServerName};
-use crate::store::SharedStore;
+use crate::store::{SharedStore, Table, WriteBatch};
 
 /// Requests a peer may make per second before it is throttled (burst: twice that).
 const REQUESTS_PER_SECOND: f64 = 200.0;
@@ -145,6 +145,51 @@ struct Held {
     pdu: Vec<u8>,
 }
 
+/// The stored form of an [`Invite`] (table `invites`, keyed by event id).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct InviteRecord {
+    room_id: OwnedRoomId,
+    room_version: RoomVersionId,
+    event_id: OwnedEventId,
+    sender: OwnedUserId,
+    invitee: OwnedUserId,
+    from: String,
+}
+
+impl From<&Invite> for InviteRecord {
+    fn from(i: &Invite) -> Self {
+        Self {
+            room_id: i.room_id.clone(),
+            room_version: i.room_version.clone(),
+            event_id: i.event_id.clone(),
+            sender: i.sender.clone(),
+            invitee: i.invitee.clone(),
+            from: i.from.to_string(),
+        }
+    }
+}
+
+async fn load_invites(store: &dyn crate::store::Store) -> Result<Vec<Invite>, NodeError> {
+    let mut out = Vec::new();
+    for (_, value) in crate::store::scan_all(store, Table::Invites).await? {
+        let r: InviteRecord = serde_json::from_slice(&value)
+            .map_err(|e| crate::store::StoreError::Corrupt(format!("invite: {e}")))?;
+        let from = r
+            .from
+            .parse()
+            .map_err(|_| crate::store::StoreError::Corrupt("invite peer id".into()))?;
+        out.push(Invite {
+            room_id: r.room_id,
+            room_version: r.room_version,
+            event_id: r.event_id,
+            sender: r.sender,
+            invitee: r.invitee,
+            from,
+        });
+    }
+    Ok(out)
+}
+
 /// An invite for one of this peer's users to a room elsewhere.
 #[derive(Debug, Clone)]
 pub struct Invite {
@@ -185,6 +230,7 @@ impl P2pNode {
         let swarm = build_swarm(&identity, config.mdns)
             .await
             .map_err(NodeError::Network)?;
+        let invites = load_invites(engine.store().as_ref()).await?;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (inbound, inbound_rx) = mpsc::unbounded_channel();
         let (addrs_tx, listen_addrs) = watch::channel(Vec::new());
@@ -197,7 +243,7 @@ impl P2pNode {
                 inbound,
                 changes,
                 listen_addrs,
-                invites: Mutex::new(Vec::new()),
+                invites: Mutex::new(invites),
             }),
         };
         let rooms = node.shared.engine.rooms().await?;
@@ -503,11 +549,23 @@ impl P2pNode {
         self.request(via, FedRequest::SendJoin { pdu }).await?;
         self.catch_up(via, room_id, vec![event_id.clone()]).await?;
         self.command(Command::Subscribe(room_id.to_owned()))?;
-        self.shared
-            .invites
-            .lock()
-            .expect("invites lock")
-            .retain(|i| i.room_id != room_id);
+        let answered: Vec<OwnedEventId> = {
+            let mut invites = self.shared.invites.lock().expect("invites lock");
+            let ids = invites
+                .iter()
+                .filter(|i| i.room_id == room_id)
+                .map(|i| i.event_id.clone())
+                .collect();
+            invites.retain(|i| i.room_id != room_id);
+            ids
+        };
+        if !answered.is_empty() {
+            let mut batch = WriteBatch::new();
+            for id in answered {
+                batch.delete(Table::Invites, id.as_bytes());
+            }
+            self.shared.engine.store().write(batch).await?;
+        }
         Ok(event_id)
     }
 
@@ -744,7 +802,7 @@ impl P2pNode {
                     Err(e) => FedResponse::error(BadRequest, e.to_string()),
                 },
                 FedRequest::Invite { room_version, pdu } => {
-                    self.accept_invite(peer, &room_version, &pdu)
+                    self.accept_invite(peer, &room_version, &pdu).await?
                 }
             })
         }
@@ -752,13 +810,18 @@ impl P2pNode {
         result.unwrap_or_else(|e| FedResponse::error(Internal, e.to_string()))
     }
 
-    fn accept_invite(&self, peer: PeerId, room_version: &RoomVersionId, pdu: &str) -> FedResponse {
+    async fn accept_invite(
+        &self,
+        peer: PeerId,
+        room_version: &RoomVersionId,
+        pdu: &str,
+    ) -> Result<FedResponse, NodeError> {
         use FedErrorCode::*;
         let ev = match verify_standalone(pdu.as_bytes(), room_version) {
             Ok(ev) => ev,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "invalid invite refused");
-                return FedResponse::error(BadRequest, e.to_string());
+                return Ok(FedResponse::error(BadRequest, e.to_string()));
             }
         };
         let membership = serde_json::from_str::<serde_json::Value>(ev.content.get())
@@ -771,10 +834,13 @@ impl P2pNode {
         let Some(invitee) = invitee.filter(|_| {
             ev.kind.to_string() == "m.room.member" && membership.as_deref() == Some("invite")
         }) else {
-            return FedResponse::error(BadRequest, "not an invite");
+            return Ok(FedResponse::error(BadRequest, "not an invite"));
         };
         if ServerName::try_from(invitee.server_name()).ok() != Some(self.server_name()) {
-            return FedResponse::error(Forbidden, "the invitee is not on this server");
+            return Ok(FedResponse::error(
+                Forbidden,
+                "the invitee is not on this server",
+            ));
         }
         let invite = Invite {
             room_id: ev.room_id.clone(),
@@ -784,13 +850,22 @@ impl P2pNode {
             invitee,
             from: peer,
         };
+        // Durable before we say Ok: the invite must survive a restart.
+        let record = InviteRecord::from(&invite);
+        let mut batch = WriteBatch::new();
+        batch.put(
+            Table::Invites,
+            invite.event_id.as_bytes(),
+            serde_json::to_vec(&record).expect("serialises"),
+        );
+        self.shared.engine.store().write(batch).await?;
         let mut invites = self.shared.invites.lock().expect("invites lock");
         if !invites.iter().any(|i| i.event_id == invite.event_id) {
             invites.push(invite);
         }
         drop(invites);
         self.changed();
-        FedResponse::Ok
+        Ok(FedResponse::Ok)
     }
 
     /// Waits until `done` holds, re-checking whenever this node stores something, for at most

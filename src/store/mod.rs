@@ -31,15 +31,18 @@ pub enum Table {
     StateGroups,
     /// Room id -> room record (version, forward extremities, current state group).
     Rooms,
+    /// Event id -> an invite to a room on another peer, until it is answered.
+    Invites,
 }
 
 impl Table {
-    pub const ALL: [Table; 5] = [
+    pub const ALL: [Table; 6] = [
         Table::Meta,
         Table::Events,
         Table::Timeline,
         Table::StateGroups,
         Table::Rooms,
+        Table::Invites,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +52,7 @@ impl Table {
             Table::Timeline => "timeline",
             Table::StateGroups => "state_groups",
             Table::Rooms => "rooms",
+            Table::Invites => "invites",
         }
     }
 
