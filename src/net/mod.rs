@@ -5,7 +5,6 @@
 //! through the engine's receipt checks. It only moves bytes, asks for what the engine reports
 //! missing, and rate-limits peers.
 
-pub mod protocol;
-
-#[cfg(not(target_arch = "wasm32"))]
 pub mod node;
+pub mod protocol;
+pub mod rt;

@@ -7,17 +7,25 @@
 //! compare forward extremities (anti-entropy), so a peer that was away converges without anyone
 //! re-sending.
 
+// In the browser the store is single-threaded (`Rc`), so `Arc<Engine>` is not `Send` there; the
+// `Arc`s keep one code path for both targets and cost nothing extra on one thread.
+#![cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+
+use super::rt::{self, Duration, Instant, Interval};
 
 use futures::StreamExt;
+#[cfg(not(target_arch = "wasm32"))]
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    gossipsub, identify, mdns, noise, ping, relay, rendezvous, request_response, tcp, yamux,
-    Multiaddr, PeerId, StreamProtocol, Swarm,
+    gossipsub, identify, noise, ping, request_response, yamux, Multiaddr, PeerId, StreamProtocol,
+    Swarm,
 };
+#[cfg(not(target_arch = "wasm32"))]
+use libp2p::{mdns, relay, rendezvous, tcp};
 use ruma::{
     MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId,
 };
@@ -62,6 +70,7 @@ impl Default for NodeConfig {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Circuit relay limits that suit chat: libp2p's defaults end a relayed connection after two
 /// minutes or 128 KiB, which would cut a browser-to-browser conversation mid-sentence.
 fn relay_config() -> relay::Config {
@@ -90,6 +99,8 @@ pub enum NodeError {
     Stopped,
 }
 
+/// A native node: the room protocols plus the services browsers rely on.
+#[cfg(not(target_arch = "wasm32"))]
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     gossipsub: gossipsub::Behaviour,
@@ -101,6 +112,16 @@ struct Behaviour {
     /// Browsers register and discover each other here.
     rendezvous: rendezvous::server::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// A browser peer: the room protocols over connections it dials.
+#[cfg(target_arch = "wasm32")]
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    fed: request_response::cbor::Behaviour<FedRequest, FedResponse>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
 }
 
 enum Command {
@@ -258,8 +279,8 @@ impl P2pNode {
             unpublished: Vec::new(),
             buckets: HashMap::new(),
         };
-        tokio::spawn(driver.run(config, rooms));
-        tokio::spawn(ingest_loop(Arc::downgrade(&node.shared), inbound_rx));
+        rt::spawn(driver.run(config, rooms));
+        rt::spawn(ingest_loop(Arc::downgrade(&node.shared), inbound_rx));
         Ok(node)
     }
 
@@ -876,16 +897,14 @@ impl P2pNode {
         Fut: std::future::Future<Output = bool>,
     {
         let mut changes = self.changes();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             changes.mark_unchanged();
             if done().await {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, changes.changed())
-                .await
-                .is_err()
-            {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if rt::timeout(left, changes.changed()).await.is_none() {
                 return done().await;
             }
         }
@@ -909,6 +928,22 @@ async fn build_swarm(identity: &Identity, with_mdns: bool) -> Result<Swarm<Behav
         .heartbeat_interval(Duration::from_millis(500))
         .build()
         .map_err(|e| e.to_string())?;
+    let fed = || {
+        request_response::cbor::Behaviour::new(
+            [(
+                StreamProtocol::new(FED_PROTOCOL),
+                request_response::ProtocolSupport::Full,
+            )],
+            request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+        )
+    };
+    let identify = |key: &libp2p::identity::Keypair| {
+        identify::Behaviour::new(identify::Config::new("/hyphae/1".into(), key.public()))
+    };
+    let gossipsub =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)?;
+
+    #[cfg(not(target_arch = "wasm32"))]
     let swarm = libp2p::SwarmBuilder::with_existing_identity(identity.libp2p_keypair().clone())
         .with_tokio()
         .with_tcp(
@@ -924,18 +959,6 @@ async fn build_swarm(identity: &Identity, with_mdns: bool) -> Result<Swarm<Behav
         .await
         .map_err(|e| e.to_string())?
         .with_behaviour(|key| {
-            let gossipsub =
-                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)
-                    .map_err(|e| e.to_string())?;
-            let fed = request_response::cbor::Behaviour::new(
-                [(
-                    StreamProtocol::new(FED_PROTOCOL),
-                    request_response::ProtocolSupport::Full,
-                )],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
-            );
-            let identify =
-                identify::Behaviour::new(identify::Config::new("/hyphae/1".into(), key.public()));
             let peer_id = key.public().to_peer_id();
             let mdns = if with_mdns {
                 Some(mdns::tokio::Behaviour::new(
@@ -947,8 +970,8 @@ async fn build_swarm(identity: &Identity, with_mdns: bool) -> Result<Swarm<Behav
             };
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
                 gossipsub,
-                fed,
-                identify,
+                fed: fed(),
+                identify: identify(key),
                 ping: ping::Behaviour::default(),
                 relay: relay::Behaviour::new(peer_id, relay_config()),
                 rendezvous: rendezvous::server::Behaviour::new(
@@ -960,6 +983,33 @@ async fn build_swarm(identity: &Identity, with_mdns: bool) -> Result<Swarm<Behav
         .map_err(|e| e.to_string())?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
         .build();
+
+    #[cfg(target_arch = "wasm32")]
+    let swarm = {
+        let _ = with_mdns;
+        libp2p::SwarmBuilder::with_existing_identity(identity.libp2p_keypair().clone())
+            .with_wasm_bindgen()
+            .with_other_transport(|key| {
+                use libp2p::core::{upgrade::Version, Transport};
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    libp2p::websocket_websys::Transport::default()
+                        .upgrade(Version::V1Lazy)
+                        .authenticate(noise::Config::new(key)?)
+                        .multiplex(yamux::Config::default())
+                        .boxed(),
+                )
+            })
+            .map_err(|e| e.to_string())?
+            .with_behaviour(|key| Behaviour {
+                gossipsub,
+                fed: fed(),
+                identify: identify(key),
+                ping: ping::Behaviour::default(),
+            })
+            .map_err(|e| e.to_string())?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+            .build()
+    };
     Ok(swarm)
 }
 
@@ -1016,9 +1066,9 @@ impl SwarmDriver {
         for addr in self.bootstrap.clone() {
             self.dial(addr);
         }
-        let mut anti_entropy = tokio::time::interval(config.anti_entropy_every);
-        let mut retry = tokio::time::interval(Duration::from_millis(250));
-        let mut redial = tokio::time::interval(Duration::from_secs(2));
+        let mut anti_entropy = Interval::new(config.anti_entropy_every);
+        let mut retry = Interval::new(Duration::from_millis(250));
+        let mut redial = Interval::new(Duration::from_secs(2));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -1030,7 +1080,7 @@ impl SwarmDriver {
                     if let Some(node) = self.node() {
                         for peer in self.swarm.connected_peers().copied().collect::<Vec<_>>() {
                             let node = node.clone();
-                            tokio::spawn(async move {
+                            rt::spawn(async move {
                                 if let Err(e) = node.anti_entropy(peer).await {
                                     tracing::debug!(%peer, error = %e, "anti-entropy round failed");
                                 }
@@ -1168,7 +1218,7 @@ impl SwarmDriver {
                 }
                 tracing::info!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
                 if let Some(node) = self.node() {
-                    tokio::spawn(async move {
+                    rt::spawn(async move {
                         if let Err(e) = node.anti_entropy(peer_id).await {
                             tracing::debug!(peer = %peer_id, error = %e, "anti-entropy on connect failed");
                         }
@@ -1256,7 +1306,7 @@ impl SwarmDriver {
                     return;
                 }
                 let Some(node) = self.node() else { return };
-                tokio::spawn(async move {
+                rt::spawn(async move {
                     let response = node.answer(peer, request).await;
                     let _ = node.command(Command::Respond { channel, response });
                 });
@@ -1350,7 +1400,7 @@ async fn ingest_loop(node: std::sync::Weak<Shared>, mut inbound: mpsc::Unbounded
                             gossip_id: None,
                             attempts: item.attempts + 1,
                         };
-                        tokio::spawn(async move {
+                        rt::spawn(async move {
                             match node.catch_up(again.from, &room_id, ids).await {
                                 Ok(_) => {
                                     let _ = node.shared.inbound.send(again);
