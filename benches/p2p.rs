@@ -56,9 +56,7 @@ mod native {
     }
 
     async fn connected(n: &P2pNode, peers: usize) {
-        while n.connected_peers().await.unwrap().len() < peers {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        assert!(n.wait_for_peers(peers, Duration::from_secs(30)).await);
     }
 
     fn percentile(sorted: &[f64], p: f64) -> f64 {

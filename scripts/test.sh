@@ -20,5 +20,22 @@ mkdir -p target/test-artifacts
 export WASM_BINDGEN_TEST_TIMEOUT=${WASM_BINDGEN_TEST_TIMEOUT:-180}
 cargo test --target wasm32-unknown-unknown --test browser -- --nocapture | tee target/test-artifacts/browser.log
 
+echo "== browser peer <-> native node over WebSocket (headless Chromium)"
+cargo build --example echo_peer
+echo_log=target/test-artifacts/echo-peer.log
+./target/debug/examples/echo_peer > "$echo_log" 2>&1 &
+echo_pid=$!
+trap 'kill $echo_pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 300); do
+  grep -q '^HYPHAE-ECHO-ROOM ' "$echo_log" && break
+  kill -0 $echo_pid 2>/dev/null || { cat "$echo_log"; echo "echo peer died"; exit 1; }
+  sleep 0.2
+done
+export HYPHAE_ECHO_ADDR=$(sed -n 's/^HYPHAE-ECHO-ADDR //p' "$echo_log")
+export HYPHAE_ECHO_ROOM=$(sed -n 's/^HYPHAE-ECHO-ROOM //p' "$echo_log")
+[ -n "$HYPHAE_ECHO_ADDR" ] && [ -n "$HYPHAE_ECHO_ROOM" ] || { cat "$echo_log"; echo "echo peer did not start"; exit 1; }
+cargo test --target wasm32-unknown-unknown --test browser_p2p
+kill $echo_pid 2>/dev/null || true
+
 echo "== cross-backend: IndexedDB export imported into redb"
 HYPHAE_BROWSER_LOG=target/test-artifacts/browser.log cargo test --test cross_backend

@@ -48,14 +48,10 @@ async fn node_on(store: SharedStore, bootstrap: &[&P2pNode]) -> P2pNode {
 }
 
 async fn wait_connected(n: &P2pNode, peers: usize) {
-    for _ in 0..600 {
-        if n.connected_peers().await.unwrap().len() >= peers {
-            return;
-        }
-        // Connections are not stored events, so there is no change signal to wait on; poll briefly.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("peers never connected");
+    assert!(
+        n.wait_for_peers(peers, PATIENCE).await,
+        "peers never connected"
+    );
 }
 
 /// What must agree across peers: current state, forward extremities, the set of timeline events.

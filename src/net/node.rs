@@ -229,6 +229,8 @@ struct Shared {
     inbound: mpsc::UnboundedSender<Inbound>,
     changes: watch::Sender<u64>,
     listen_addrs: watch::Receiver<Vec<Multiaddr>>,
+    /// How many peers are connected right now.
+    peer_count: watch::Receiver<usize>,
     invites: Mutex<Vec<Invite>>,
 }
 
@@ -255,6 +257,7 @@ impl P2pNode {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (inbound, inbound_rx) = mpsc::unbounded_channel();
         let (addrs_tx, listen_addrs) = watch::channel(Vec::new());
+        let (peers_tx, peer_count) = watch::channel(0);
         let (changes, _) = watch::channel(0);
         let node = P2pNode {
             shared: Arc::new(Shared {
@@ -264,6 +267,7 @@ impl P2pNode {
                 inbound,
                 changes,
                 listen_addrs,
+                peer_count,
                 invites: Mutex::new(invites),
             }),
         };
@@ -274,6 +278,7 @@ impl P2pNode {
             commands: command_rx,
             pending: HashMap::new(),
             addrs: addrs_tx,
+            peers: peers_tx,
             bootstrap: config.bootstrap.clone(),
             offline: false,
             unpublished: Vec::new(),
@@ -338,6 +343,14 @@ impl P2pNode {
     /// partition tests and an app's offline switch.
     pub fn set_offline(&self, offline: bool) -> Result<(), NodeError> {
         self.command(Command::SetOffline(offline))
+    }
+
+    /// Waits until at least `n` peers are connected, for at most `timeout`.
+    pub async fn wait_for_peers(&self, n: usize, timeout: Duration) -> bool {
+        let mut rx = self.shared.peer_count.clone();
+        rt::timeout(timeout, rx.wait_for(|c| *c >= n))
+            .await
+            .is_some_and(|r| r.is_ok())
     }
 
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NodeError> {
@@ -1042,6 +1055,7 @@ struct SwarmDriver {
     pending:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<FedResponse, String>>>,
     addrs: watch::Sender<Vec<Multiaddr>>,
+    peers: watch::Sender<usize>,
     bootstrap: Vec<Multiaddr>,
     offline: bool,
     /// Gossip that could not go out yet (no subscribed peer, queues full), retried on heartbeat.
@@ -1217,6 +1231,8 @@ impl SwarmDriver {
                     return;
                 }
                 tracing::info!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
+                self.peers
+                    .send_replace(self.swarm.connected_peers().count());
                 if let Some(node) = self.node() {
                     rt::spawn(async move {
                         if let Err(e) = node.anti_entropy(peer_id).await {
@@ -1231,6 +1247,8 @@ impl SwarmDriver {
                 ..
             } => {
                 tracing::info!(peer = %peer_id, "disconnected");
+                self.peers
+                    .send_replace(self.swarm.connected_peers().count());
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
