@@ -9,8 +9,10 @@ echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy (native)"
 cargo clippy --all-targets -- -D warnings
+cargo clippy --test cross_backend -- -D warnings
 echo "== clippy (wasm32)"
 cargo clippy --all-targets --target wasm32-unknown-unknown -- -D warnings
+cargo clippy --target wasm32-unknown-unknown --test browser_p2p -- -D warnings
 
 echo "== native tests"
 cargo test

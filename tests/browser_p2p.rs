@@ -33,14 +33,14 @@ async fn bodies(node: &P2pNode, room: &OwnedRoomId) -> Vec<String> {
 
 #[wasm_bindgen_test]
 async fn a_browser_peer_chats_with_a_native_node() {
-    let addr: Multiaddr = option_env!("HYPHAE_ECHO_ADDR")
-        .expect("scripts/test.sh sets HYPHAE_ECHO_ADDR to a running echo peer")
-        .parse()
-        .unwrap();
-    let room: OwnedRoomId = option_env!("HYPHAE_ECHO_ROOM")
-        .expect("HYPHAE_ECHO_ROOM")
-        .try_into()
-        .unwrap();
+    let (Some(addr), Some(room)) = (
+        option_env!("HYPHAE_ECHO_ADDR"),
+        option_env!("HYPHAE_ECHO_ROOM"),
+    ) else {
+        panic!("scripts/test.sh sets HYPHAE_ECHO_ADDR and HYPHAE_ECHO_ROOM to a running echo peer");
+    };
+    let addr: Multiaddr = addr.parse().unwrap();
+    let room: OwnedRoomId = room.try_into().unwrap();
     let echo = addr
         .iter()
         .find_map(|p| {
