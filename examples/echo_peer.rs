@@ -14,6 +14,9 @@ async fn main() {
     use hyphae::store::memory::MemoryStore;
     use hyphae::store::Direction;
 
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
     let config = NodeConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0/ws".parse().unwrap()],
         anti_entropy_every: Duration::from_secs(2),

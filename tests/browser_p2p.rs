@@ -1,6 +1,7 @@
-//! A browser peer (headless Chromium, WebSocket) joins a room created on a native node and
-//! exchanges messages both ways. scripts/test.sh starts the native side (examples/echo_peer.rs)
-//! and passes its address and room at build time.
+//! Browser peers (headless Chromium, WebSocket): one joins a room created on a native node and
+//! exchanges messages both ways; two others, connected to each other only through the node's
+//! relay, share a room of their own. scripts/test.sh starts the native side
+//! (examples/echo_peer.rs) and passes its address and room at build time.
 #![cfg(target_arch = "wasm32")]
 
 use std::rc::Rc;
@@ -31,14 +32,122 @@ async fn bodies(node: &P2pNode, room: &OwnedRoomId) -> Vec<String> {
         .collect()
 }
 
-#[wasm_bindgen_test]
-async fn a_browser_peer_chats_with_a_native_node() {
+fn echo_env() -> (&'static str, &'static str) {
     let (Some(addr), Some(room)) = (
         option_env!("HYPHAE_ECHO_ADDR"),
         option_env!("HYPHAE_ECHO_ROOM"),
     ) else {
         panic!("scripts/test.sh sets HYPHAE_ECHO_ADDR and HYPHAE_ECHO_ROOM to a running echo peer");
     };
+    (addr, room)
+}
+
+async fn wait_for_body(node: &P2pNode, room: &OwnedRoomId, body: &str) -> bool {
+    let n = node.clone();
+    let r = room.clone();
+    let body = body.to_owned();
+    node.wait_until(Duration::from_secs(30), || {
+        let n = n.clone();
+        let r = r.clone();
+        let body = body.clone();
+        async move { bodies(&n, &r).await.contains(&body) }
+    })
+    .await
+}
+
+async fn browser_node(profile: &str, bootstrap: Multiaddr, listen: Vec<Multiaddr>) -> P2pNode {
+    IndexedDbStore::delete(profile).await.unwrap();
+    let store = Rc::new(IndexedDbStore::open(profile).await.unwrap());
+    let config = NodeConfig {
+        bootstrap: vec![bootstrap],
+        listen,
+        anti_entropy_every: Duration::from_secs(2),
+        ..NodeConfig::default()
+    };
+    P2pNode::start(store, config).await.unwrap()
+}
+
+#[wasm_bindgen_test]
+async fn two_browser_peers_chat_through_the_relay() {
+    use hyphae::engine::create_room::CreateRoom;
+    let (addr, _) = echo_env();
+    let relay: Multiaddr = addr.parse().unwrap();
+    // X is reachable through a reservation on the relay; Y dials X through it.
+    let x = browser_node(
+        "relay-x",
+        relay.clone(),
+        vec![relay.clone().with(Protocol::P2pCircuit)],
+    )
+    .await;
+    let y = browser_node("relay-y", relay.clone(), Vec::new()).await;
+    console_log!("waiting for X's relay reservation");
+    let reachable = hyphae::net::rt::timeout(Duration::from_secs(20), x.listen_addrs())
+        .await
+        .expect("X got a relay reservation");
+    console_log!("X reachable at {reachable:?}");
+    assert!(
+        reachable[0].iter().any(|p| p == Protocol::P2pCircuit),
+        "{reachable:?}"
+    );
+    y.dial(
+        relay
+            .clone()
+            .with(Protocol::P2pCircuit)
+            .with(Protocol::P2p(x.peer_id())),
+    )
+    .unwrap();
+    assert!(
+        y.wait_for_peers(2, Duration::from_secs(30)).await,
+        "Y reached X through the relay"
+    );
+
+    // A room only X and Y are in: the relay node never joins it, so every byte between them
+    // goes over the circuit.
+    let opts = CreateRoom {
+        invite: vec![y.user("yara")],
+        ..CreateRoom::default()
+    };
+    let room = x.create_room("xavier", &opts).await.unwrap();
+    let y2 = y.clone();
+    let invited = y
+        .wait_until(Duration::from_secs(30), || {
+            let y2 = y2.clone();
+            async move { !y2.invites().is_empty() }
+        })
+        .await;
+    assert!(invited, "X's invite reached Y");
+    y.join(&room, "yara", x.peer_id()).await.unwrap();
+    x.send(
+        &room,
+        "xavier",
+        "m.room.message",
+        None,
+        json!({"msgtype": "m.text", "body": "hi Y"}),
+    )
+    .await
+    .unwrap();
+    y.send(
+        &room,
+        "yara",
+        "m.room.message",
+        None,
+        json!({"msgtype": "m.text", "body": "hi X"}),
+    )
+    .await
+    .unwrap();
+    assert!(
+        wait_for_body(&y, &room, "hi Y").await,
+        "X's message reached Y"
+    );
+    assert!(
+        wait_for_body(&x, &room, "hi X").await,
+        "Y's message reached X"
+    );
+}
+
+#[wasm_bindgen_test]
+async fn a_browser_peer_chats_with_a_native_node() {
+    let (addr, room) = echo_env();
     let addr: Multiaddr = addr.parse().unwrap();
     let room: OwnedRoomId = room.try_into().unwrap();
     let echo = addr

@@ -114,7 +114,8 @@ struct Behaviour {
     mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
-/// A browser peer: the room protocols over connections it dials.
+/// A browser peer: the room protocols over connections it dials, and relay circuits through
+/// native nodes to reach (and be reached by) other browsers.
 #[cfg(target_arch = "wasm32")]
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -122,6 +123,7 @@ struct Behaviour {
     fed: request_response::cbor::Behaviour<FedRequest, FedResponse>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
+    relay_client: libp2p::relay::client::Behaviour,
 }
 
 enum Command {
@@ -283,6 +285,8 @@ impl P2pNode {
             offline: false,
             unpublished: Vec::new(),
             buckets: HashMap::new(),
+            relay_listens: Vec::new(),
+            relay_listeners: HashMap::new(),
         };
         rt::spawn(driver.run(config, rooms));
         rt::spawn(ingest_loop(Arc::downgrade(&node.shared), inbound_rx));
@@ -1013,11 +1017,14 @@ async fn build_swarm(identity: &Identity, with_mdns: bool) -> Result<Swarm<Behav
                 )
             })
             .map_err(|e| e.to_string())?
-            .with_behaviour(|key| Behaviour {
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| e.to_string())?
+            .with_behaviour(|key, relay_client| Behaviour {
                 gossipsub,
                 fed: fed(),
                 identify: identify(key),
                 ping: ping::Behaviour::default(),
+                relay_client,
             })
             .map_err(|e| e.to_string())?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
@@ -1061,6 +1068,9 @@ struct SwarmDriver {
     /// Gossip that could not go out yet (no subscribed peer, queues full), retried on heartbeat.
     unpublished: Vec<(OwnedRoomId, Vec<u8>)>,
     buckets: HashMap<PeerId, Bucket>,
+    /// Relay circuit addresses to listen on, and the listeners currently holding reservations.
+    relay_listens: Vec<Multiaddr>,
+    relay_listeners: HashMap<libp2p::core::transport::ListenerId, Multiaddr>,
 }
 
 impl SwarmDriver {
@@ -1070,7 +1080,14 @@ impl SwarmDriver {
 
     async fn run(mut self, config: NodeConfig, rooms: Vec<OwnedRoomId>) {
         for addr in &config.listen {
-            if let Err(e) = self.swarm.listen_on(addr.clone()) {
+            if addr
+                .iter()
+                .any(|p| p == libp2p::multiaddr::Protocol::P2pCircuit)
+            {
+                // A reservation on a relay: asked for once we are connected to the relay (and
+                // again after every reconnection), not raced against the bootstrap dial.
+                self.relay_listens.push(addr.clone());
+            } else if let Err(e) = self.swarm.listen_on(addr.clone()) {
                 tracing::error!(%addr, error = %e, "cannot listen");
             }
         }
@@ -1107,6 +1124,23 @@ impl SwarmDriver {
             }
         }
         tracing::info!("swarm stopped");
+    }
+
+    /// Listens through `relay` on every configured circuit address it serves, unless already.
+    fn reserve_on(&mut self, relay: PeerId) {
+        for addr in self.relay_listens.clone() {
+            let serves = addr
+                .iter()
+                .any(|p| p == libp2p::multiaddr::Protocol::P2p(relay));
+            if serves && !self.relay_listeners.values().any(|a| *a == addr) {
+                match self.swarm.listen_on(addr.clone()) {
+                    Ok(id) => {
+                        self.relay_listeners.insert(id, addr);
+                    }
+                    Err(e) => tracing::warn!(%addr, error = %e, "cannot listen through the relay"),
+                }
+            }
+        }
     }
 
     fn subscribe(&mut self, room: &RoomId) {
@@ -1219,8 +1253,21 @@ impl SwarmDriver {
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(addr) = self.relay_listeners.remove(&listener_id) {
+                    tracing::info!(%addr, ?reason, "relay reservation ended");
+                }
+            }
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
+                // A native node's listen addresses are where browsers reach it; the relay server
+                // only serves reservations once it has an external address.
+                #[cfg(not(target_arch = "wasm32"))]
+                self.swarm.add_external_address(address.clone());
                 self.addrs.send_modify(|a| a.push(address));
             }
             SwarmEvent::ConnectionEstablished {
@@ -1231,6 +1278,7 @@ impl SwarmDriver {
                     return;
                 }
                 tracing::info!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
+                self.reserve_on(peer_id);
                 self.peers
                     .send_replace(self.swarm.connected_peers().count());
                 if let Some(node) = self.node() {
