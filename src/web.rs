@@ -1,18 +1,24 @@
-//! Browser bindings: the homeserver as a JS class over an IndexedDB profile.
+//! Browser bindings: the homeserver as a JS class over an IndexedDB profile, networked through
+//! libp2p to the bootstrap nodes it is given.
 //!
-//! Every method returns a Promise; results are plain JSON values. Errors reject with an `Error`
-//! whose message says what went wrong.
+//! ```js
+//! const hs = await Hyphae.open("profile", "alice", ["/ip4/127.0.0.1/tcp/4002/ws/p2p/12D3…"]);
+//! hs.onPeersChanged(count => console.log("peers:", count));
+//! const room = await hs.createRoom("Room", null, false);
+//! await hs.sendText(room, "hello");
+//! ```
+//! Every async method returns a Promise; results are plain JSON values. Errors reject with an
+//! `Error` whose message says what went wrong.
 
 use std::rc::Rc;
 
 use js_sys::Promise;
-use ruma::{MilliSecondsSinceUnixEpoch, OwnedRoomId, OwnedUserId};
+use ruma::{OwnedRoomId, OwnedUserId};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
 
 use crate::engine::create_room::{CreateRoom, Preset};
-use crate::engine::Engine;
-use crate::identity::Identity;
+use crate::net::node::{NodeConfig, P2pNode};
 use crate::store::indexeddb::IndexedDbStore;
 use crate::store::{Direction, SharedStore};
 
@@ -24,13 +30,9 @@ fn to_js(value: &serde_json::Value) -> Result<JsValue, JsValue> {
     js_sys::JSON::parse(&value.to_string())
 }
 
-fn now() -> MilliSecondsSinceUnixEpoch {
-    MilliSecondsSinceUnixEpoch(ruma::UInt::new(js_sys::Date::now() as u64).unwrap_or_default())
-}
-
 struct Node {
-    engine: Engine,
-    identity: Identity,
+    p2p: P2pNode,
+    localpart: String,
     user: OwnedUserId,
 }
 
@@ -42,27 +44,113 @@ pub struct Hyphae {
 
 #[wasm_bindgen]
 impl Hyphae {
-    /// Opens (or creates) the profile `profile` in IndexedDB; `localpart` names the local user.
-    pub async fn open(profile: String, localpart: String) -> Result<Hyphae, JsValue> {
+    /// Opens (or creates) the profile `profile` in IndexedDB and starts its peer; `localpart`
+    /// names the local user; `bootstrap` lists multiaddrs of nodes to dial and keep dialling.
+    pub async fn open(
+        profile: String,
+        localpart: String,
+        bootstrap: Vec<String>,
+    ) -> Result<Hyphae, JsValue> {
+        let bootstrap = bootstrap
+            .iter()
+            .map(|a| a.parse())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(js_err)?;
         let store: SharedStore = Rc::new(IndexedDbStore::open(&profile).await.map_err(js_err)?);
-        let engine = Engine::open(store.clone()).await.map_err(js_err)?;
-        let identity = Identity::load_or_create(store.as_ref())
-            .await
-            .map_err(js_err)?;
-        let user = OwnedUserId::try_from(format!("@{localpart}:{}", identity.server_name()))
-            .map_err(js_err)?;
+        let config = NodeConfig {
+            bootstrap,
+            ..NodeConfig::default()
+        };
+        let p2p = P2pNode::start(store, config).await.map_err(js_err)?;
+        let user =
+            OwnedUserId::try_from(format!("@{localpart}:{}", p2p.server_name())).map_err(js_err)?;
         Ok(Hyphae {
             node: Rc::new(Node {
-                engine,
-                identity,
+                p2p,
+                localpart,
                 user,
             }),
         })
     }
 
+    #[wasm_bindgen(getter, js_name = peerId)]
+    pub fn peer_id(&self) -> String {
+        self.node.p2p.peer_id().to_string()
+    }
+
+    /// The PeerIds this tab is connected to right now.
+    pub fn peers(&self) -> Promise {
+        let node = self.node.clone();
+        future_to_promise(async move {
+            let peers = node.p2p.connected_peers().await.map_err(js_err)?;
+            to_js(&serde_json::json!(peers
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()))
+        })
+    }
+
+    /// Calls `callback(count)` now and whenever the number of connected peers changes.
+    #[wasm_bindgen(js_name = onPeersChanged)]
+    pub fn on_peers_changed(&self, callback: js_sys::Function) {
+        let node = self.node.clone();
+        wasm_bindgen_futures::spawn_local(async move {
+            let mut last = None;
+            loop {
+                let count = node
+                    .p2p
+                    .connected_peers()
+                    .await
+                    .map(|p| p.len())
+                    .unwrap_or(0);
+                if last != Some(count) {
+                    last = Some(count);
+                    if callback
+                        .call1(&JsValue::NULL, &JsValue::from(count as u32))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                let want = if count == 0 { 1 } else { count + 1 };
+                // Wake on the next connection or after a while (to notice disconnections).
+                node.p2p
+                    .wait_for_peers(want, crate::net::rt::Duration::from_secs(2))
+                    .await;
+            }
+        });
+    }
+
+    /// Joins a room on another peer through `via` (a PeerId that is in the room).
+    pub fn join(&self, room_id: String, via: String) -> Promise {
+        let node = self.node.clone();
+        future_to_promise(async move {
+            let room = OwnedRoomId::try_from(room_id).map_err(js_err)?;
+            let via = via.parse().map_err(js_err)?;
+            let id = node
+                .p2p
+                .join(&room, &node.localpart, via)
+                .await
+                .map_err(js_err)?;
+            Ok(id.to_string().into())
+        })
+    }
+
+    /// Pending invites: `[{room_id, sender, from}]` (`from` is the PeerId to join through).
+    pub fn invites(&self) -> Result<JsValue, JsValue> {
+        let list: Vec<serde_json::Value> = self
+            .node
+            .p2p
+            .invites()
+            .iter()
+            .map(|i| serde_json::json!({"room_id": i.room_id, "sender": i.sender, "from": i.from.to_string()}))
+            .collect();
+        to_js(&serde_json::Value::Array(list))
+    }
+
     #[wasm_bindgen(getter, js_name = serverName)]
     pub fn server_name(&self) -> String {
-        self.node.identity.server_name().to_string()
+        self.node.p2p.server_name().to_string()
     }
 
     #[wasm_bindgen(getter, js_name = userId)]
@@ -91,9 +179,9 @@ impl Hyphae {
                 topic,
                 ..Default::default()
             };
-            let (room, _) = node
-                .engine
-                .create_room(&node.identity, &node.user, &opts, now())
+            let room = node
+                .p2p
+                .create_room(&node.localpart, &opts)
                 .await
                 .map_err(js_err)?;
             Ok(room.to_string().into())
@@ -108,16 +196,8 @@ impl Hyphae {
             let room = OwnedRoomId::try_from(room_id).map_err(js_err)?;
             let content = serde_json::json!({ "msgtype": "m.text", "body": body });
             let r = node
-                .engine
-                .send(
-                    &node.identity,
-                    &room,
-                    &node.user,
-                    "m.room.message",
-                    None,
-                    content,
-                    now(),
-                )
+                .p2p
+                .send(&room, &node.localpart, "m.room.message", None, content)
                 .await
                 .map_err(js_err)?;
             Ok(r.event_id.to_string().into())
@@ -128,7 +208,7 @@ impl Hyphae {
     pub fn receive(&self, pdu: Vec<u8>) -> Promise {
         let node = self.node.clone();
         future_to_promise(async move {
-            let r = node.engine.receive(&pdu).await.map_err(js_err)?;
+            let r = node.p2p.engine().receive(&pdu).await.map_err(js_err)?;
             to_js(
                 &serde_json::json!({ "event_id": r.event_id, "outcome": format!("{:?}", r.outcome) }),
             )
@@ -141,7 +221,8 @@ impl Hyphae {
         future_to_promise(async move {
             let room = OwnedRoomId::try_from(room_id).map_err(js_err)?;
             let mut events = node
-                .engine
+                .p2p
+                .engine()
                 .timeline(&room, None, Direction::Backward, limit)
                 .await
                 .map_err(js_err)?;
@@ -163,7 +244,7 @@ impl Hyphae {
     pub fn rooms(&self) -> Promise {
         let node = self.node.clone();
         future_to_promise(async move {
-            let rooms = node.engine.rooms().await.map_err(js_err)?;
+            let rooms = node.p2p.engine().rooms().await.map_err(js_err)?;
             to_js(&serde_json::json!(rooms))
         })
     }
@@ -173,7 +254,7 @@ impl Hyphae {
     pub fn export_profile(&self) -> Promise {
         let node = self.node.clone();
         future_to_promise(async move {
-            let data = crate::store::export::export(node.engine.store().as_ref())
+            let data = crate::store::export::export(node.p2p.engine().store().as_ref())
                 .await
                 .map_err(js_err)?;
             Ok(data.into())

@@ -71,7 +71,9 @@ async fn the_page_api_creates_sends_exports_and_imports() {
     use wasm_bindgen_futures::JsFuture;
     IndexedDbStore::delete("page-a").await.unwrap();
     IndexedDbStore::delete("page-b").await.unwrap();
-    let hs = Hyphae::open("page-a".into(), "alice".into()).await.unwrap();
+    let hs = Hyphae::open("page-a".into(), "alice".into(), Vec::new())
+        .await
+        .unwrap();
     assert!(hs.user_id().ends_with(&hs.server_name()));
     let room = JsFuture::from(hs.create_room(Some("Tab room".into()), None, false))
         .await
@@ -85,6 +87,16 @@ async fn the_page_api_creates_sends_exports_and_imports() {
         serde_json::from_str(&String::from(js_sys::JSON::stringify(&timeline).unwrap())).unwrap();
     assert_eq!(timeline.as_array().unwrap().len(), 3);
     assert_eq!(timeline[2]["content"]["body"], "hello from the tab");
+    // With no bootstrap node the tab is alone, and says so.
+    let peers = JsFuture::from(hs.peers()).await.unwrap();
+    assert_eq!(String::from(js_sys::JSON::stringify(&peers).unwrap()), "[]");
+    assert!(Hyphae::open(
+        "page-c".into(),
+        "alice".into(),
+        vec!["not a multiaddr".into()]
+    )
+    .await
+    .is_err());
     // A bad room id is a rejected promise, not a panic.
     assert!(
         JsFuture::from(hs.send_text("not a room".into(), "x".into()))
@@ -98,7 +110,9 @@ async fn the_page_api_creates_sends_exports_and_imports() {
         .as_string()
         .unwrap();
     assert!(import_profile("page-b".into(), data).await.unwrap() > 0);
-    let copy = Hyphae::open("page-b".into(), "alice".into()).await.unwrap();
+    let copy = Hyphae::open("page-b".into(), "alice".into(), Vec::new())
+        .await
+        .unwrap();
     assert_eq!(copy.server_name(), hs.server_name());
     let rooms = JsFuture::from(copy.rooms()).await.unwrap();
     assert_eq!(
