@@ -176,19 +176,9 @@ mod native {
             members.push(p);
         }
         // Branch 1: alice promotes a member and renames; branch 2: alice kicks another and sets the topic.
-        let state = engine.current_state(&room).await.unwrap().unwrap();
-        let pl_id = &state[&("m.room.power_levels".to_owned(), String::new())];
-        let mut pl: serde_json::Value = serde_json::from_str(
-            engine
-                .event(pl_id)
-                .await
-                .unwrap()
-                .unwrap()
-                .pdu
-                .content
-                .get(),
-        )
-        .unwrap();
+        let mut pl = common::state_content(&engine, &room, "m.room.power_levels", "")
+            .await
+            .unwrap();
         pl["users"][members[1].user.as_str()] = json!(50);
         let (_, a1) = common::event_on(
             &engine,

@@ -44,19 +44,7 @@ async fn random_room(seed: u64, n: usize) -> (OwnedRoomId, Vec<(OwnedEventId, Ve
         .unwrap();
     let mut events = Vec::new();
     for id in &ids {
-        events.push((
-            id.clone(),
-            builder
-                .event(id)
-                .await
-                .unwrap()
-                .unwrap()
-                .pdu
-                .json
-                .get()
-                .as_bytes()
-                .to_vec(),
-        ));
+        events.push((id.clone(), common::raw(&builder, id).await));
     }
     let mut head = ids.last().unwrap().clone();
     for p in &peers[1..] {
@@ -74,11 +62,9 @@ async fn random_room(seed: u64, n: usize) -> (OwnedRoomId, Vec<(OwnedEventId, Ve
         head = accept(&builder, &raw).await;
         events.push((id, raw));
     }
-    let mut pl: serde_json::Value = {
-        let state = builder.current_state(&room).await.unwrap().unwrap();
-        let id = &state[&("m.room.power_levels".to_owned(), String::new())];
-        serde_json::from_str(builder.event(id).await.unwrap().unwrap().pdu.content.get()).unwrap()
-    };
+    let mut pl = common::state_content(&builder, &room, "m.room.power_levels", "")
+        .await
+        .unwrap();
     pl["users"][peers[1].user.as_str()] = json!(50);
     let (id, raw) = event_on(
         &builder,

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{accept, event_on, picture, ts, Peer};
+use common::{accept, event_on, picture, state_content, ts, Peer};
 use hyphae::engine::create_room::{CreateRoom, Preset};
 use hyphae::engine::pdu::EventStatus;
 use hyphae::engine::{Engine, IngestError, Outcome};
@@ -39,19 +39,6 @@ fn state_of<'a>(
 async fn content_of(engine: &Engine, id: &OwnedEventId) -> serde_json::Value {
     let ev = engine.event(id).await.unwrap().unwrap();
     serde_json::from_str(ev.pdu.content.get()).unwrap()
-}
-
-async fn state_content(
-    engine: &Engine,
-    room: &OwnedRoomId,
-    t: &str,
-    k: &str,
-) -> Option<serde_json::Value> {
-    let state = engine.current_state(room).await.unwrap().unwrap();
-    match state_of(&state, t, k) {
-        Some(id) => Some(content_of(engine, id).await),
-        None => None,
-    }
 }
 
 // ---- Spec appendix worked examples -------------------------------------------------------
@@ -285,17 +272,7 @@ async fn public_room(a: &Engine, alice: &Peer) -> (OwnedRoomId, Vec<Vec<u8>>) {
         .unwrap();
     let mut raws = Vec::new();
     for id in ids {
-        raws.push(
-            a.event(&id)
-                .await
-                .unwrap()
-                .unwrap()
-                .pdu
-                .json
-                .get()
-                .as_bytes()
-                .to_vec(),
-        );
+        raws.push(common::raw(a, &id).await);
     }
     (room, raws)
 }
@@ -351,16 +328,7 @@ async fn a_second_engine_rebuilds_the_same_room_from_received_events() {
         )
         .await
         .unwrap();
-    let raw = a
-        .event(&r.event_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .pdu
-        .json
-        .get()
-        .as_bytes()
-        .to_vec();
+    let raw = common::raw(&a, &r.event_id).await;
     accept(&b, &raw).await;
     assert_eq!(picture(&a, &room).await, picture(&b, &room).await);
 }

@@ -226,21 +226,9 @@ async fn a_partition_heals_to_one_resolved_state() {
     )
     .await
     .unwrap();
-    let mut pl: serde_json::Value = {
-        let state = a.engine().current_state(&room).await.unwrap().unwrap();
-        let id = &state[&("m.room.power_levels".to_owned(), String::new())];
-        serde_json::from_str(
-            a.engine()
-                .event(id)
-                .await
-                .unwrap()
-                .unwrap()
-                .pdu
-                .content
-                .get(),
-        )
-        .unwrap()
-    };
+    let mut pl = common::state_content(a.engine(), &room, "m.room.power_levels", "")
+        .await
+        .unwrap();
     pl["users"][b.user("bob").as_str()] = json!(50);
     a.send(&room, "alice", "m.room.power_levels", Some(""), pl)
         .await
@@ -400,20 +388,9 @@ async fn a_malicious_peer_is_refused_and_throttled_while_honest_traffic_flows() 
     )
     .await;
     junk.push(raw);
-    let mut pl: serde_json::Value = {
-        let id = &before.state[&("m.room.power_levels".to_owned(), String::new())];
-        serde_json::from_str(
-            a.engine()
-                .event(id)
-                .await
-                .unwrap()
-                .unwrap()
-                .pdu
-                .content
-                .get(),
-        )
-        .unwrap()
-    };
+    let mut pl = common::state_content(a.engine(), &room, "m.room.power_levels", "")
+        .await
+        .unwrap();
     pl["users"][mallory.user.as_str()] = json!(100);
     let (_, raw) = common::event_on(
         a.engine(),

@@ -104,6 +104,30 @@ pub async fn event_on(
     .expect("builds")
 }
 
+/// The canonical JSON of a stored event, as a peer would receive it.
+pub async fn raw(engine: &Engine, id: &ruma::EventId) -> Vec<u8> {
+    let ev = engine.event(id).await.unwrap().expect("event stored");
+    ev.pdu.json.get().as_bytes().to_vec()
+}
+
+/// The content of the current state event `(kind, state_key)` of a room (which must exist), if
+/// there is one.
+pub async fn state_content(
+    engine: &Engine,
+    room: &RoomId,
+    kind: &str,
+    state_key: &str,
+) -> Option<Value> {
+    let state = engine
+        .current_state(room)
+        .await
+        .unwrap()
+        .expect("room exists");
+    let id = state.get(&(kind.to_owned(), state_key.to_owned()))?;
+    let ev = engine.event(id).await.unwrap().expect("state event stored");
+    Some(serde_json::from_str(ev.pdu.content.get()).expect("content is JSON"))
+}
+
 /// Delivers `raw` and expects it to be accepted.
 pub async fn accept(engine: &Engine, raw: &[u8]) -> OwnedEventId {
     let r = engine.receive(raw).await.expect("valid event");

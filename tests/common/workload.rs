@@ -48,18 +48,7 @@ async fn base() -> Base {
         .unwrap();
     let mut events = Vec::new();
     for id in &ids {
-        events.push(
-            builder
-                .event(id)
-                .await
-                .unwrap()
-                .unwrap()
-                .pdu
-                .json
-                .get()
-                .as_bytes()
-                .to_vec(),
-        );
+        events.push(super::raw(&builder, id).await);
     }
     let (_, join) = event_on(
         &builder,
@@ -74,19 +63,9 @@ async fn base() -> Base {
     .await;
     accept(&builder, &join).await;
     events.push(join);
-    let state = builder.current_state(&room_id).await.unwrap().unwrap();
-    let pl_id = state[&("m.room.power_levels".to_owned(), String::new())].clone();
-    let mut pl: serde_json::Value = serde_json::from_str(
-        builder
-            .event(&pl_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .pdu
-            .content
-            .get(),
-    )
-    .unwrap();
+    let mut pl = super::state_content(&builder, &room_id, "m.room.power_levels", "")
+        .await
+        .unwrap();
     pl["users"][bob.user.as_str()] = json!(50);
     let r = builder
         .send(
@@ -100,18 +79,7 @@ async fn base() -> Base {
         )
         .await
         .unwrap();
-    events.push(
-        builder
-            .event(&r.event_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .pdu
-            .json
-            .get()
-            .as_bytes()
-            .to_vec(),
-    );
+    events.push(super::raw(&builder, &r.event_id).await);
     let state = builder.current_state(&room_id).await.unwrap().unwrap();
     let member = |p: &Peer| state[&("m.room.member".to_owned(), p.user.to_string())].clone();
     let pl_id = state[&("m.room.power_levels".to_owned(), String::new())].clone();
