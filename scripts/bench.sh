@@ -8,6 +8,8 @@ bash scripts/setup.sh
 echo "== machine: $(nproc) cores, $(uname -m), $(date -u +%Y-%m-%d)"
 echo "== native (release): cargo bench --bench ingest"
 cargo bench --bench ingest 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
+echo "== native (release): cargo bench --bench p2p"
+cargo bench --bench p2p 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
 
 echo "== browser (release, headless Chromium): IndexedDB ingest"
 WASM_BINDGEN_TEST_TIMEOUT=600 cargo test --release --target wasm32-unknown-unknown --test browser_bench -- --nocapture 2>&1 \

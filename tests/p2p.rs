@@ -434,9 +434,9 @@ async fn a_malicious_peer_is_refused_and_throttled_while_honest_traffic_flows() 
         at + 3,
     )
     .await;
-    let mut dangling: serde_json::Value = serde_json::from_slice(&raw).unwrap();
-    dangling["prev_events"] = json!([fake]);
-    junk.push(serde_json::to_vec(&dangling).unwrap());
+    // Well signed, pointing into a DAG nobody can produce: A asks for it, gets nothing, stores nothing.
+    let (dangling_id, dangling) = common::with_prev_events(&mallory, &raw, vec![fake]);
+    junk.push(dangling);
     junk.push(b"not even json".to_vec());
     for j in junk {
         m.publish_raw(&room, j).unwrap();
@@ -487,6 +487,7 @@ async fn a_malicious_peer_is_refused_and_throttled_while_honest_traffic_flows() 
     converge(&[&a, &b], &room, 3).await;
     let after = view(&a, &room).await.unwrap();
     assert_eq!(after.state, before.state);
+    assert!(a.engine().event(&dangling_id).await.unwrap().is_none());
     for id in &after.events {
         let ev = a.engine().event(id).await.unwrap().unwrap();
         assert_ne!(

@@ -128,6 +128,35 @@ pub async fn state_content(
     Some(serde_json::from_str(ev.pdu.content.get()).expect("content is JSON"))
 }
 
+/// Re-signs `raw` (an event `peer` built in a room-version-12 room) with other prev_events: a
+/// well-signed event that points wherever a test wants.
+pub fn with_prev_events(
+    peer: &Peer,
+    raw: &[u8],
+    prev_events: Vec<OwnedEventId>,
+) -> (OwnedEventId, Vec<u8>) {
+    let v: Value = serde_json::from_slice(raw).unwrap();
+    let rules = rules_for(&ruma::RoomVersionId::V12).unwrap();
+    let room_id: OwnedRoomId = v["room_id"].as_str().unwrap().try_into().unwrap();
+    build_signed(
+        &peer.identity,
+        &rules,
+        NewEvent {
+            room_id: Some(&room_id),
+            sender: &peer.user,
+            kind: v["type"].as_str().unwrap(),
+            state_key: v["state_key"].as_str(),
+            content: v["content"].clone(),
+            prev_events,
+            auth_events: serde_json::from_value(v["auth_events"].clone()).unwrap(),
+            depth: v["depth"].as_u64().unwrap(),
+            origin_server_ts: ts(v["origin_server_ts"].as_u64().unwrap()),
+            redacts: None,
+        },
+    )
+    .expect("builds")
+}
+
 /// Delivers `raw` and expects it to be accepted.
 pub async fn accept(engine: &Engine, raw: &[u8]) -> OwnedEventId {
     let r = engine.receive(raw).await.expect("valid event");
