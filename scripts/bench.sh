@@ -15,6 +15,18 @@ echo "== browser (release, headless Chromium): IndexedDB ingest"
 WASM_BINDGEN_TEST_TIMEOUT=600 cargo test --release --target wasm32-unknown-unknown --test browser_bench -- --nocapture 2>&1 \
   | grep -E 'BENCH|test result' | sed 's/^BENCH //'
 
+echo "== browser (release, headless Chromium): browser -> relay node -> browser latency"
+cargo build --release --example echo_peer
+echo_log=$(mktemp)
+./target/release/examples/echo_peer > "$echo_log" 2>&1 &
+echo_pid=$!
+trap 'kill $echo_pid 2>/dev/null || true' EXIT
+for _ in $(seq 1 300); do grep -q '^HYPHAE-ECHO-ADDR ' "$echo_log" && break; sleep 0.2; done
+HYPHAE_ECHO_ADDR=$(sed -n 's/^HYPHAE-ECHO-ADDR //p' "$echo_log") WASM_BINDGEN_TEST_TIMEOUT=300 \
+  cargo test --release --target wasm32-unknown-unknown --test browser_p2p_bench -- --nocapture 2>&1 \
+  | grep -E 'BENCH|test result' | sed 's/^BENCH //'
+kill $echo_pid 2>/dev/null || true
+
 echo "== release wasm size"
 bash scripts/build-wasm.sh >/dev/null
 wasm=pkg/hyphae_bg.wasm

@@ -12,7 +12,7 @@ cargo clippy --all-targets -- -D warnings
 cargo clippy --test cross_backend -- -D warnings
 echo "== clippy (wasm32)"
 cargo clippy --all-targets --target wasm32-unknown-unknown -- -D warnings
-cargo clippy --target wasm32-unknown-unknown --test browser_p2p -- -D warnings
+cargo clippy --target wasm32-unknown-unknown --test browser_p2p --test browser_p2p_bench -- -D warnings
 
 echo "== native tests"
 cargo test
