@@ -281,7 +281,12 @@ impl P2pNode {
             pending: HashMap::new(),
             addrs: addrs_tx,
             peers: peers_tx,
-            bootstrap: config.bootstrap.clone(),
+            bootstrap: config
+                .bootstrap
+                .iter()
+                .cloned()
+                .map(Bootstrap::new)
+                .collect(),
             offline: false,
             unpublished: Vec::new(),
             buckets: HashMap::new(),
@@ -1033,6 +1038,66 @@ async fn build_swarm(identity: &Identity, with_mdns: bool) -> Result<Swarm<Behav
     Ok(swarm)
 }
 
+/// A peer to keep connected to.
+struct Bootstrap {
+    addr: Multiaddr,
+    peer: Option<PeerId>,
+    backoff: Backoff,
+}
+
+impl Bootstrap {
+    fn new(addr: Multiaddr) -> Self {
+        let peer = addr.iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+            _ => None,
+        });
+        Self {
+            addr,
+            peer,
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// Redial pacing: 1 s after a failure, doubling to at most 15 s, back to 1 s once connected.
+/// (Long exponential backoffs left earlier homeservers unreachable for minutes after an outage.)
+#[derive(Debug)]
+pub struct Backoff {
+    next: Option<Instant>,
+    delay: Duration,
+}
+
+impl Backoff {
+    pub const FIRST: Duration = Duration::from_secs(1);
+    pub const MAX: Duration = Duration::from_secs(15);
+
+    /// Whether an attempt may be made at `now`.
+    pub fn due(&self, now: Instant) -> bool {
+        self.next.is_none_or(|t| now >= t)
+    }
+
+    /// Records an attempt at `now`; the next is allowed after the current delay, which doubles.
+    pub fn attempted(&mut self, now: Instant) {
+        self.next = Some(now + self.delay);
+        self.delay = (self.delay * 2).min(Self::MAX);
+    }
+
+    /// A connection succeeded: the next failure starts again from the shortest delay.
+    pub fn reset(&mut self) {
+        self.next = None;
+        self.delay = Self::FIRST;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: None,
+            delay: Self::FIRST,
+        }
+    }
+}
+
 /// A token bucket per peer for inbound requests.
 struct Bucket {
     tokens: f64,
@@ -1063,7 +1128,7 @@ struct SwarmDriver {
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<FedResponse, String>>>,
     addrs: watch::Sender<Vec<Multiaddr>>,
     peers: watch::Sender<usize>,
-    bootstrap: Vec<Multiaddr>,
+    bootstrap: Vec<Bootstrap>,
     offline: bool,
     /// Gossip that could not go out yet (no subscribed peer, queues full), retried on heartbeat.
     unpublished: Vec<(OwnedRoomId, Vec<u8>)>,
@@ -1094,12 +1159,10 @@ impl SwarmDriver {
         for room in rooms {
             self.subscribe(&room);
         }
-        for addr in self.bootstrap.clone() {
-            self.dial(addr);
-        }
+        self.redial_bootstrap();
         let mut anti_entropy = Interval::new(config.anti_entropy_every);
         let mut retry = Interval::new(Duration::from_millis(250));
-        let mut redial = Interval::new(Duration::from_secs(2));
+        let mut redial = Interval::new(Duration::from_millis(250));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -1161,12 +1224,13 @@ impl SwarmDriver {
 
     /// Keeps bootstrap peers connected; dials every few seconds while a connection is missing.
     fn redial_bootstrap(&mut self) {
-        for addr in self.bootstrap.clone() {
-            let peer = addr.iter().find_map(|p| match p {
-                libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-                _ => None,
-            });
-            if peer.is_some_and(|p| !self.swarm.is_connected(&p)) {
+        let now = Instant::now();
+        for i in 0..self.bootstrap.len() {
+            let b = &self.bootstrap[i];
+            let connected = b.peer.is_some_and(|p| self.swarm.is_connected(&p));
+            if !connected && b.backoff.due(now) {
+                let addr = b.addr.clone();
+                self.bootstrap[i].backoff.attempted(now);
                 self.dial(addr);
             }
         }
@@ -1242,6 +1306,9 @@ impl SwarmDriver {
                         let _ = self.swarm.disconnect_peer_id(peer);
                     }
                 } else {
+                    for b in &mut self.bootstrap {
+                        b.backoff.reset();
+                    }
                     self.redial_bootstrap();
                 }
             }
@@ -1279,6 +1346,13 @@ impl SwarmDriver {
                 }
                 tracing::info!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
                 self.reserve_on(peer_id);
+                for b in self
+                    .bootstrap
+                    .iter_mut()
+                    .filter(|b| b.peer == Some(peer_id))
+                {
+                    b.backoff.reset();
+                }
                 self.peers
                     .send_replace(self.swarm.connected_peers().count());
                 if let Some(node) = self.node() {
@@ -1494,5 +1568,32 @@ async fn ingest_loop(node: std::sync::Weak<Shared>, mut inbound: mpsc::Unbounded
         if stored {
             node.changed();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_bound_and_resets_on_success() {
+        let t0 = Instant::now();
+        let mut b = Backoff::default();
+        assert!(b.due(t0));
+        let mut at = t0;
+        let mut gaps = Vec::new();
+        for _ in 0..8 {
+            b.attempted(at);
+            let next = b.next.unwrap();
+            assert!(!b.due(next - Duration::from_millis(1)));
+            assert!(b.due(next));
+            gaps.push((next - at).as_secs());
+            at = next;
+        }
+        assert_eq!(gaps, vec![1, 2, 4, 8, 15, 15, 15, 15]);
+        b.reset();
+        assert!(b.due(at));
+        b.attempted(at);
+        assert_eq!((b.next.unwrap() - at).as_secs(), 1);
     }
 }
