@@ -146,6 +146,27 @@ async fn two_browser_peers_chat_through_the_relay() {
 }
 
 #[wasm_bindgen_test]
+async fn two_browser_peers_find_each_other_through_rendezvous() {
+    let (addr, _) = echo_env();
+    let relay: Multiaddr = addr.parse().unwrap();
+    let circuit = relay.clone().with(Protocol::P2pCircuit);
+    // Both register their relayed address at the node and discover each other there: nobody
+    // tells either the other's address.
+    let p = browser_node("rdv-p", relay.clone(), vec![circuit.clone()]).await;
+    let q = browser_node("rdv-q", relay.clone(), vec![circuit]).await;
+    assert!(
+        p.wait_for_peers(2, Duration::from_secs(30)).await,
+        "P found Q"
+    );
+    assert!(
+        q.wait_for_peers(2, Duration::from_secs(30)).await,
+        "Q found P"
+    );
+    let peers = p.connected_peers().await.unwrap();
+    assert!(peers.contains(&q.peer_id()), "{peers:?}");
+}
+
+#[wasm_bindgen_test]
 async fn a_browser_peer_chats_with_a_native_node() {
     let (addr, room) = echo_env();
     let addr: Multiaddr = addr.parse().unwrap();

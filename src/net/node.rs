@@ -41,6 +41,9 @@ use crate::engine::{verify_standalone, Engine, IngestError, Outcome, Received};
 use crate::identity::{Identity, ServerName};
 use crate::store::{SharedStore, Table, WriteBatch};
 
+/// The rendezvous namespace Hyphae peers register under.
+pub const RENDEZVOUS_NAMESPACE: &str = "hyphae";
+
 /// Requests a peer may make per second before it is throttled (burst: twice that).
 const REQUESTS_PER_SECOND: f64 = 200.0;
 /// Most rounds of `GetMissingEvents` one catch-up makes, and most events it accepts.
@@ -124,6 +127,8 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     relay_client: libp2p::relay::client::Behaviour,
+    /// Registers this tab at its bootstrap nodes' rendezvous points and discovers other tabs.
+    rendezvous: libp2p::rendezvous::client::Behaviour,
 }
 
 enum Command {
@@ -1030,6 +1035,7 @@ async fn build_swarm(identity: &Identity, with_mdns: bool) -> Result<Swarm<Behav
                 identify: identify(key),
                 ping: ping::Behaviour::default(),
                 relay_client,
+                rendezvous: libp2p::rendezvous::client::Behaviour::new(key.clone()),
             })
             .map_err(|e| e.to_string())?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
@@ -1171,6 +1177,7 @@ impl SwarmDriver {
                     None => break,
                 },
                 _ = anti_entropy.tick() => {
+                    self.discover_peers();
                     if let Some(node) = self.node() {
                         for peer in self.swarm.connected_peers().copied().collect::<Vec<_>>() {
                             let node = node.clone();
@@ -1187,6 +1194,47 @@ impl SwarmDriver {
             }
         }
         tracing::info!("swarm stopped");
+    }
+
+    /// Registers this peer's external addresses at every connected bootstrap node (browser only:
+    /// native nodes are reached through their listen addresses).
+    fn register_at_rendezvous(&mut self) {
+        #[cfg(target_arch = "wasm32")]
+        for peer in self.connected_bootstrap_peers() {
+            if self.swarm.external_addresses().next().is_none() {
+                return;
+            }
+            let namespace = libp2p::rendezvous::Namespace::from_static(RENDEZVOUS_NAMESPACE);
+            if let Err(e) = self
+                .swarm
+                .behaviour_mut()
+                .rendezvous
+                .register(namespace, peer, None)
+            {
+                tracing::debug!(%peer, error = ?e, "rendezvous registration not sent");
+            }
+        }
+    }
+
+    /// Asks every connected bootstrap node which other peers registered there (browser only).
+    fn discover_peers(&mut self) {
+        #[cfg(target_arch = "wasm32")]
+        for peer in self.connected_bootstrap_peers() {
+            let namespace = libp2p::rendezvous::Namespace::from_static(RENDEZVOUS_NAMESPACE);
+            self.swarm
+                .behaviour_mut()
+                .rendezvous
+                .discover(Some(namespace), None, None, peer);
+        }
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    fn connected_bootstrap_peers(&self) -> Vec<PeerId> {
+        self.bootstrap
+            .iter()
+            .filter_map(|b| b.peer)
+            .filter(|p| self.swarm.is_connected(p))
+            .collect()
     }
 
     /// Listens through `relay` on every configured circuit address it serves, unless already.
@@ -1335,6 +1383,16 @@ impl SwarmDriver {
                 // only serves reservations once it has an external address.
                 #[cfg(not(target_arch = "wasm32"))]
                 self.swarm.add_external_address(address.clone());
+                // A tab's relayed address is how other tabs reach it: announce it at the
+                // rendezvous points.
+                #[cfg(target_arch = "wasm32")]
+                if address
+                    .iter()
+                    .any(|p| p == libp2p::multiaddr::Protocol::P2pCircuit)
+                {
+                    self.swarm.add_external_address(address.clone());
+                    self.register_at_rendezvous();
+                }
                 self.addrs.send_modify(|a| a.push(address));
             }
             SwarmEvent::ConnectionEstablished {
@@ -1346,6 +1404,10 @@ impl SwarmDriver {
                 }
                 tracing::info!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
                 self.reserve_on(peer_id);
+                if self.bootstrap.iter().any(|b| b.peer == Some(peer_id)) {
+                    self.register_at_rendezvous();
+                    self.discover_peers();
+                }
                 for b in self
                     .bootstrap
                     .iter_mut()
@@ -1402,6 +1464,31 @@ impl SwarmDriver {
                 self.retry_unpublished();
             }
             SwarmEvent::Behaviour(BehaviourEvent::Fed(event)) => self.on_fed_event(event),
+            #[cfg(target_arch = "wasm32")]
+            SwarmEvent::Behaviour(BehaviourEvent::Rendezvous(
+                libp2p::rendezvous::client::Event::Discovered { registrations, .. },
+            )) => {
+                let me = *self.swarm.local_peer_id();
+                for registration in registrations {
+                    let peer = registration.record.peer_id();
+                    if peer == me || self.swarm.is_connected(&peer) {
+                        continue;
+                    }
+                    for addr in registration.record.addresses() {
+                        tracing::info!(%peer, %addr, "found through rendezvous");
+                        self.dial(addr.clone().with_p2p(peer).unwrap_or_else(|a| a));
+                    }
+                }
+            }
+            #[cfg(not(target_arch = "wasm32"))]
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    if !self.swarm.is_connected(&peer) {
+                        tracing::info!(%peer, %addr, "found on the local network");
+                        self.dial(addr.with_p2p(peer).unwrap_or_else(|a| a));
+                    }
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
