@@ -80,7 +80,18 @@ mod native {
         if args.print_identity {
             return Ok(());
         }
-        for addr in node.listen_addrs_at_least(listeners).await {
+        // A listener that failed (say, its port is taken) never reports an address: after a
+        // few seconds print what there is rather than wait forever.
+        let wait = hyphae::net::rt::Duration::from_secs(5);
+        let addrs =
+            match hyphae::net::rt::timeout(wait, node.listen_addrs_at_least(listeners)).await {
+                Some(addrs) => addrs,
+                None => node.current_listen_addrs(),
+            };
+        if addrs.is_empty() {
+            tracing::warn!("not listening anywhere; peers can still be dialled with --bootstrap");
+        }
+        for addr in addrs {
             println!("listening:   {addr}");
         }
         tracing::info!("running; press Ctrl-C to stop");

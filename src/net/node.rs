@@ -338,6 +338,16 @@ impl P2pNode {
             .await
             .map(|a| a.clone())
             .unwrap_or_default();
+        self.dialable(addrs)
+    }
+
+    /// The addresses the swarm listens on right now (with `/p2p/<id>`).
+    pub fn current_listen_addrs(&self) -> Vec<Multiaddr> {
+        let addrs = self.shared.listen_addrs.borrow().clone();
+        self.dialable(addrs)
+    }
+
+    fn dialable(&self, addrs: Vec<Multiaddr>) -> Vec<Multiaddr> {
         let peer = self.peer_id();
         addrs
             .into_iter()
