@@ -16,6 +16,9 @@ use ruma::OwnedRoomId;
 use serde_json::json;
 use wasm_bindgen_test::*;
 
+mod common;
+use common::tabs::browser_node;
+
 wasm_bindgen_test_configure!(run_in_browser);
 
 async fn bodies(node: &P2pNode, room: &OwnedRoomId) -> Vec<String> {
@@ -55,68 +58,10 @@ async fn wait_for_body(node: &P2pNode, room: &OwnedRoomId, body: &str) -> bool {
     .await
 }
 
-async fn browser_node(profile: &str, bootstrap: Multiaddr, listen: Vec<Multiaddr>) -> P2pNode {
-    IndexedDbStore::delete(profile).await.unwrap();
-    let store = Rc::new(IndexedDbStore::open(profile).await.unwrap());
-    let config = NodeConfig {
-        bootstrap: vec![bootstrap],
-        listen,
-        anti_entropy_every: Duration::from_secs(2),
-        ..NodeConfig::default()
-    };
-    P2pNode::start(store, config).await.unwrap()
-}
-
 #[wasm_bindgen_test]
 async fn two_browser_peers_chat_through_the_relay() {
-    use hyphae::engine::create_room::CreateRoom;
     let (addr, _) = echo_env();
-    let relay: Multiaddr = addr.parse().unwrap();
-    // X is reachable through a reservation on the relay; Y dials X through it.
-    let x = browser_node(
-        "relay-x",
-        relay.clone(),
-        vec![relay.clone().with(Protocol::P2pCircuit)],
-    )
-    .await;
-    let y = browser_node("relay-y", relay.clone(), Vec::new()).await;
-    console_log!("waiting for X's relay reservation");
-    let reachable = hyphae::net::rt::timeout(Duration::from_secs(20), x.listen_addrs())
-        .await
-        .expect("X got a relay reservation");
-    console_log!("X reachable at {reachable:?}");
-    assert!(
-        reachable[0].iter().any(|p| p == Protocol::P2pCircuit),
-        "{reachable:?}"
-    );
-    y.dial(
-        relay
-            .clone()
-            .with(Protocol::P2pCircuit)
-            .with(Protocol::P2p(x.peer_id())),
-    )
-    .unwrap();
-    assert!(
-        y.wait_for_peers(2, Duration::from_secs(30)).await,
-        "Y reached X through the relay"
-    );
-
-    // A room only X and Y are in: the relay node never joins it, so every byte between them
-    // goes over the circuit.
-    let opts = CreateRoom {
-        invite: vec![y.user("yara")],
-        ..CreateRoom::default()
-    };
-    let room = x.create_room("xavier", &opts).await.unwrap();
-    let y2 = y.clone();
-    let invited = y
-        .wait_until(Duration::from_secs(30), || {
-            let y2 = y2.clone();
-            async move { !y2.invites().is_empty() }
-        })
-        .await;
-    assert!(invited, "X's invite reached Y");
-    y.join(&room, "yara", x.peer_id()).await.unwrap();
+    let (x, y, room) = common::tabs::two_tabs_in_a_room(&addr.parse().unwrap(), "relay").await;
     x.send(
         &room,
         "xavier",

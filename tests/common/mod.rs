@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod conformance;
+#[cfg(target_arch = "wasm32")]
+pub mod tabs;
 pub mod workload;
 
 use std::collections::BTreeMap;
