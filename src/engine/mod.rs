@@ -1023,8 +1023,18 @@ impl Inner {
         self.load_auth_state(store, &pdu, &rules, &before.map, create_event_id.as_ref())
             .await?;
 
+        // The event as ruma's checks see it; filled in and stored once the verdict is known.
+        let mut candidate = StoredEvent {
+            pdu,
+            status: EventStatus::Accepted,
+            reason: None,
+            stream: None,
+            state_before: Some(state_before),
+            state_after: None,
+        };
+
         // 4-5. Authorisation against auth_events, then against the state before the event.
-        let mut verdict = self.authorise(&pdu, &rules, &before.map, create_event_id.as_ref());
+        let mut verdict = self.authorise(&candidate, &rules, &before.map, create_event_id.as_ref());
 
         // 6. Soft fail against the room's current state.
         let mut status = if verdict.is_some() {
@@ -1036,9 +1046,8 @@ impl Inner {
             if let Some(room) = &known_room {
                 if room.current_state != state_before {
                     let current = self.load_group(store, room.current_state).await?;
-                    self.load_auth_state(store, &pdu, &rules, &current.map, None)
+                    self.load_auth_state(store, &candidate.pdu, &rules, &current.map, None)
                         .await?;
-                    let stored = self.view(&pdu);
                     let fetch = |t: &StateEventType, k: &str| {
                         current
                             .map
@@ -1048,7 +1057,7 @@ impl Inner {
                     };
                     if let Err(reason) = ruma::state_res::check_state_dependent_auth_rules(
                         &rules.authorization,
-                        &stored,
+                        &candidate,
                         fetch,
                     ) {
                         status = EventStatus::SoftFailed;
@@ -1062,7 +1071,7 @@ impl Inner {
         }
 
         // State after: rejected events leave state as it was.
-        let state_after = match (status, pdu.state_key_pair()) {
+        let state_after = match (status, candidate.pdu.state_key_pair()) {
             (EventStatus::Rejected, _) | (_, None) => state_before,
             (_, Some(key)) => {
                 let mut map = (*before.map).clone();
@@ -1075,14 +1084,11 @@ impl Inner {
             self.next_stream += 1;
             s
         });
-        let stored = Arc::new(StoredEvent {
-            pdu,
-            status,
-            reason: verdict.clone(),
-            stream,
-            state_before: Some(state_before),
-            state_after: Some(state_after),
-        });
+        candidate.status = status;
+        candidate.reason = verdict.clone();
+        candidate.stream = stream;
+        candidate.state_after = Some(state_after);
+        let stored = Arc::new(candidate);
         batch.put(Table::Events, event_id.as_bytes(), stored.encode());
         let room_id = stored.pdu.room_id.clone();
         self.events.insert(event_id.clone(), stored.clone());
@@ -1183,32 +1189,20 @@ impl Inner {
         Ok(())
     }
 
-    /// A not-yet-stored event in the shape ruma's auth checks take.
-    fn view(&self, pdu: &Pdu) -> StoredEvent {
-        StoredEvent {
-            pdu: pdu.clone(),
-            status: EventStatus::Accepted,
-            reason: None,
-            stream: None,
-            state_before: None,
-            state_after: None,
-        }
-    }
-
     /// Runs the state-independent rules and the state-dependent rules against the event's
     /// auth_events and against the state before it. Returns the reason for rejection, if any.
     fn authorise(
         &self,
-        pdu: &Pdu,
+        event: &StoredEvent,
         rules: &RoomVersionRules,
         before: &StateMap,
         create: Option<&OwnedEventId>,
     ) -> Option<String> {
-        let event = self.view(pdu);
+        let pdu = &event.pdu;
         let fetch_event = |id: &EventId| self.events.get(id).map(|e| e.as_ref());
         if let Err(reason) = ruma::state_res::check_state_independent_auth_rules(
             &rules.authorization,
-            &event,
+            event,
             fetch_event,
         ) {
             return Some(reason);
@@ -1229,7 +1223,7 @@ impl Inner {
             |t: &StateEventType, k: &str| auth_state.get(&(t.clone(), k.to_owned())).copied();
         if let Err(reason) = ruma::state_res::check_state_dependent_auth_rules(
             &rules.authorization,
-            &event,
+            event,
             by_auth_events,
         ) {
             return Some(format!("auth events: {reason}"));
@@ -1240,11 +1234,9 @@ impl Inner {
                 .and_then(|id| self.events.get(id))
                 .map(|e| e.as_ref())
         };
-        if let Err(reason) = ruma::state_res::check_state_dependent_auth_rules(
-            &rules.authorization,
-            &event,
-            by_state,
-        ) {
+        if let Err(reason) =
+            ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, event, by_state)
+        {
             return Some(format!("state before event: {reason}"));
         }
         None
