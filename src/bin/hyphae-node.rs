@@ -7,6 +7,7 @@ mod native {
     use std::sync::Arc;
 
     use clap::Parser;
+    use hyphae::api::{ClientApi, Registration};
     use hyphae::net::node::{NodeConfig, P2pNode};
     use hyphae::store::redb::RedbStore;
     use hyphae::store::SharedStore;
@@ -38,6 +39,19 @@ mod native {
         /// Seconds between anti-entropy rounds with connected peers.
         #[arg(long, default_value_t = 30)]
         anti_entropy_secs: u64,
+        /// Where the Matrix Client-Server API listens (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:8008", value_name = "ADDR")]
+        http: std::net::SocketAddr,
+        /// Who may register accounts: open, loopback (clients on this machine), token, closed.
+        #[arg(long, default_value = "loopback", value_parser = ["open", "loopback", "token", "closed"])]
+        registration: String,
+        /// The token `--registration token` asks for.
+        #[arg(
+            long,
+            env = "HYPHAE_REGISTRATION_TOKEN",
+            required_if_eq("registration", "token")
+        )]
+        registration_token: Option<String>,
         /// Print the identity and exit instead of running.
         #[arg(long)]
         print_identity: bool,
@@ -94,9 +108,27 @@ mod native {
         for addr in addrs {
             println!("listening:   {addr}");
         }
+        let registration = match args.registration.as_str() {
+            "open" => Registration::Open,
+            "token" => Registration::Token(args.registration_token.clone().unwrap_or_default()),
+            "closed" => Registration::Closed,
+            _ => Registration::Loopback,
+        };
+        let api = ClientApi::start(node.clone(), registration)
+            .await
+            .map_err(|e| e.message)?;
+        let http = tokio::net::TcpListener::bind(args.http).await?;
+        println!("client api:  http://{}", http.local_addr()?);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(hyphae::api::server::serve(api, http, async {
+            let _ = stop_rx.await;
+        }));
         tracing::info!("running; press Ctrl-C to stop");
         shutdown_signal().await;
         tracing::info!("shutting down");
+        let _ = stop_tx.send(());
+        // Open long-polls end at their timeout at the latest; don't wait for them.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server).await;
         // Dropping the last handle stops the swarm; redb closes when the engine is dropped.
         drop(node);
         Ok(())

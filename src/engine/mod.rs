@@ -161,6 +161,33 @@ fn timeline_prefix(room_id: &RoomId) -> Vec<u8> {
     key
 }
 
+fn relation_key(target: &EventId, stream: u64) -> Vec<u8> {
+    let mut key = target.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&stream.to_be_bytes());
+    key
+}
+
+/// The event an event points at: what a redaction redacts, or its `m.relates_to` target.
+fn relation_target(pdu: &Pdu) -> Option<OwnedEventId> {
+    if let Some(r) = &pdu.redacts {
+        return Some(r.clone());
+    }
+    #[derive(Deserialize)]
+    struct RelatesTo {
+        event_id: OwnedEventId,
+    }
+    #[derive(Deserialize)]
+    struct Content {
+        #[serde(rename = "m.relates_to")]
+        relates_to: Option<RelatesTo>,
+    }
+    serde_json::from_str::<Content>(pdu.content.get())
+        .ok()?
+        .relates_to
+        .map(|r| r.event_id)
+}
+
 fn corrupt(what: impl std::fmt::Display) -> IngestError {
     IngestError::Corrupt(what.to_string())
 }
@@ -451,6 +478,22 @@ impl Engine {
         Ok(Some(sorted(&group.map)))
     }
 
+    /// The state before `event_id` (what it was authorised against).
+    pub async fn state_before(
+        &self,
+        event_id: &EventId,
+    ) -> Result<Option<SortedState>, StoreError> {
+        let mut inner = self.inner.lock().await;
+        let store = self.store.as_ref();
+        let Some(ev) = inner.load_event(store, event_id).await? else {
+            return Ok(None);
+        };
+        let Some(g) = ev.state_before else {
+            return Ok(None);
+        };
+        Ok(Some(sorted(&inner.load_group(store, g).await?.map)))
+    }
+
     /// The state after `event_id` (for state events, including the event itself).
     pub async fn state_after(&self, event_id: &EventId) -> Result<Option<SortedState>, StoreError> {
         let mut inner = self.inner.lock().await;
@@ -462,6 +505,39 @@ impl Engine {
             return Ok(None);
         };
         Ok(Some(sorted(&inner.load_group(store, g).await?.map)))
+    }
+
+    /// Accepted events that redact or relate to `target`, in stream order.
+    pub async fn relations(&self, target: &EventId) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
+        let mut prefix = target.as_bytes().to_vec();
+        prefix.push(0);
+        let entries = self
+            .store
+            .scan(
+                Table::Relations,
+                KeyRange::prefix(&prefix),
+                Direction::Forward,
+                usize::MAX,
+            )
+            .await?;
+        let mut inner = self.inner.lock().await;
+        let mut out = Vec::with_capacity(entries.len());
+        for (_, id) in entries {
+            let id = String::from_utf8(id)
+                .ok()
+                .and_then(|s| OwnedEventId::try_from(s).ok())
+                .ok_or_else(|| StoreError::Corrupt("relation entry".into()))?;
+            if let Some(ev) = inner.load_event(self.store.as_ref(), &id).await? {
+                out.push(ev);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stream position the next accepted event will take: every event at a lower position
+    /// is already stored.
+    pub async fn stream_position(&self) -> u64 {
+        self.inner.lock().await.next_stream
     }
 
     /// Up to `limit` timeline events of a room, starting after/before stream position `from`
@@ -1101,6 +1177,13 @@ impl Inner {
                     timeline_key(&room_id, stream),
                     event_id.as_bytes(),
                 );
+                if let Some(target) = relation_target(&stored.pdu) {
+                    batch.put(
+                        Table::Relations,
+                        relation_key(&target, stream),
+                        event_id.as_bytes(),
+                    );
+                }
                 let room = match known_room {
                     None => RoomRecord {
                         room_id: room_id.clone(),

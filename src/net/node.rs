@@ -33,7 +33,8 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::protocol::{
-    room_topic, topic_room, FedErrorCode, FedRequest, FedResponse, FED_PROTOCOL, MAX_MISSING_EVENTS,
+    edu_topic, edu_topic_room, room_topic, topic_room, Edu, FedErrorCode, FedRequest, FedResponse,
+    FED_PROTOCOL, MAX_MISSING_EVENTS,
 };
 use crate::engine::create_room::CreateRoom;
 use crate::engine::pdu::{build_signed, rules_for, NewEvent};
@@ -137,6 +138,10 @@ enum Command {
         pdu: Vec<u8>,
     },
     Subscribe(OwnedRoomId),
+    PublishEdu {
+        room_id: OwnedRoomId,
+        edu: Vec<u8>,
+    },
     Request {
         peer: PeerId,
         request: FedRequest,
@@ -235,6 +240,8 @@ struct Shared {
     commands: mpsc::UnboundedSender<Command>,
     inbound: mpsc::UnboundedSender<Inbound>,
     changes: watch::Sender<u64>,
+    /// Verified typing notices and receipts from peers, for the client API.
+    edus: tokio::sync::broadcast::Sender<Edu>,
     listen_addrs: watch::Receiver<Vec<Multiaddr>>,
     /// How many peers are connected right now.
     peer_count: watch::Receiver<usize>,
@@ -266,6 +273,7 @@ impl P2pNode {
         let (addrs_tx, listen_addrs) = watch::channel(Vec::new());
         let (peers_tx, peer_count) = watch::channel(0);
         let (changes, _) = watch::channel(0);
+        let (edus, _) = tokio::sync::broadcast::channel(1024);
         let node = P2pNode {
             shared: Arc::new(Shared {
                 engine,
@@ -273,6 +281,7 @@ impl P2pNode {
                 commands,
                 inbound,
                 changes,
+                edus,
                 listen_addrs,
                 peer_count,
                 invites: Mutex::new(invites),
@@ -388,7 +397,48 @@ impl P2pNode {
         self.shared.changes.subscribe()
     }
 
-    fn changed(&self) {
+    /// Typing notices and read receipts peers send for their users (signatures checked;
+    /// whether the user is in the room is for the receiver to check).
+    pub fn edus(&self) -> tokio::sync::broadcast::Receiver<Edu> {
+        self.shared.edus.subscribe()
+    }
+
+    /// Tells the room's peers that `user` (of this server) is typing or stopped.
+    pub fn send_typing(&self, room_id: &RoomId, user: &ruma::UserId, typing: bool) {
+        self.publish_edu(Edu::Typing {
+            room_id: room_id.to_owned(),
+            user_id: user.to_owned(),
+            typing,
+        });
+    }
+
+    /// Tells the room's peers that `user` (of this server) has read up to `event_id`.
+    pub fn send_receipt(&self, room_id: &RoomId, user: &ruma::UserId, event_id: &ruma::EventId) {
+        self.publish_edu(Edu::Receipt {
+            room_id: room_id.to_owned(),
+            user_id: user.to_owned(),
+            event_id: event_id.to_owned(),
+        });
+    }
+
+    fn publish_edu(&self, edu: Edu) {
+        let room_id = edu.room_id().to_owned();
+        // Ephemeral: if the node has stopped there is no one to tell.
+        let _ = self.command(Command::PublishEdu {
+            room_id,
+            edu: edu.sign(&self.shared.identity),
+        });
+    }
+
+    /// `@localpart:<this server>`, or why that is not a valid user id.
+    pub fn user_checked(&self, localpart: &str) -> Result<OwnedUserId, String> {
+        OwnedUserId::try_from(format!("@{localpart}:{}", self.server_name()))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Wakes everyone waiting on [`P2pNode::changes`] (also for changes made above the engine,
+    /// such as a client's account data).
+    pub fn changed(&self) {
         self.shared.changes.send_modify(|c| *c += 1);
     }
 
@@ -1265,9 +1315,11 @@ impl SwarmDriver {
     }
 
     fn subscribe(&mut self, room: &RoomId) {
-        let topic = gossipsub::IdentTopic::new(room_topic(room));
-        if let Err(e) = self.swarm.behaviour_mut().gossipsub.subscribe(&topic) {
-            tracing::error!(%room, error = ?e, "cannot subscribe");
+        for topic in [room_topic(room), edu_topic(room)] {
+            let topic = gossipsub::IdentTopic::new(topic);
+            if let Err(e) = self.swarm.behaviour_mut().gossipsub.subscribe(&topic) {
+                tracing::error!(%room, error = ?e, "cannot subscribe");
+            }
         }
     }
 
@@ -1326,6 +1378,13 @@ impl SwarmDriver {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Publish { room_id, pdu } => self.publish(room_id, pdu),
+            Command::PublishEdu { room_id, edu } => {
+                let topic = gossipsub::IdentTopic::new(edu_topic(&room_id));
+                // Typing and receipts are worth nothing late: no queue, no retry.
+                if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, edu) {
+                    tracing::debug!(%room_id, error = ?e, "EDU not published");
+                }
+            }
             Command::Subscribe(room) => self.subscribe(&room),
             Command::Request {
                 peer,
@@ -1450,6 +1509,31 @@ impl SwarmDriver {
                 message,
             })) => {
                 let Some(node) = self.node() else { return };
+                if let Some(room) = edu_topic_room(message.topic.as_str()) {
+                    let verdict = match Edu::verify(&message.data) {
+                        Ok(edu) if edu.room_id() == room => {
+                            let _ = node.shared.edus.send(edu);
+                            gossipsub::MessageAcceptance::Accept
+                        }
+                        Ok(_) => {
+                            tracing::warn!(peer = %propagation_source, "EDU for another room");
+                            gossipsub::MessageAcceptance::Reject
+                        }
+                        Err(e) => {
+                            tracing::warn!(peer = %propagation_source, error = %e, "invalid EDU");
+                            gossipsub::MessageAcceptance::Reject
+                        }
+                    };
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            verdict,
+                        );
+                    return;
+                }
                 if topic_room(message.topic.as_str()).is_none() {
                     self.swarm
                         .behaviour_mut()

@@ -112,3 +112,91 @@ impl FedResponse {
         }
     }
 }
+
+/// Gossip topic for a room's ephemeral events (typing, read receipts).
+pub fn edu_topic(room_id: &RoomId) -> String {
+    format!("hyphae/edu/{room_id}")
+}
+
+/// The room id of an EDU gossip topic.
+pub fn edu_topic_room(topic: &str) -> Option<OwnedRoomId> {
+    topic
+        .strip_prefix("hyphae/edu/")
+        .and_then(|r| OwnedRoomId::try_from(r).ok())
+}
+
+/// An ephemeral event about one user, signed by that user's server: peers act on it only if
+/// the signature verifies against the key that is the user's server name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type")]
+pub enum Edu {
+    #[serde(rename = "m.typing")]
+    Typing {
+        room_id: OwnedRoomId,
+        user_id: ruma::OwnedUserId,
+        typing: bool,
+    },
+    #[serde(rename = "m.receipt")]
+    Receipt {
+        room_id: OwnedRoomId,
+        user_id: ruma::OwnedUserId,
+        event_id: OwnedEventId,
+    },
+}
+
+impl Edu {
+    pub fn room_id(&self) -> &RoomId {
+        match self {
+            Edu::Typing { room_id, .. } | Edu::Receipt { room_id, .. } => room_id,
+        }
+    }
+
+    pub fn user_id(&self) -> &ruma::UserId {
+        match self {
+            Edu::Typing { user_id, .. } | Edu::Receipt { user_id, .. } => user_id,
+        }
+    }
+
+    /// Canonical JSON signed by `identity` (which must be the user's server).
+    pub fn sign(&self, identity: &crate::identity::Identity) -> Vec<u8> {
+        let value = serde_json::to_value(self).expect("EDU serialises");
+        let Ok(ruma::CanonicalJsonValue::Object(mut object)) =
+            ruma::CanonicalJsonValue::try_from(value)
+        else {
+            unreachable!("EDUs are objects of strings and booleans");
+        };
+        // Gossip ids are content hashes: the time keeps "typing" twice in a minute from
+        // looking like a duplicate.
+        let ms: u64 = ruma::MilliSecondsSinceUnixEpoch::now().get().into();
+        object.insert(
+            "ts".into(),
+            ruma::CanonicalJsonValue::Integer(ruma::Int::new_saturating(ms as i64)),
+        );
+        ruma::signatures::sign_json(
+            &identity.server_name().to_string(),
+            identity.signing_key(),
+            &mut object,
+        )
+        .expect("signing an object succeeds");
+        serde_json::to_vec(&object).expect("canonical JSON serialises")
+    }
+
+    /// Parses and checks a signed EDU: well-formed, and signed by the user's own server.
+    pub fn verify(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() > 4096 {
+            return Err(format!("EDU of {} bytes is too large", bytes.len()));
+        }
+        let object: ruma::CanonicalJsonObject =
+            serde_json::from_slice(bytes).map_err(|e| format!("not canonical JSON: {e}"))?;
+        let mut plain = object.clone();
+        plain.remove("signatures");
+        let edu: Edu =
+            serde_json::from_value(serde_json::to_value(&plain).map_err(|e| e.to_string())?)
+                .map_err(|e| format!("not an EDU: {e}"))?;
+        let origin = crate::identity::ServerName::try_from(edu.user_id().server_name())
+            .map_err(|e| format!("user's server is not a key: {e}"))?;
+        ruma::signatures::verify_json(&origin.public_key_map(), &object)
+            .map_err(|e| format!("signature: {e}"))?;
+        Ok(edu)
+    }
+}

@@ -33,16 +33,27 @@ pub enum Table {
     Rooms,
     /// Event id -> an invite to a room on another peer, until it is answered.
     Invites,
+    /// Event id, stream ordering -> id of an accepted event relating to it (redactions and
+    /// `m.relates_to` relations: edits, reactions, replies in threads).
+    Relations,
+    /// Client-API accounts: users, devices, access tokens.
+    Accounts,
+    /// Client-API per-user data: account data, filters, transaction ids, receipts, aliases,
+    /// device keys, to-device messages.
+    ClientData,
 }
 
 impl Table {
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 9] = [
         Table::Meta,
         Table::Events,
         Table::Timeline,
         Table::StateGroups,
         Table::Rooms,
         Table::Invites,
+        Table::Relations,
+        Table::Accounts,
+        Table::ClientData,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +64,9 @@ impl Table {
             Table::StateGroups => "state_groups",
             Table::Rooms => "rooms",
             Table::Invites => "invites",
+            Table::Relations => "relations",
+            Table::Accounts => "accounts",
+            Table::ClientData => "client_data",
         }
     }
 

@@ -1,0 +1,201 @@
+//! PDUs as clients see them: the client event format, with redactions applied and the
+//! `unsigned` data the Client-Server API adds.
+
+use ruma::canonical_json::CanonicalJsonValue;
+use ruma::{MilliSecondsSinceUnixEpoch, RoomVersionId, UserId};
+use serde_json::{json, Value};
+
+use crate::engine::pdu::{rules_for, StoredEvent};
+use crate::engine::Engine;
+use crate::store::StoreError;
+
+/// Extra facts about an event for the client that asks.
+#[derive(Default)]
+pub struct Unsigned {
+    pub transaction_id: Option<String>,
+    pub prev_content: Option<Value>,
+    pub redacted_because: Option<Value>,
+}
+
+/// The client format of `ev` (with its content redacted under `version`'s rules if
+/// `unsigned.redacted_because` is set).
+pub fn client_event(
+    ev: &StoredEvent,
+    version: &RoomVersionId,
+    unsigned: Unsigned,
+    now: MilliSecondsSinceUnixEpoch,
+) -> Value {
+    let pdu = &ev.pdu;
+    let mut content: Value = serde_json::from_str(pdu.content.get()).unwrap_or_else(|_| json!({}));
+    if unsigned.redacted_because.is_some() {
+        content = redacted_content(ev, version).unwrap_or_else(|| json!({}));
+    }
+    let mut out = json!({
+        "type": pdu.kind.to_string(),
+        "event_id": pdu.event_id,
+        "room_id": pdu.room_id,
+        "sender": pdu.sender,
+        "origin_server_ts": pdu.origin_server_ts,
+        "content": content,
+    });
+    if let Some(k) = &pdu.state_key {
+        out["state_key"] = k.as_str().into();
+    }
+    if let Some(r) = &pdu.redacts {
+        out["redacts"] = r.as_str().into();
+    }
+    let age = u64::from(now.get()).saturating_sub(u64::from(pdu.origin_server_ts.get()));
+    let mut u = json!({ "age": age });
+    if let Some(t) = unsigned.transaction_id {
+        u["transaction_id"] = t.into();
+    }
+    if let Some(p) = unsigned.prev_content {
+        u["prev_content"] = p;
+    }
+    if let Some(r) = unsigned.redacted_because {
+        u["redacted_because"] = r;
+    }
+    out["unsigned"] = u;
+    out
+}
+
+/// The content `ev` keeps once redacted, under its room version's rules.
+fn redacted_content(ev: &StoredEvent, version: &RoomVersionId) -> Option<Value> {
+    let rules = rules_for(version)?;
+    let redacted =
+        ruma::canonical_json::redact(ev.pdu.canonical_object(), &rules.redaction, None).ok()?;
+    match redacted.get("content") {
+        Some(CanonicalJsonValue::Object(c)) => serde_json::to_value(c).ok(),
+        _ => Some(json!({})),
+    }
+}
+
+/// A user's power level in a room state (room v12: creators outrank everyone).
+pub async fn power_level(
+    engine: &Engine,
+    state: &crate::engine::SortedState,
+    user: &UserId,
+) -> Result<i64, StoreError> {
+    let content = |id| async move {
+        Ok::<_, StoreError>(match engine.event(id).await? {
+            Some(ev) => serde_json::from_str::<Value>(ev.pdu.content.get()).unwrap_or(Value::Null),
+            None => Value::Null,
+        })
+    };
+    if let Some(id) = state.get(&("m.room.create".to_owned(), String::new())) {
+        let create = engine.event(id).await?;
+        if let Some(create) = create {
+            let c: Value = serde_json::from_str(create.pdu.content.get()).unwrap_or(Value::Null);
+            let v12 = c["room_version"].as_str() == Some("12");
+            let extra = c["additional_creators"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|u| u.as_str() == Some(user.as_str())));
+            if v12 && (create.pdu.sender == user || extra) {
+                return Ok(i64::MAX);
+            }
+            if !state.contains_key(&("m.room.power_levels".to_owned(), String::new())) {
+                return Ok(if create.pdu.sender == user { 100 } else { 0 });
+            }
+        }
+    }
+    let Some(id) = state.get(&("m.room.power_levels".to_owned(), String::new())) else {
+        return Ok(0);
+    };
+    let pl = content(id).await?;
+    Ok(pl["users"][user.as_str()]
+        .as_i64()
+        .or_else(|| pl["users_default"].as_i64())
+        .unwrap_or(0))
+}
+
+/// The power level a state-key-less setting of the power levels event asks for (`redact`,
+/// `invite`, ...), with the spec's defaults.
+pub async fn required_level(
+    engine: &Engine,
+    state: &crate::engine::SortedState,
+    field: &str,
+    default: i64,
+) -> Result<i64, StoreError> {
+    let Some(id) = state.get(&("m.room.power_levels".to_owned(), String::new())) else {
+        return Ok(default);
+    };
+    let Some(ev) = engine.event(id).await? else {
+        return Ok(default);
+    };
+    let pl: Value = serde_json::from_str(ev.pdu.content.get()).unwrap_or(Value::Null);
+    Ok(pl[field].as_i64().unwrap_or(default))
+}
+
+/// Whether `redaction` takes effect on `target`: in room versions 3+ auth lets any member send
+/// a redaction, and the server that serves the event checks that the redacter is on the
+/// original sender's server or has the room's `redact` power.
+async fn redaction_applies(
+    engine: &Engine,
+    target: &StoredEvent,
+    redaction: &StoredEvent,
+) -> Result<bool, StoreError> {
+    if redaction.pdu.sender.server_name() == target.pdu.sender.server_name() {
+        return Ok(true);
+    }
+    let Some(state) = engine.state_before(&redaction.pdu.event_id).await? else {
+        return Ok(false);
+    };
+    let have = power_level(engine, &state, &redaction.pdu.sender).await?;
+    Ok(have >= required_level(engine, &state, "redact", 50).await?)
+}
+
+/// The client format of `ev` for `viewer`, with redaction and `prev_content` worked out.
+pub async fn format_event(
+    engine: &Engine,
+    ev: &StoredEvent,
+    transaction_id: Option<String>,
+    now: MilliSecondsSinceUnixEpoch,
+) -> Result<Value, StoreError> {
+    let mut unsigned = Unsigned {
+        transaction_id,
+        ..Unsigned::default()
+    };
+    let version = engine
+        .room(&ev.pdu.room_id)
+        .await?
+        .map(|r| r.room_version)
+        .unwrap_or(RoomVersionId::V12);
+    for rel in engine.relations(&ev.pdu.event_id).await? {
+        if rel.pdu.redacts.as_ref() == Some(&ev.pdu.event_id)
+            && redaction_applies(engine, ev, &rel).await?
+        {
+            unsigned.redacted_because =
+                Some(client_event(&rel, &version, Unsigned::default(), now));
+            break;
+        }
+    }
+    if let Some((kind, key)) = ev.pdu.state_key_pair() {
+        if let Some(before) = engine.state_before(&ev.pdu.event_id).await? {
+            if let Some(prev_id) = before.get(&(kind.to_string(), key)) {
+                if let Some(prev) = engine.event(prev_id).await? {
+                    unsigned.prev_content = serde_json::from_str(prev.pdu.content.get()).ok();
+                }
+            }
+        }
+    }
+    Ok(client_event(ev, &version, unsigned, now))
+}
+
+/// Stripped state (for invites): type, state_key, sender and content only.
+pub fn stripped(ev: &StoredEvent) -> Value {
+    json!({
+        "type": ev.pdu.kind.to_string(),
+        "state_key": ev.pdu.state_key.clone().unwrap_or_default(),
+        "sender": ev.pdu.sender,
+        "content": serde_json::from_str::<Value>(ev.pdu.content.get()).unwrap_or_else(|_| json!({})),
+    })
+}
+
+/// `membership` of a member event's content.
+pub fn membership_of(ev: &StoredEvent) -> Option<String> {
+    serde_json::from_str::<Value>(ev.pdu.content.get())
+        .ok()?
+        .get("membership")?
+        .as_str()
+        .map(str::to_owned)
+}

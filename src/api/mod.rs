@@ -1,0 +1,758 @@
+//! The Matrix Client-Server API, independent of any transport: an `http::Request` goes in and
+//! an `http::Response` comes out. `hyphae-node` serves it over HTTP (`api::server`); in the
+//! browser the wasm module hands it to the page as a `fetch` function, so no request leaves
+//! the tab.
+//!
+//! Requests are parsed with ruma's client-api request types (which also settle what is a bad
+//! body); errors are Matrix error JSON (`api::error`).
+
+pub mod accounts;
+pub mod error;
+pub mod events;
+mod rooms;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod server;
+mod sync;
+mod user_data;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use http::{header, Method, StatusCode};
+use ruma::api::{IncomingRequest, IncomingRequestExt};
+use ruma::{MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, UserId};
+use serde_json::{json, Value};
+
+use crate::net::node::P2pNode;
+use crate::net::rt::{Duration, Instant};
+use accounts::{check_localpart, Accounts, Session};
+use error::{ApiError, ApiResult};
+use user_data::UserData;
+
+/// Largest request body accepted (events are at most 64 KiB; this leaves room for key uploads).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Failed logins allowed per user name per minute.
+const MAX_FAILED_LOGINS_PER_MINUTE: u32 = 10;
+/// Longest `/sync` long-poll.
+const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub type ApiRequest = http::Request<Vec<u8>>;
+pub type ApiResponse = http::Response<Vec<u8>>;
+
+/// Who may register new accounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Registration {
+    /// Anyone who can reach the API.
+    Open,
+    /// Clients on this machine (loopback HTTP) and the page in the tab.
+    Loopback,
+    /// Whoever presents this registration token (`m.login.registration_token`).
+    Token(String),
+    Closed,
+}
+
+/// Facts about a request that do not travel in it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Caller {
+    /// The client connects from this machine (or is the page in the tab).
+    pub local: bool,
+}
+
+/// Who is typing where, with expiry; kept in memory only, like every homeserver does.
+#[derive(Default)]
+struct Typing {
+    rooms: HashMap<OwnedRoomId, (u64, HashMap<OwnedUserId, Instant>)>,
+}
+
+pub struct ClientApi {
+    node: P2pNode,
+    accounts: Accounts,
+    data: UserData,
+    registration: Registration,
+    typing: Mutex<Typing>,
+    typing_serial: AtomicU64,
+    /// Open user-interactive registration sessions.
+    uia_sessions: Mutex<HashSet<String>>,
+    failed_logins: Mutex<HashMap<String, (Instant, u32)>>,
+    /// Invites to rooms on other peers, with the client-data position they were first seen at.
+    seen_invites: Mutex<HashMap<OwnedEventId, u64>>,
+}
+
+fn now() -> MilliSecondsSinceUnixEpoch {
+    MilliSecondsSinceUnixEpoch::now()
+}
+
+fn now_ms() -> u64 {
+    now().get().into()
+}
+
+/// The path below `/_matrix/client/<version>/`, percent-decoded, split on `/`.
+fn client_path(path: &str) -> Option<Vec<String>> {
+    let rest = path.strip_prefix("/_matrix/client/")?;
+    let mut segs: Vec<String> = rest
+        .split('/')
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    if segs.first().map(String::as_str) == Some("versions") {
+        return Some(segs);
+    }
+    match segs.first().map(String::as_str) {
+        Some("r0" | "v3" | "v1" | "unstable") => {
+            segs.remove(0);
+            Some(segs)
+        }
+        _ => None,
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> ApiResponse {
+    let mut resp = http::Response::new(serde_json::to_vec(body).expect("JSON serialises"));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn ok(body: Value) -> ApiResult<ApiResponse> {
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+fn add_cors(resp: &mut ApiResponse) {
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        header::HeaderValue::from_static("GET, POST, PUT, DELETE, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        header::HeaderValue::from_static("X-Requested-With, Content-Type, Authorization"),
+    );
+}
+
+/// Parses `req` as the ruma request type `R`, mapping failures to Matrix errors.
+fn parse<R: IncomingRequest>(req: &ApiRequest, args: &[&str]) -> ApiResult<R> {
+    let mut borrowed = http::Request::new(req.body().as_slice());
+    *borrowed.method_mut() = req.method().clone();
+    *borrowed.uri_mut() = req.uri().clone();
+    *borrowed.headers_mut() = req.headers().clone();
+    R::try_from_http_request(borrowed, args).map_err(|e| {
+        use ruma::api::error::{DeserializationError, FromHttpRequestError};
+        match e {
+            FromHttpRequestError::Deserialization(DeserializationError::Query(e)) => {
+                ApiError::invalid_param(format!("bad query string: {e}"))
+            }
+            FromHttpRequestError::Deserialization(DeserializationError::Ident(e)) => {
+                ApiError::invalid_param(format!("bad identifier: {e}"))
+            }
+            other => ApiError::bad_json(other.to_string()),
+        }
+    })
+}
+
+/// The request body as a JSON object (`{}` when empty).
+fn body_object(req: &ApiRequest) -> ApiResult<serde_json::Map<String, Value>> {
+    if req.body().is_empty() {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_slice(req.body()) {
+        Ok(Value::Object(o)) => Ok(o),
+        Ok(_) => Err(ApiError::bad_json("the body must be a JSON object")),
+        Err(e) => Err(ApiError::not_json(e.to_string())),
+    }
+}
+
+fn access_token(req: &ApiRequest) -> Option<String> {
+    if let Some(v) = req.headers().get(header::AUTHORIZATION) {
+        return v
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")
+            .map(|t| t.trim().to_owned());
+    }
+    let query = req.uri().query()?;
+    url_query(query).remove("access_token")
+}
+
+fn url_query(query: &str) -> HashMap<String, String> {
+    query
+        .split('&')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let dec = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (!k.is_empty()).then(|| (dec(k), dec(v)))
+        })
+        .collect()
+}
+
+impl ClientApi {
+    /// Serves the Client-Server API for the users of `node`.
+    pub async fn new(node: P2pNode, registration: Registration) -> ApiResult<Self> {
+        let store = node.engine().store().clone();
+        Ok(Self {
+            accounts: Accounts::new(store.clone()),
+            data: UserData::open(store).await?,
+            node,
+            registration,
+            typing: Mutex::new(Typing::default()),
+            typing_serial: AtomicU64::new(1),
+            uia_sessions: Mutex::new(HashSet::new()),
+            failed_logins: Mutex::new(HashMap::new()),
+            seen_invites: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Serves the API and applies the typing notices and receipts peers send for their users.
+    pub async fn start(
+        node: P2pNode,
+        registration: Registration,
+    ) -> ApiResult<std::sync::Arc<Self>> {
+        let api = std::sync::Arc::new(Self::new(node, registration).await?);
+        let mut edus = api.node.edus();
+        let weak = std::sync::Arc::downgrade(&api);
+        crate::net::rt::spawn(async move {
+            loop {
+                let edu = match edus.recv().await {
+                    Ok(edu) => edu,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!(missed = n, "typing/receipt notices dropped");
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                let Some(api) = weak.upgrade() else { return };
+                if let Err(e) = api.apply_edu(edu).await {
+                    tracing::debug!(error = %e.message, "peer EDU not applied");
+                }
+            }
+        });
+        Ok(api)
+    }
+
+    async fn apply_edu(&self, edu: crate::net::protocol::Edu) -> ApiResult<()> {
+        use crate::net::protocol::Edu;
+        let state = self.state_of(edu.room_id()).await?;
+        if self.membership(&state, edu.user_id()).await?.as_deref() != Some("join") {
+            return Err(ApiError::forbidden("EDU from a user not in the room"));
+        }
+        match edu {
+            Edu::Typing {
+                room_id,
+                user_id,
+                typing,
+            } => {
+                let until = typing.then(|| Instant::now() + Duration::from_secs(30));
+                self.set_typing(&room_id, &user_id, until);
+            }
+            Edu::Receipt {
+                room_id,
+                user_id,
+                event_id,
+            } => self.remote_receipt(&room_id, &user_id, &event_id).await?,
+        }
+        Ok(())
+    }
+
+    pub fn node(&self) -> &P2pNode {
+        &self.node
+    }
+
+    /// Answers one request. Never fails: errors become Matrix error responses.
+    pub async fn handle(&self, req: ApiRequest, caller: Caller) -> ApiResponse {
+        let mut resp = if req.method() == Method::OPTIONS {
+            json_response(StatusCode::OK, &json!({}))
+        } else if req.body().len() > MAX_BODY_BYTES {
+            let e = ApiError::too_large(MAX_BODY_BYTES);
+            json_response(e.status, &e.body())
+        } else {
+            match self.route(&req, caller).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    if e.status.is_server_error() {
+                        tracing::warn!(method = %req.method(), path = req.uri().path(), error = %e.message, "request failed");
+                    } else {
+                        tracing::debug!(method = %req.method(), path = req.uri().path(), errcode = e.errcode, "request refused");
+                    }
+                    json_response(e.status, &e.body())
+                }
+            }
+        };
+        add_cors(&mut resp);
+        resp
+    }
+
+    async fn session(&self, req: &ApiRequest) -> ApiResult<Session> {
+        let token = access_token(req).ok_or_else(ApiError::missing_token)?;
+        self.accounts.authenticate(&token).await
+    }
+
+    async fn route(&self, req: &ApiRequest, caller: Caller) -> ApiResult<ApiResponse> {
+        let Some(segs) = client_path(req.uri().path()) else {
+            return Err(ApiError::unrecognized(StatusCode::NOT_FOUND));
+        };
+        // Bodies of writes must be JSON before anything else is looked at.
+        if matches!(*req.method(), Method::POST | Method::PUT) && !req.body().is_empty() {
+            if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(req.body()) {
+                return Err(ApiError::not_json(format!("body is not JSON: {e}")));
+            }
+        }
+        let path: Vec<&str> = segs.iter().map(String::as_str).collect();
+        let m = req.method().clone();
+        use Method as M;
+        // Endpoints that need no access token.
+        match (&m, path.as_slice()) {
+            (&M::GET, ["versions"]) => return self.versions(),
+            (&M::GET, ["login"]) => {
+                return ok(json!({"flows": [{"type": "m.login.password"}]}));
+            }
+            (&M::POST, ["login"]) => return self.login(req).await,
+            (&M::POST, ["register"]) => return self.register(req, caller).await,
+            (&M::GET, ["register", "available"]) => return self.username_available(req).await,
+            (&M::GET, ["profile", user]) => return self.get_profile(user, None).await,
+            (&M::GET, ["profile", user, field]) => {
+                return self.get_profile(user, Some(field)).await
+            }
+            (&M::GET, ["directory", "room", alias]) => return self.get_alias(alias).await,
+            (_, ["media" | "media_proxy", ..]) => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "M_UNRECOGNIZED",
+                    "this server keeps no media store",
+                ))
+            }
+            _ => {}
+        }
+        if matches!(
+            path.as_slice(),
+            ["versions"] | ["login"] | ["register"] | ["register", "available"]
+        ) {
+            return Err(ApiError::unrecognized(StatusCode::METHOD_NOT_ALLOWED));
+        }
+        let known = self.is_known_path(&path);
+        let session = match self.session(req).await {
+            Ok(s) => s,
+            // Unknown endpoints are unknown whoever asks.
+            Err(_) if !known => return Err(ApiError::unrecognized(StatusCode::NOT_FOUND)),
+            Err(e) => return Err(e),
+        };
+        let s = &session;
+        let resp = match (&m, path.as_slice()) {
+            (&M::GET, ["account", "whoami"]) => ok(json!({
+                "user_id": s.user_id, "device_id": s.device_id, "is_guest": false
+            })),
+            (&M::POST, ["logout"]) => self.logout(s, false).await,
+            (&M::POST, ["logout", "all"]) => self.logout(s, true).await,
+            (&M::GET, ["devices"]) => self.devices(s).await,
+            (&M::GET, ["devices", device]) => self.device(s, device).await,
+            (&M::PUT, ["devices", device]) => self.rename_device(req, s, device).await,
+            (&M::DELETE, ["devices", device]) => self.delete_device(s, device).await,
+            (&M::GET, ["capabilities"]) => self.capabilities(),
+            (&M::GET, ["pushrules"] | ["pushrules", ""]) => self.push_rules(s),
+            (&M::GET, ["voip", "turnServer"]) => ok(json!({})),
+            (&M::GET, ["sync"]) => self.sync(req, s).await,
+            (&M::POST, ["createRoom"]) => self.create_room(req, s).await,
+            (&M::POST, ["join", target]) => self.join(req, s, target).await,
+            (&M::POST, ["rooms", room, "join"]) => self.join(req, s, room).await,
+            (&M::POST, ["rooms", room, "invite"]) => self.invite(req, s, room).await,
+            (&M::POST, ["rooms", room, "leave"]) => self.leave(req, s, room).await,
+            (&M::POST, ["rooms", room, "forget"]) => self.forget(s, room).await,
+            (&M::POST, ["rooms", room, action @ ("kick" | "ban" | "unban")]) => {
+                self.moderate(req, s, room, action).await
+            }
+            (&M::PUT, ["rooms", room, "send", kind, txn]) => {
+                self.send_event(req, s, room, kind, txn).await
+            }
+            (&M::PUT, ["rooms", room, "state", kind]) => {
+                self.put_state(req, s, room, kind, "").await
+            }
+            (&M::PUT, ["rooms", room, "state", kind, key]) => {
+                self.put_state(req, s, room, kind, key).await
+            }
+            (&M::GET, ["rooms", room, "state"]) => self.get_state(s, room, None).await,
+            (&M::GET, ["rooms", room, "state", kind]) => {
+                self.get_state(s, room, Some((kind, ""))).await
+            }
+            (&M::GET, ["rooms", room, "state", kind, key]) => {
+                self.get_state(s, room, Some((kind, key))).await
+            }
+            (&M::GET, ["rooms", room, "event", event]) => self.get_event(s, room, event).await,
+            (&M::GET, ["rooms", room, "context", event]) => self.context(req, s, room, event).await,
+            (&M::PUT, ["rooms", room, "redact", event, txn]) => {
+                self.redact(req, s, room, event, txn).await
+            }
+            (&M::GET, ["rooms", room, "members"]) => self.members(req, s, room).await,
+            (&M::GET, ["rooms", room, "joined_members"]) => self.joined_members(s, room).await,
+            (&M::GET, ["joined_rooms"]) => self.joined_rooms(s).await,
+            (&M::GET, ["rooms", room, "messages"]) => self.messages(req, s, room).await,
+            (&M::GET, ["rooms", room, "relations", event, rest @ ..]) if rest.len() <= 2 => {
+                self.relations(req, s, room, event, rest).await
+            }
+            (&M::PUT, ["directory", "room", alias]) => self.put_alias(req, s, alias).await,
+            (&M::DELETE, ["directory", "room", alias]) => self.delete_alias(s, alias).await,
+            (&M::PUT, ["profile", user, field]) => self.put_profile(req, s, user, field).await,
+            (&M::PUT, ["rooms", room, "typing", user]) => self.typing(req, s, room, user).await,
+            (&M::POST, ["rooms", room, "receipt", kind, event]) => {
+                self.receipt(req, s, room, kind, event).await
+            }
+            (&M::POST, ["rooms", room, "read_markers"]) => self.read_markers(req, s, room).await,
+            (&M::PUT, ["user", user, "account_data", kind]) => {
+                self.put_account_data(req, s, user, None, kind).await
+            }
+            (&M::GET, ["user", user, "account_data", kind]) => {
+                self.get_account_data(s, user, None, kind).await
+            }
+            (&M::PUT, ["user", user, "rooms", room, "account_data", kind]) => {
+                self.put_account_data(req, s, user, Some(room), kind).await
+            }
+            (&M::GET, ["user", user, "rooms", room, "account_data", kind]) => {
+                self.get_account_data(s, user, Some(room), kind).await
+            }
+            (&M::POST, ["user", user, "filter"]) => self.create_filter(req, s, user).await,
+            (&M::GET, ["user", user, "filter", id]) => self.get_filter(s, user, id).await,
+            (&M::POST, ["keys", "upload"]) => self.upload_keys(req, s).await,
+            (&M::POST, ["keys", "query"]) => self.query_keys(req, s).await,
+            (&M::POST, ["keys", "claim"]) => self.claim_keys(req, s).await,
+            (&M::GET, ["keys", "changes"]) => ok(json!({"changed": [], "left": []})),
+            (&M::PUT, ["sendToDevice", kind, txn]) => self.send_to_device(req, s, kind, txn).await,
+            (&M::GET, ["presence", _user, "status"]) => ok(json!({"presence": "online"})),
+            (&M::PUT, ["presence", _user, "status"]) => {
+                body_object(req)?;
+                ok(json!({}))
+            }
+            _ if known => Err(ApiError::unrecognized(StatusCode::METHOD_NOT_ALLOWED)),
+            _ => Err(ApiError::unrecognized(StatusCode::NOT_FOUND)),
+        };
+        resp
+    }
+
+    /// Whether some method is served at `path` (so a wrong method gets 405, not 404).
+    fn is_known_path(&self, path: &[&str]) -> bool {
+        matches!(
+            path,
+            ["versions"]
+                | ["login"]
+                | ["logout"]
+                | ["logout", "all"]
+                | ["register"]
+                | ["register", "available"]
+                | ["account", "whoami"]
+                | ["devices"]
+                | ["devices", _]
+                | ["capabilities"]
+                | ["pushrules", ..]
+                | ["voip", "turnServer"]
+                | ["sync"]
+                | ["createRoom"]
+                | ["join", _]
+                | ["joined_rooms"]
+                | [
+                    "rooms",
+                    _,
+                    "join" | "invite" | "leave" | "forget" | "kick" | "ban" | "unban"
+                ]
+                | ["rooms", _, "send", _, _]
+                | ["rooms", _, "state", ..]
+                | ["rooms", _, "event" | "context", _]
+                | ["rooms", _, "redact", _, _]
+                | [
+                    "rooms",
+                    _,
+                    "members" | "joined_members" | "messages" | "read_markers"
+                ]
+                | ["rooms", _, "relations", ..]
+                | ["rooms", _, "typing", _]
+                | ["rooms", _, "receipt", _, _]
+                | ["directory", "room", _]
+                | ["profile", ..]
+                | ["user", _, "account_data", _]
+                | ["user", _, "rooms", _, "account_data", _]
+                | ["user", _, "filter", ..]
+                | ["keys", "upload" | "query" | "claim" | "changes"]
+                | ["sendToDevice", _, _]
+                | ["presence", _, "status"]
+        )
+    }
+
+    fn versions(&self) -> ApiResult<ApiResponse> {
+        ok(json!({
+            "versions": ["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12"],
+            "unstable_features": {}
+        }))
+    }
+
+    fn capabilities(&self) -> ApiResult<ApiResponse> {
+        let available: serde_json::Map<String, Value> =
+            (3..=12).map(|v| (v.to_string(), json!("stable"))).collect();
+        ok(json!({"capabilities": {
+            "m.room_versions": {"default": "12", "available": available},
+            "m.change_password": {"enabled": false},
+            "m.set_displayname": {"enabled": true},
+            "m.set_avatar_url": {"enabled": true},
+            "m.3pid_changes": {"enabled": false},
+        }}))
+    }
+
+    fn push_rules(&self, s: &Session) -> ApiResult<ApiResponse> {
+        let rules = ruma::push::Ruleset::server_default(&s.user_id);
+        ok(json!({ "global": rules }))
+    }
+
+    // ---- accounts -------------------------------------------------------------------------
+
+    fn check_login_rate(&self, user: &str) -> ApiResult<()> {
+        let failures = self.failed_logins.lock().expect("login limiter");
+        if let Some((since, n)) = failures.get(user) {
+            let elapsed = since.elapsed();
+            if *n >= MAX_FAILED_LOGINS_PER_MINUTE && elapsed < Duration::from_secs(60) {
+                let wait = Duration::from_secs(60) - elapsed;
+                return Err(ApiError::limit_exceeded(wait.as_millis() as u64));
+            }
+        }
+        Ok(())
+    }
+
+    fn note_failed_login(&self, user: &str) {
+        let mut failures = self.failed_logins.lock().expect("login limiter");
+        let entry = failures
+            .entry(user.to_owned())
+            .or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= Duration::from_secs(60) {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
+
+    /// A user id on this server from a localpart or a full id; other servers' users are refused.
+    fn local_user(&self, name: &str) -> ApiResult<OwnedUserId> {
+        let id = if name.starts_with('@') {
+            OwnedUserId::try_from(name).map_err(|e| ApiError::invalid_username(e.to_string()))?
+        } else {
+            self.node
+                .user_checked(name)
+                .map_err(ApiError::invalid_username)?
+        };
+        if id.server_name().as_str() != self.node.server_name().to_string() {
+            return Err(ApiError::forbidden("that user is not on this server"));
+        }
+        Ok(id)
+    }
+
+    async fn login(&self, req: &ApiRequest) -> ApiResult<ApiResponse> {
+        use ruma::api::client::session::login::v3::{LoginInfo, Request};
+        let r: Request = parse(req, &[])?;
+        let LoginInfo::Password(p) = r.login_info else {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "M_UNKNOWN",
+                "only m.login.password is supported",
+            ));
+        };
+        #[allow(deprecated)]
+        let name = match (&p.identifier, &p.user) {
+            (Some(ruma::api::client::uiaa::UserIdentifier::Matrix(m)), _) => m.user.clone(),
+            (None, Some(u)) => u.clone(),
+            _ => return Err(ApiError::forbidden("log in with a user name")),
+        };
+        self.check_login_rate(&name)?;
+        let user = match self.local_user(&name) {
+            Ok(u) => u,
+            Err(_) => {
+                self.note_failed_login(&name);
+                return Err(ApiError::forbidden("wrong user name or password"));
+            }
+        };
+        if let Err(e) = self.accounts.check_password(&user, &p.password).await {
+            self.note_failed_login(&name);
+            return Err(e);
+        }
+        let s = self
+            .accounts
+            .login(&user, r.device_id, r.initial_device_display_name, now_ms())
+            .await?;
+        ok(json!({
+            "user_id": s.user_id, "access_token": s.access_token, "device_id": s.device_id,
+            "home_server": self.node.server_name().to_string(),
+        }))
+    }
+
+    async fn register(&self, req: &ApiRequest, caller: Caller) -> ApiResult<ApiResponse> {
+        use ruma::api::client::account::register::{v3::Request, RegistrationKind};
+        use ruma::api::client::uiaa::AuthData;
+        let r: Request = parse(req, &[])?;
+        if r.kind == RegistrationKind::Guest {
+            return Err(ApiError::forbidden("guest access is not offered"));
+        }
+        let stage = match &self.registration {
+            Registration::Closed => return Err(ApiError::forbidden("registration is closed")),
+            Registration::Loopback if !caller.local => {
+                return Err(ApiError::forbidden(
+                    "registration is open to clients on this machine only",
+                ))
+            }
+            Registration::Token(_) => "m.login.registration_token",
+            _ => "m.login.dummy",
+        };
+        let completed = match &r.auth {
+            Some(AuthData::Dummy(d)) if stage == "m.login.dummy" => d.session.clone(),
+            Some(AuthData::RegistrationToken(t)) => match &self.registration {
+                Registration::Token(want) if *want == t.token => t.session.clone(),
+                _ => return Err(ApiError::forbidden("wrong registration token")),
+            },
+            _ => None,
+        };
+        let session_ok = completed.is_some_and(|sess| {
+            self.uia_sessions
+                .lock()
+                .expect("uia sessions")
+                .remove(&sess)
+        });
+        let localpart = match &r.username {
+            Some(u) => u.to_lowercase(),
+            None => format!("user{}", rand::random::<u32>()),
+        };
+        check_localpart(&localpart)?;
+        let user = self.local_user(&localpart)?;
+        if self.accounts.user(&user).await?.is_some() {
+            return Err(ApiError::user_in_use());
+        }
+        if !session_ok {
+            let session: String = format!("{:016x}", rand::random::<u64>());
+            self.uia_sessions
+                .lock()
+                .expect("uia sessions")
+                .insert(session.clone());
+            return Ok(json_response(
+                StatusCode::UNAUTHORIZED,
+                &json!({"flows": [{"stages": [stage]}], "params": {}, "session": session}),
+            ));
+        }
+        let password = r
+            .password
+            .ok_or_else(|| ApiError::bad_json("a password is required"))?;
+        self.accounts.create_user(&user, &password).await?;
+        if r.inhibit_login {
+            return ok(json!({"user_id": user}));
+        }
+        let s = self
+            .accounts
+            .login(&user, r.device_id, r.initial_device_display_name, now_ms())
+            .await?;
+        ok(json!({
+            "user_id": s.user_id, "access_token": s.access_token, "device_id": s.device_id,
+            "home_server": self.node.server_name().to_string(),
+        }))
+    }
+
+    async fn username_available(&self, req: &ApiRequest) -> ApiResult<ApiResponse> {
+        use ruma::api::client::account::get_username_availability::v3::Request;
+        let r: Request = parse(req, &[])?;
+        check_localpart(&r.username)?;
+        let user = self.local_user(&r.username)?;
+        if self.accounts.user(&user).await?.is_some() {
+            return Err(ApiError::user_in_use());
+        }
+        ok(json!({"available": true}))
+    }
+
+    async fn logout(&self, s: &Session, all: bool) -> ApiResult<ApiResponse> {
+        let devices = self.accounts.devices(&s.user_id).await?;
+        let gone: Vec<_> = devices
+            .into_iter()
+            .filter(|d| all || d.device_id == s.device_id)
+            .collect();
+        self.accounts.remove_devices(&s.user_id, &gone).await?;
+        ok(json!({}))
+    }
+
+    async fn devices(&self, s: &Session) -> ApiResult<ApiResponse> {
+        let devices: Vec<Value> = self
+            .accounts
+            .devices(&s.user_id)
+            .await?
+            .into_iter()
+            .map(|d| json!({"device_id": d.device_id, "display_name": d.display_name, "last_seen_ts": d.last_seen_ts}))
+            .collect();
+        ok(json!({ "devices": devices }))
+    }
+
+    async fn device(&self, s: &Session, device: &str) -> ApiResult<ApiResponse> {
+        let d = self
+            .accounts
+            .device(&s.user_id, device)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such device"))?;
+        ok(
+            json!({"device_id": d.device_id, "display_name": d.display_name, "last_seen_ts": d.last_seen_ts}),
+        )
+    }
+
+    async fn rename_device(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        device: &str,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::device::update_device::v3::Request;
+        let r: Request = parse(req, &[device])?;
+        self.accounts
+            .rename_device(&s.user_id, device, r.display_name)
+            .await?;
+        ok(json!({}))
+    }
+
+    async fn delete_device(&self, s: &Session, device: &str) -> ApiResult<ApiResponse> {
+        let d = self
+            .accounts
+            .device(&s.user_id, device)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such device"))?;
+        self.accounts.remove_devices(&s.user_id, &[d]).await?;
+        ok(json!({}))
+    }
+
+    // ---- typing ---------------------------------------------------------------------------
+
+    fn set_typing(&self, room: &ruma::RoomId, user: &UserId, until: Option<Instant>) {
+        let serial = self.typing_serial.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut typing = self.typing.lock().expect("typing lock");
+        let entry = typing.rooms.entry(room.to_owned()).or_default();
+        entry.0 = serial;
+        match until {
+            Some(t) => {
+                entry.1.insert(user.to_owned(), t);
+            }
+            None => {
+                entry.1.remove(user);
+            }
+        }
+        drop(typing);
+        self.node.changed();
+    }
+
+    /// Users typing in `room` now, and the serial of the room's last typing change.
+    fn typing_in(&self, room: &ruma::RoomId) -> (u64, Vec<OwnedUserId>) {
+        let mut typing = self.typing.lock().expect("typing lock");
+        let Some((serial, users)) = typing.rooms.get_mut(room) else {
+            return (0, Vec::new());
+        };
+        let now = Instant::now();
+        users.retain(|_, until| *until > now);
+        let mut list: Vec<OwnedUserId> = users.keys().cloned().collect();
+        list.sort();
+        (*serial, list)
+    }
+}

@@ -1,0 +1,810 @@
+//! Room endpoints: creating, joining, leaving and moderating rooms, sending events, and reading
+//! state, single events, members, history and relations.
+
+use http::StatusCode;
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde_json::{json, Value};
+
+use super::accounts::Session;
+use super::error::{ApiError, ApiResult};
+use super::events::{format_event, membership_of};
+use super::sync::{parse_position, EventFilter};
+use super::{body_object, now, ok, parse, ApiRequest, ApiResponse, ClientApi};
+use crate::engine::create_room::{CreateRoom, Preset};
+use crate::engine::pdu::StoredEvent;
+use crate::engine::SortedState;
+use crate::identity::ServerName;
+use crate::store::Direction;
+
+pub fn room_id(s: &str) -> ApiResult<OwnedRoomId> {
+    OwnedRoomId::try_from(s).map_err(|e| ApiError::invalid_param(format!("bad room id: {e}")))
+}
+
+fn event_id(s: &str) -> ApiResult<OwnedEventId> {
+    OwnedEventId::try_from(s).map_err(|e| ApiError::invalid_param(format!("bad event id: {e}")))
+}
+
+fn user_id(s: &str) -> ApiResult<OwnedUserId> {
+    OwnedUserId::try_from(s).map_err(|e| ApiError::invalid_param(format!("bad user id: {e}")))
+}
+
+impl ClientApi {
+    /// The room's current state, or `M_NOT_FOUND` if this peer does not know the room.
+    pub(super) async fn state_of(&self, room: &RoomId) -> ApiResult<SortedState> {
+        self.node
+            .engine()
+            .current_state(room)
+            .await?
+            .ok_or_else(|| ApiError::not_found("this server does not know that room"))
+    }
+
+    pub(super) async fn member_event(
+        &self,
+        state: &SortedState,
+        user: &UserId,
+    ) -> ApiResult<Option<std::sync::Arc<StoredEvent>>> {
+        let Some(id) = state.get(&("m.room.member".to_owned(), user.to_string())) else {
+            return Ok(None);
+        };
+        Ok(self.node.engine().event(id).await?)
+    }
+
+    pub(super) async fn membership(
+        &self,
+        state: &SortedState,
+        user: &UserId,
+    ) -> ApiResult<Option<String>> {
+        Ok(self
+            .member_event(state, user)
+            .await?
+            .and_then(|e| membership_of(&e)))
+    }
+
+    /// Refuses unless `user` is joined to `room`; returns the room's state.
+    async fn require_joined(&self, room: &RoomId, user: &UserId) -> ApiResult<SortedState> {
+        let state = self
+            .state_of(room)
+            .await
+            .map_err(|_| ApiError::forbidden("you are not in that room"))?;
+        match self.membership(&state, user).await?.as_deref() {
+            Some("join") => Ok(state),
+            _ => Err(ApiError::forbidden("you are not in that room")),
+        }
+    }
+
+    /// Refuses unless `user` is or was in `room` (members keep reading what they saw).
+    async fn require_member_once(&self, room: &RoomId, user: &UserId) -> ApiResult<SortedState> {
+        let state = self
+            .state_of(room)
+            .await
+            .map_err(|_| ApiError::forbidden("you are not in that room"))?;
+        match self.membership(&state, user).await?.as_deref() {
+            Some("join" | "leave" | "ban") => Ok(state),
+            _ => Err(ApiError::forbidden("you are not in that room")),
+        }
+    }
+
+    /// Sends an event as the session's user and returns its id.
+    pub(super) async fn send_as(
+        &self,
+        s: &Session,
+        room: &RoomId,
+        kind: &str,
+        state_key: Option<&str>,
+        content: Value,
+    ) -> ApiResult<OwnedEventId> {
+        let r = self
+            .node
+            .send(room, s.user_id.localpart(), kind, state_key, content)
+            .await?;
+        Ok(r.event_id)
+    }
+
+    pub(super) async fn create_room(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::room::create_room::v3::{Request, RoomPreset};
+        use ruma::api::client::room::Visibility;
+        let r: Request = parse(req, &[])?;
+        let preset = match (&r.preset, &r.visibility) {
+            (Some(RoomPreset::PublicChat), _) => Preset::PublicChat,
+            (Some(RoomPreset::TrustedPrivateChat), _) => Preset::TrustedPrivateChat,
+            (Some(RoomPreset::PrivateChat), _) => Preset::PrivateChat,
+            (None, Visibility::Public) => Preset::PublicChat,
+            _ => Preset::PrivateChat,
+        };
+        let as_object = |raw: &str, what: &str| -> ApiResult<serde_json::Map<String, Value>> {
+            match serde_json::from_str(raw) {
+                Ok(Value::Object(o)) => Ok(o),
+                _ => Err(ApiError::bad_json(format!("{what} must be an object"))),
+            }
+        };
+        let mut initial_state = Vec::new();
+        for ev in &r.initial_state {
+            let v = as_object(ev.json().get(), "initial_state entries")?;
+            let kind = v.get("type").and_then(Value::as_str);
+            let content = v.get("content").filter(|c| c.is_object());
+            let (Some(kind), Some(content)) = (kind, content) else {
+                return Err(ApiError::bad_json(
+                    "initial_state entries need type and content",
+                ));
+            };
+            let key = v.get("state_key").and_then(Value::as_str).unwrap_or("");
+            initial_state.push((kind.to_owned(), key.to_owned(), content.clone()));
+        }
+        let alias = match &r.room_alias_name {
+            Some(name) => {
+                let alias = format!("#{name}:{}", self.node.server_name());
+                ruma::OwnedRoomAliasId::try_from(alias.as_str())
+                    .map_err(|e| ApiError::invalid_param(format!("bad alias: {e}")))?;
+                if self.data.alias(&alias).await?.is_some() {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "M_ROOM_IN_USE",
+                        "that alias is taken",
+                    ));
+                }
+                Some(alias)
+            }
+            None => None,
+        };
+        if let Some(alias) = &alias {
+            initial_state.push((
+                "m.room.canonical_alias".into(),
+                String::new(),
+                json!({"alias": alias}),
+            ));
+        }
+        let opts = CreateRoom {
+            preset,
+            room_version: r.room_version.clone(),
+            name: r.name.clone(),
+            topic: r.topic.clone(),
+            invite: r.invite.clone(),
+            is_direct: r.is_direct,
+            creation_content: match &r.creation_content {
+                Some(c) => as_object(c.json().get(), "creation_content")?,
+                None => Default::default(),
+            },
+            initial_state,
+            power_level_content_override: match &r.power_level_content_override {
+                Some(c) => Some(as_object(c.json().get(), "power_level_content_override")?),
+                None => None,
+            },
+        };
+        let room_id = self.node.create_room(s.user_id.localpart(), &opts).await?;
+        if let Some(alias) = alias {
+            self.data.put_alias(&alias, &room_id).await?;
+        }
+        ok(json!({ "room_id": room_id }))
+    }
+
+    pub(super) async fn join(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        target: &str,
+    ) -> ApiResult<ApiResponse> {
+        body_object(req)?;
+        let room = if target.starts_with('#') {
+            let id = self
+                .data
+                .alias(target)
+                .await?
+                .ok_or_else(|| ApiError::not_found("no room has that alias here"))?;
+            room_id(&id)?
+        } else {
+            room_id(target)?
+        };
+        let via: Vec<String> = super::url_query(req.uri().query().unwrap_or(""))
+            .into_iter()
+            .filter(|(k, _)| k == "via" || k == "server_name")
+            .map(|(_, v)| v)
+            .collect();
+        // All `via` values, not just the last: the query may repeat the key.
+        let mut via_all: Vec<String> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| *k == "via" || *k == "server_name")
+            .map(|(_, v)| {
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+            .collect();
+        via_all.extend(via);
+        via_all.dedup();
+        if let Some(state) = self.node.engine().current_state(&room).await? {
+            match self.membership(&state, &s.user_id).await?.as_deref() {
+                Some("join") => return ok(json!({ "room_id": room })),
+                Some("ban") => return Err(ApiError::forbidden("you are banned from that room")),
+                _ => {}
+            }
+            // Known here: the join is a local event, authorised like any other.
+            let mut content = json!({"membership": "join"});
+            self.add_profile(&s.user_id, &mut content).await?;
+            self.send_as(s, &room, "m.room.member", Some(s.user_id.as_str()), content)
+                .await?;
+            return ok(json!({ "room_id": room }));
+        }
+        // A room on other peers: join through one that is in it.
+        let mut peers = Vec::new();
+        for server in &via_all {
+            let parsed = <&ruma::ServerName>::try_from(server.as_str());
+            if let Some(name) = parsed.ok().and_then(|n| ServerName::try_from(n).ok()) {
+                peers.push(name.peer_id());
+            }
+        }
+        for invite in self.node.invites() {
+            if invite.room_id == room && invite.invitee == s.user_id {
+                peers.push(invite.from);
+                if let Ok(name) = ServerName::try_from(invite.sender.server_name()) {
+                    peers.push(name.peer_id());
+                }
+            }
+        }
+        if peers.is_empty() {
+            return Err(ApiError::not_found(
+                "this server does not know that room; give a `via` server that is in it",
+            ));
+        }
+        let mut last_error = None;
+        for peer in peers {
+            match self.node.join(&room, s.user_id.localpart(), peer).await {
+                Ok(_) => return ok(json!({ "room_id": room })),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error
+            .map(ApiError::from)
+            .unwrap_or_else(|| ApiError::not_found("no peer could let you in")))
+    }
+
+    pub(super) async fn invite(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+    ) -> ApiResult<ApiResponse> {
+        let body = body_object(req)?;
+        let invitee = body
+            .get("user_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad_json("user_id is required"))?;
+        let invitee = user_id(invitee)?;
+        let room = room_id(room)?;
+        self.require_joined(&room, &s.user_id).await?;
+        self.node
+            .invite(&room, s.user_id.localpart(), &invitee)
+            .await?;
+        ok(json!({}))
+    }
+
+    pub(super) async fn leave(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+    ) -> ApiResult<ApiResponse> {
+        let body = body_object(req)?;
+        let room = room_id(room)?;
+        let state = self.state_of(&room).await?;
+        match self.membership(&state, &s.user_id).await?.as_deref() {
+            Some("join" | "invite" | "knock") => {}
+            Some("leave") => return ok(json!({})),
+            _ => return Err(ApiError::forbidden("you are not in that room")),
+        }
+        let mut content = json!({"membership": "leave"});
+        if let Some(reason) = body.get("reason").and_then(Value::as_str) {
+            content["reason"] = reason.into();
+        }
+        self.send_as(s, &room, "m.room.member", Some(s.user_id.as_str()), content)
+            .await?;
+        ok(json!({}))
+    }
+
+    pub(super) async fn forget(&self, s: &Session, room: &str) -> ApiResult<ApiResponse> {
+        let room = room_id(room)?;
+        if let Some(state) = self.node.engine().current_state(&room).await? {
+            if matches!(
+                self.membership(&state, &s.user_id).await?.as_deref(),
+                Some("join" | "invite")
+            ) {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "M_UNKNOWN",
+                    "leave the room before forgetting it",
+                ));
+            }
+        }
+        self.data.forget(&s.user_id, &room).await?;
+        ok(json!({}))
+    }
+
+    pub(super) async fn moderate(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+        action: &str,
+    ) -> ApiResult<ApiResponse> {
+        let body = body_object(req)?;
+        let target = body
+            .get("user_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad_json("user_id is required"))?;
+        let target = user_id(target)?;
+        let room = room_id(room)?;
+        let state = self.require_joined(&room, &s.user_id).await?;
+        let current = self.membership(&state, &target).await?;
+        let membership = match action {
+            "kick" => {
+                if !matches!(current.as_deref(), Some("join" | "invite" | "knock")) {
+                    return Err(ApiError::forbidden("that user is not in the room"));
+                }
+                "leave"
+            }
+            "ban" => "ban",
+            _ => {
+                if current.as_deref() != Some("ban") {
+                    return Err(ApiError::forbidden("that user is not banned"));
+                }
+                "leave"
+            }
+        };
+        let mut content = json!({ "membership": membership });
+        if let Some(reason) = body.get("reason").and_then(Value::as_str) {
+            content["reason"] = reason.into();
+        }
+        self.send_as(s, &room, "m.room.member", Some(target.as_str()), content)
+            .await?;
+        ok(json!({}))
+    }
+
+    pub(super) async fn send_event(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+        kind: &str,
+        txn: &str,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::message::send_message_event::v3::Request;
+        let r: Request = parse(req, &[room, kind, txn])?;
+        let content: Value = serde_json::from_str(r.body.json().get())
+            .map_err(|e| ApiError::bad_json(e.to_string()))?;
+        if !content.is_object() {
+            return Err(ApiError::bad_json("event content must be an object"));
+        }
+        if let Some(id) = self.data.txn(s, txn).await? {
+            return ok(json!({ "event_id": id }));
+        }
+        self.require_joined(&r.room_id, &s.user_id).await?;
+        let id = self
+            .send_as(s, &r.room_id, &r.event_type.to_string(), None, content)
+            .await?;
+        self.data.put_txn(s, txn, &id).await?;
+        ok(json!({ "event_id": id }))
+    }
+
+    pub(super) async fn put_state(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+        kind: &str,
+        key: &str,
+    ) -> ApiResult<ApiResponse> {
+        let content = body_object(req)?;
+        let room = room_id(room)?;
+        let mut content = Value::Object(content);
+        if kind == "m.room.member" {
+            if let Ok(target) = OwnedUserId::try_from(key) {
+                if target == s.user_id && content["membership"] == "join" {
+                    self.add_profile(&s.user_id, &mut content).await?;
+                }
+            }
+        }
+        self.require_joined(&room, &s.user_id).await?;
+        let id = self.send_as(s, &room, kind, Some(key), content).await?;
+        ok(json!({ "event_id": id }))
+    }
+
+    pub(super) async fn get_state(
+        &self,
+        s: &Session,
+        room: &str,
+        which: Option<(&str, &str)>,
+    ) -> ApiResult<ApiResponse> {
+        let room = room_id(room)?;
+        let state = self.require_member_once(&room, &s.user_id).await?;
+        let engine = self.node.engine();
+        match which {
+            Some((kind, key)) => {
+                let id = state
+                    .get(&(kind.to_owned(), key.to_owned()))
+                    .ok_or_else(|| ApiError::not_found("no such state event"))?;
+                let ev = engine
+                    .event(id)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("no such state event"))?;
+                let content: Value = serde_json::from_str(ev.pdu.content.get())
+                    .map_err(|e| ApiError::unknown(e.to_string()))?;
+                ok(content)
+            }
+            None => {
+                let mut out = Vec::with_capacity(state.len());
+                for id in state.values() {
+                    if let Some(ev) = engine.event(id).await? {
+                        out.push(format_event(engine, &ev, None, now()).await?);
+                    }
+                }
+                ok(Value::Array(out))
+            }
+        }
+    }
+
+    pub(super) async fn get_event(
+        &self,
+        s: &Session,
+        room: &str,
+        event: &str,
+    ) -> ApiResult<ApiResponse> {
+        let room = room_id(room)?;
+        let event = event_id(event)?;
+        self.require_member_once(&room, &s.user_id).await?;
+        let ev = self.visible_event(&room, &event).await?;
+        let txn = self.data.txn_of(s, &ev).await?;
+        ok(format_event(self.node.engine(), &ev, txn, now()).await?)
+    }
+
+    async fn visible_event(
+        &self,
+        room: &RoomId,
+        event: &ruma::EventId,
+    ) -> ApiResult<std::sync::Arc<StoredEvent>> {
+        match self.node.engine().event(event).await? {
+            Some(ev) if ev.pdu.room_id == room && ev.stream.is_some() => Ok(ev),
+            _ => Err(ApiError::not_found("no such event in that room")),
+        }
+    }
+
+    pub(super) async fn context(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+        event: &str,
+    ) -> ApiResult<ApiResponse> {
+        let room = room_id(room)?;
+        let event = event_id(event)?;
+        let limit = super::url_query(req.uri().query().unwrap_or(""))
+            .get("limit")
+            .map(|l| l.parse::<usize>())
+            .transpose()
+            .map_err(|_| ApiError::invalid_param("limit must be a number"))?
+            .unwrap_or(10)
+            .min(100);
+        let state = self.require_member_once(&room, &s.user_id).await?;
+        let ev = self.visible_event(&room, &event).await?;
+        let stream = ev.stream.expect("visible events are in the timeline");
+        let engine = self.node.engine();
+        let before_n = limit / 2;
+        let after_n = limit - before_n;
+        let before = engine
+            .timeline(&room, Some(stream), Direction::Backward, before_n)
+            .await?;
+        let after = engine
+            .timeline(&room, Some(stream), Direction::Forward, after_n)
+            .await?;
+        let mut fmt = Vec::new();
+        for e in before.iter().chain(after.iter()) {
+            fmt.push(self.client_format(s, e).await?);
+        }
+        let (before_fmt, after_fmt) = fmt.split_at(before.len());
+        let start = before.last().and_then(|e| e.stream).unwrap_or(stream);
+        let end = after
+            .last()
+            .and_then(|e| e.stream)
+            .map(|s| s + 1)
+            .unwrap_or(stream + 1);
+        let mut state_events = Vec::new();
+        for id in state.values() {
+            if let Some(e) = engine.event(id).await? {
+                state_events.push(format_event(engine, &e, None, now()).await?);
+            }
+        }
+        ok(json!({
+            "event": self.client_format(s, &ev).await?,
+            "events_before": before_fmt,
+            "events_after": after_fmt,
+            "start": format!("t{start}"),
+            "end": format!("t{end}"),
+            "state": state_events,
+        }))
+    }
+
+    /// The client format of `ev` for the session (with its transaction id if it sent it).
+    pub(super) async fn client_format(&self, s: &Session, ev: &StoredEvent) -> ApiResult<Value> {
+        let txn = self.data.txn_of(s, ev).await?;
+        Ok(format_event(self.node.engine(), ev, txn, now()).await?)
+    }
+
+    pub(super) async fn redact(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+        event: &str,
+        txn: &str,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::redact::redact_event::v3::Request;
+        let r: Request = parse(req, &[room, event, txn])?;
+        if let Some(id) = self.data.txn(s, txn).await? {
+            return ok(json!({ "event_id": id }));
+        }
+        self.require_joined(&r.room_id, &s.user_id).await?;
+        let target = self.visible_event(&r.room_id, &r.event_id).await?;
+        if target.pdu.sender != s.user_id {
+            let state = self.state_of(&r.room_id).await?;
+            let engine = self.node.engine();
+            let have = super::events::power_level(engine, &state, &s.user_id).await?;
+            let need = super::events::required_level(engine, &state, "redact", 50).await?;
+            if have < need {
+                return Err(ApiError::forbidden(
+                    "you may only redact your own events here",
+                ));
+            }
+        }
+        let mut content = json!({ "redacts": r.event_id });
+        if let Some(reason) = &r.reason {
+            content["reason"] = reason.as_str().into();
+        }
+        // Room versions before 11 carry `redacts` at the top level; the engine reads either.
+        let id = self
+            .send_as(s, &r.room_id, "m.room.redaction", None, content)
+            .await?;
+        self.data.put_txn(s, txn, &id).await?;
+        ok(json!({ "event_id": id }))
+    }
+
+    pub(super) async fn members(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+    ) -> ApiResult<ApiResponse> {
+        let room = room_id(room)?;
+        let q = super::url_query(req.uri().query().unwrap_or(""));
+        let state = self.require_member_once(&room, &s.user_id).await?;
+        let engine = self.node.engine();
+        let mut out = Vec::new();
+        for ((kind, _), id) in &state {
+            if kind != "m.room.member" {
+                continue;
+            }
+            let Some(ev) = engine.event(id).await? else {
+                continue;
+            };
+            let m = membership_of(&ev).unwrap_or_default();
+            if q.get("membership").is_some_and(|want| *want != m)
+                || q.get("not_membership").is_some_and(|not| *not == m)
+            {
+                continue;
+            }
+            out.push(format_event(engine, &ev, None, now()).await?);
+        }
+        ok(json!({ "chunk": out }))
+    }
+
+    pub(super) async fn joined_members(&self, s: &Session, room: &str) -> ApiResult<ApiResponse> {
+        let room = room_id(room)?;
+        let state = self.require_joined(&room, &s.user_id).await?;
+        let engine = self.node.engine();
+        let mut joined = serde_json::Map::new();
+        for ((kind, key), id) in &state {
+            if kind != "m.room.member" {
+                continue;
+            }
+            let Some(ev) = engine.event(id).await? else {
+                continue;
+            };
+            if membership_of(&ev).as_deref() != Some("join") {
+                continue;
+            }
+            let c: Value = serde_json::from_str(ev.pdu.content.get()).unwrap_or(Value::Null);
+            joined.insert(
+                key.clone(),
+                json!({"display_name": c["displayname"], "avatar_url": c["avatar_url"]}),
+            );
+        }
+        ok(json!({ "joined": joined }))
+    }
+
+    /// Rooms `user` is joined to.
+    pub(super) async fn joined_room_ids(&self, user: &UserId) -> ApiResult<Vec<OwnedRoomId>> {
+        let mut out = Vec::new();
+        for room in self.node.engine().rooms().await? {
+            let Some(state) = self.node.engine().current_state(&room).await? else {
+                continue;
+            };
+            if self.membership(&state, user).await?.as_deref() == Some("join") {
+                out.push(room);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn joined_rooms(&self, s: &Session) -> ApiResult<ApiResponse> {
+        ok(json!({ "joined_rooms": self.joined_room_ids(&s.user_id).await? }))
+    }
+
+    pub(super) async fn messages(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::message::get_message_events::v3::Request;
+        let r: Request = parse(req, &[room])?;
+        self.require_member_once(&r.room_id, &s.user_id).await?;
+        let filter = EventFilter::from_value(
+            &serde_json::to_value(&r.filter).map_err(|e| ApiError::bad_json(e.to_string()))?,
+        );
+        let backward = r.dir == ruma::api::Direction::Backward;
+        let limit = u64::from(r.limit).clamp(1, 1000) as usize;
+        let engine = self.node.engine();
+        // Positions are exclusive bounds: events below `from` come before it.
+        let from = match &r.from {
+            Some(t) => parse_position(t)?,
+            None if backward => engine.stream_position().await,
+            None => 0,
+        };
+        let to = r.to.as_deref().map(parse_position).transpose()?;
+        let mut chunk = Vec::new();
+        let mut cursor = from;
+        let mut exhausted = false;
+        // Filtered-out events still advance the cursor; read in pages until the chunk is full.
+        while chunk.len() < limit && !exhausted {
+            let page = if backward {
+                engine
+                    .timeline(&r.room_id, Some(cursor), Direction::Backward, limit)
+                    .await?
+            } else {
+                engine
+                    .timeline(
+                        &r.room_id,
+                        Some(cursor.saturating_sub(1)),
+                        Direction::Forward,
+                        limit,
+                    )
+                    .await?
+            };
+            exhausted = page.len() < limit;
+            for ev in page {
+                let pos = ev.stream.expect("timeline events have positions");
+                let past_to = match (to, backward) {
+                    (Some(t), true) => pos < t,
+                    (Some(t), false) => pos >= t,
+                    _ => false,
+                };
+                if past_to {
+                    exhausted = true;
+                    break;
+                }
+                cursor = if backward { pos } else { pos + 1 };
+                if filter.matches(&ev) {
+                    chunk.push(self.client_format(s, &ev).await?);
+                    if chunk.len() == limit {
+                        break;
+                    }
+                }
+            }
+        }
+        let mut out = json!({
+            "chunk": chunk,
+            "start": format!("t{from}"),
+        });
+        if !exhausted {
+            out["end"] = format!("t{cursor}").into();
+        }
+        ok(out)
+    }
+
+    pub(super) async fn relations(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+        event: &str,
+        rest: &[&str],
+    ) -> ApiResult<ApiResponse> {
+        let room = room_id(room)?;
+        let event = event_id(event)?;
+        self.require_member_once(&room, &s.user_id).await?;
+        self.visible_event(&room, &event).await?;
+        let q = super::url_query(req.uri().query().unwrap_or(""));
+        let limit = q
+            .get("limit")
+            .map(|l| l.parse::<usize>())
+            .transpose()
+            .map_err(|_| ApiError::invalid_param("limit must be a number"))?
+            .unwrap_or(50)
+            .clamp(1, 1000);
+        let rel_type = rest.first().copied();
+        let event_type = rest.get(1).copied();
+        let mut chunk = Vec::new();
+        for ev in self.node.engine().relations(&event).await? {
+            if ev.pdu.redacts.is_some() || ev.pdu.room_id != room {
+                continue;
+            }
+            let c: Value = serde_json::from_str(ev.pdu.content.get()).unwrap_or(Value::Null);
+            let rel = &c["m.relates_to"];
+            if rel_type.is_some_and(|t| rel["rel_type"].as_str() != Some(t))
+                || event_type.is_some_and(|t| ev.pdu.kind.to_string() != t)
+            {
+                continue;
+            }
+            chunk.push(self.client_format(s, &ev).await?);
+        }
+        if q.get("dir").map(String::as_str) != Some("f") {
+            chunk.reverse();
+        }
+        chunk.truncate(limit);
+        ok(json!({ "chunk": chunk }))
+    }
+
+    pub(super) async fn put_alias(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        alias: &str,
+    ) -> ApiResult<ApiResponse> {
+        let body = body_object(req)?;
+        let room = body
+            .get("room_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad_json("room_id is required"))?;
+        let room = room_id(room)?;
+        let parsed = ruma::OwnedRoomAliasId::try_from(alias)
+            .map_err(|e| ApiError::invalid_param(format!("bad alias: {e}")))?;
+        if parsed.server_name().as_str() != self.node.server_name().to_string() {
+            return Err(ApiError::invalid_param("aliases must be on this server"));
+        }
+        self.require_joined(&room, &s.user_id).await?;
+        if self.data.alias(alias).await?.is_some() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "M_UNKNOWN",
+                "that alias is taken",
+            ));
+        }
+        self.data.put_alias(alias, &room).await?;
+        ok(json!({}))
+    }
+
+    pub(super) async fn get_alias(&self, alias: &str) -> ApiResult<ApiResponse> {
+        let room = self
+            .data
+            .alias(alias)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no room has that alias here"))?;
+        ok(json!({ "room_id": room, "servers": [self.node.server_name().to_string()] }))
+    }
+
+    pub(super) async fn delete_alias(&self, s: &Session, alias: &str) -> ApiResult<ApiResponse> {
+        let room = self
+            .data
+            .alias(alias)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no room has that alias here"))?;
+        self.require_joined(&room_id(&room)?, &s.user_id).await?;
+        self.data.delete_alias(alias).await?;
+        ok(json!({}))
+    }
+}

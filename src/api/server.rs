@@ -1,0 +1,49 @@
+//! The Client-Server API over HTTP (`hyphae-node --http`), with CORS so web clients on other
+//! origins can use it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, State};
+
+use super::error::ApiError;
+use super::{Caller, ClientApi, MAX_BODY_BYTES};
+
+/// Serves `api` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    api: Arc<ClientApi>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().fallback(handle).with_state(api);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+async fn handle(
+    State(api): State<Arc<ClientApi>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b.to_vec(),
+        Err(_) => {
+            let e = ApiError::too_large(MAX_BODY_BYTES);
+            let mut resp = super::json_response(e.status, &e.body());
+            super::add_cors(&mut resp);
+            return resp.map(axum::body::Body::from);
+        }
+    };
+    let caller = Caller {
+        local: addr.ip().is_loopback(),
+    };
+    let resp = api
+        .handle(http::Request::from_parts(parts, body), caller)
+        .await;
+    resp.map(axum::body::Body::from)
+}

@@ -1,0 +1,518 @@
+//! `/sync`: what changed for a user since a token, long-polled on the node's change notifier.
+//!
+//! A sync token is `s<event position>_<client-data position>_<typing serial>`: every event
+//! below the first position, every client-data change below the second and every typing change
+//! up to the third was already delivered. `/messages` tokens are `t<event position>`; a sync
+//! token works there too (its event position counts).
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use ruma::RoomId;
+use serde_json::{json, Value};
+
+use super::accounts::Session;
+use super::error::{ApiError, ApiResult};
+use super::events::{membership_of, stripped};
+use super::{
+    now, ok, parse, ApiRequest, ApiResponse, ClientApi, Duration, Instant, MAX_SYNC_TIMEOUT,
+};
+use crate::engine::pdu::StoredEvent;
+use crate::engine::SortedState;
+use crate::net::rt;
+use crate::store::Direction;
+
+/// Timeline events per room when the filter names no limit.
+const DEFAULT_TIMELINE_LIMIT: usize = 10;
+/// How far back unread counts look.
+const UNREAD_SCAN_LIMIT: usize = 100;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct SyncToken {
+    events: u64,
+    client: u64,
+    typing: u64,
+}
+
+impl SyncToken {
+    fn parse(s: &str) -> ApiResult<Self> {
+        let bad = || ApiError::invalid_param(format!("`{s}` is not a sync token of this server"));
+        let rest = s.strip_prefix('s').ok_or_else(bad)?;
+        let mut parts = rest.split('_').map(|p| p.parse::<u64>().map_err(|_| bad()));
+        let token = Self {
+            events: parts.next().ok_or_else(bad)??,
+            client: parts.next().ok_or_else(bad)??,
+            typing: parts.next().ok_or_else(bad)??,
+        };
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(token)
+    }
+
+    fn render(&self) -> String {
+        format!("s{}_{}_{}", self.events, self.client, self.typing)
+    }
+}
+
+/// The event position of a `/messages` or sync token.
+pub fn parse_position(token: &str) -> ApiResult<u64> {
+    if let Some(n) = token.strip_prefix('t') {
+        return n
+            .parse()
+            .map_err(|_| ApiError::invalid_param(format!("`{token}` is not a pagination token")));
+    }
+    Ok(SyncToken::parse(token)?.events)
+}
+
+/// The parts of a room event filter this server applies.
+#[derive(Debug, Default, Clone)]
+pub struct EventFilter {
+    pub limit: Option<usize>,
+    types: Option<Vec<String>>,
+    not_types: Vec<String>,
+    senders: Option<Vec<String>>,
+    not_senders: Vec<String>,
+    pub lazy_load_members: bool,
+}
+
+fn strings(v: &Value) -> Option<Vec<String>> {
+    v.as_array().map(|a| {
+        a.iter()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    })
+}
+
+/// Matrix type patterns: exact, or a prefix ending in `*`.
+fn type_matches(pattern: &str, kind: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => kind.starts_with(prefix),
+        None => pattern == kind,
+    }
+}
+
+impl EventFilter {
+    pub fn from_value(v: &Value) -> Self {
+        Self {
+            limit: v["limit"].as_u64().map(|l| l as usize),
+            types: strings(&v["types"]),
+            not_types: strings(&v["not_types"]).unwrap_or_default(),
+            senders: strings(&v["senders"]),
+            not_senders: strings(&v["not_senders"]).unwrap_or_default(),
+            lazy_load_members: v["lazy_load_members"].as_bool().unwrap_or(false),
+        }
+    }
+
+    pub fn matches(&self, ev: &StoredEvent) -> bool {
+        let kind = ev.pdu.kind.to_string();
+        let sender = ev.pdu.sender.as_str();
+        self.types
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|p| type_matches(p, &kind)))
+            && !self.not_types.iter().any(|p| type_matches(p, &kind))
+            && self
+                .senders
+                .as_ref()
+                .is_none_or(|s| s.iter().any(|x| x == sender))
+            && !self.not_senders.iter().any(|x| x == sender)
+    }
+}
+
+/// What one pass of `/sync` found.
+struct Delta {
+    body: Value,
+    empty: bool,
+}
+
+impl ClientApi {
+    pub(super) async fn sync(&self, req: &ApiRequest, s: &Session) -> ApiResult<ApiResponse> {
+        use ruma::api::client::sync::sync_events::v3::{Filter, Request};
+        let r: Request = parse(req, &[])?;
+        let filter = match &r.filter {
+            None => json!({}),
+            Some(Filter::FilterDefinition(f)) => {
+                serde_json::to_value(f).map_err(|e| ApiError::bad_json(e.to_string()))?
+            }
+            Some(Filter::FilterId(id)) => self
+                .data
+                .filter(&s.user_id, id)
+                .await?
+                .ok_or_else(|| ApiError::invalid_param(format!("no filter {id}")))?,
+            Some(_) => json!({}),
+        };
+        let since = r.since.as_deref().map(SyncToken::parse).transpose()?;
+        let timeout = r.timeout.unwrap_or(Duration::ZERO).min(MAX_SYNC_TIMEOUT);
+        let deadline = Instant::now() + timeout;
+        let mut changes = self.node.changes();
+        loop {
+            changes.borrow_and_update();
+            let delta = self.sync_once(s, since, &filter, r.full_state).await?;
+            let now = Instant::now();
+            if since.is_none() || r.full_state || !delta.empty || now >= deadline {
+                return ok(delta.body);
+            }
+            // Woken by any change on this node; a pass that finds nothing for this user waits again.
+            if rt::timeout(deadline - now, changes.changed())
+                .await
+                .is_none()
+            {
+                return ok(delta.body);
+            }
+        }
+    }
+
+    async fn sync_once(
+        &self,
+        s: &Session,
+        since: Option<SyncToken>,
+        filter: &Value,
+        full_state: bool,
+    ) -> ApiResult<Delta> {
+        let engine = self.node.engine();
+        let mut next = SyncToken {
+            events: engine.stream_position().await,
+            client: self.data.position(),
+            typing: self.typing_serial.load(Ordering::SeqCst),
+        };
+        let mut from = since.unwrap_or_default();
+        if from.typing > next.typing {
+            // The typing serial restarts with the node.
+            from.typing = 0;
+        }
+        let room_filter = &filter["room"];
+        let timeline_filter = EventFilter::from_value(&room_filter["timeline"]);
+        let lazy_members = EventFilter::from_value(&room_filter["state"]).lazy_load_members;
+        let include_leave = room_filter["include_leave"].as_bool().unwrap_or(false);
+        let account = self
+            .data
+            .account_data_since(&s.user_id, from.client)
+            .await?;
+
+        let mut join = serde_json::Map::new();
+        let mut invite = serde_json::Map::new();
+        let mut leave = serde_json::Map::new();
+        let mut known_rooms = HashSet::new();
+        for room in engine.rooms().await? {
+            let Some(state) = engine.current_state(&room).await? else {
+                continue;
+            };
+            let Some(member) = self.member_event(&state, &s.user_id).await? else {
+                continue;
+            };
+            known_rooms.insert(room.clone());
+            if self.data.forgotten(&s.user_id, &room).await? {
+                continue;
+            }
+            let member_pos = member.stream.unwrap_or(0);
+            let changed_membership = since.is_some() && member_pos >= from.events;
+            match membership_of(&member).as_deref() {
+                Some("join") => {
+                    let fresh = since.is_none() || full_state || changed_membership;
+                    let entry = self
+                        .joined_room(
+                            s,
+                            &room,
+                            &state,
+                            from,
+                            fresh,
+                            &timeline_filter,
+                            lazy_members,
+                            &account,
+                        )
+                        .await?;
+                    if let Some(entry) = entry {
+                        join.insert(room.to_string(), entry);
+                    }
+                }
+                Some("invite") if since.is_none() || changed_membership => {
+                    invite.insert(
+                        room.to_string(),
+                        json!({"invite_state": {"events": self.invite_state(&state, &member).await?}}),
+                    );
+                }
+                Some("leave" | "ban")
+                    if changed_membership || (since.is_none() && include_leave) =>
+                {
+                    let event = self.client_format(s, &member).await?;
+                    leave.insert(
+                        room.to_string(),
+                        json!({"timeline": {"events": [event], "limited": false}, "state": {"events": []}}),
+                    );
+                }
+                _ => {}
+            }
+        }
+        // Invites to rooms this peer does not hold yet, handed over by the inviter's peer.
+        for inv in self.node.invites() {
+            if inv.invitee != s.user_id || known_rooms.contains(&inv.room_id) {
+                continue;
+            }
+            let seen = self
+                .seen_invites
+                .lock()
+                .expect("invites lock")
+                .get(&inv.event_id)
+                .copied();
+            let pos = match seen {
+                Some(p) => p,
+                None => {
+                    let p = self.data.bump().await?;
+                    self.seen_invites
+                        .lock()
+                        .expect("invites lock")
+                        .insert(inv.event_id.clone(), p);
+                    next.client = self.data.position();
+                    p
+                }
+            };
+            if since.is_some() && pos < from.client {
+                continue;
+            }
+            let member = json!({
+                "type": "m.room.member", "state_key": inv.invitee, "sender": inv.sender,
+                "content": {"membership": "invite"}, "event_id": inv.event_id,
+                "origin_server_ts": now(),
+            });
+            invite.insert(
+                inv.room_id.to_string(),
+                json!({"invite_state": {"events": [member]}}),
+            );
+        }
+
+        let mut global_account = Vec::new();
+        for (room, kind, content) in &account {
+            if room.is_none() {
+                global_account.push(json!({"type": kind, "content": content}));
+            }
+        }
+        if since.is_none() {
+            let rules = ruma::push::Ruleset::server_default(&s.user_id);
+            global_account.push(json!({"type": "m.push_rules", "content": {"global": rules}}));
+        }
+        let to_device = self.data.to_device(s, from.client).await?;
+        let otk_counts = self
+            .data
+            .one_time_key_counts(&s.user_id, s.device_id.as_str())
+            .await?;
+        let empty = join.is_empty()
+            && invite.is_empty()
+            && leave.is_empty()
+            && global_account.is_empty()
+            && to_device.is_empty();
+        let body = json!({
+            "next_batch": next.render(),
+            "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
+            "account_data": {"events": global_account},
+            "presence": {"events": []},
+            "to_device": {"events": to_device},
+            "device_lists": {"changed": [], "left": []},
+            "device_one_time_keys_count": otk_counts,
+        });
+        Ok(Delta { body, empty })
+    }
+
+    /// A joined room's part of a sync response, or `None` if nothing changed in it.
+    #[allow(clippy::too_many_arguments)]
+    async fn joined_room(
+        &self,
+        s: &Session,
+        room: &RoomId,
+        state: &SortedState,
+        from: SyncToken,
+        fresh: bool,
+        filter: &EventFilter,
+        lazy_members: bool,
+        account: &[(Option<String>, String, Value)],
+    ) -> ApiResult<Option<Value>> {
+        let engine = self.node.engine();
+        let limit = filter
+            .limit
+            .unwrap_or(DEFAULT_TIMELINE_LIMIT)
+            .clamp(1, 1000);
+        let lower = if fresh { 0 } else { from.events };
+        // Newest first, until the limit or the previous sync's position.
+        let mut timeline: Vec<Arc<StoredEvent>> = Vec::new();
+        let mut cursor = None;
+        let mut limited = false;
+        'pages: loop {
+            let page = engine
+                .timeline(room, cursor, Direction::Backward, limit)
+                .await?;
+            let exhausted = page.len() < limit;
+            for ev in page {
+                let pos = ev.stream.expect("timeline events have positions");
+                if pos < lower {
+                    break 'pages;
+                }
+                cursor = Some(pos);
+                if filter.matches(&ev) {
+                    if timeline.len() == limit {
+                        limited = true;
+                        break 'pages;
+                    }
+                    timeline.push(ev);
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        timeline.reverse();
+        let first_pos = timeline.first().and_then(|e| e.stream);
+
+        // State up to the start of the timeline: all of it for a fresh room, else what changed
+        // in the gap a limited timeline skipped.
+        let mut state_events = Vec::new();
+        if fresh || limited {
+            let at_start = match timeline.first() {
+                Some(first) => engine
+                    .state_before(&first.pdu.event_id)
+                    .await?
+                    .unwrap_or_else(|| state.clone()),
+                None => state.clone(),
+            };
+            let senders: HashSet<String> = timeline
+                .iter()
+                .map(|e| e.pdu.sender.to_string())
+                .chain([s.user_id.to_string()])
+                .collect();
+            for ((kind, key), id) in &at_start {
+                if lazy_members && kind == "m.room.member" && !senders.contains(key) {
+                    continue;
+                }
+                let Some(ev) = engine.event(id).await? else {
+                    continue;
+                };
+                if !fresh && ev.stream.is_some_and(|p| p < from.events) {
+                    continue;
+                }
+                state_events.push(self.client_format(s, &ev).await?);
+            }
+        }
+
+        let mut ephemeral = Vec::new();
+        let (typing_serial, typing_users) = self.typing_in(room);
+        if typing_serial > from.typing || (fresh && !typing_users.is_empty()) {
+            ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": typing_users}}));
+        }
+        let receipts_from = if fresh { 0 } else { from.client };
+        if let Some(content) = self.data.receipts_since(room, receipts_from).await? {
+            ephemeral.push(json!({"type": "m.receipt", "content": content}));
+        }
+        let room_account: Vec<Value> = account
+            .iter()
+            .filter(|(r, _, _)| r.as_deref() == Some(room.as_str()))
+            .map(|(_, kind, content)| json!({"type": kind, "content": content}))
+            .collect();
+
+        if timeline.is_empty()
+            && state_events.is_empty()
+            && ephemeral.is_empty()
+            && room_account.is_empty()
+            && !fresh
+        {
+            return Ok(None);
+        }
+        let mut events = Vec::with_capacity(timeline.len());
+        for ev in &timeline {
+            events.push(self.client_format(s, ev).await?);
+        }
+        let prev_batch = format!("t{}", first_pos.unwrap_or(from.events.max(1)));
+        Ok(Some(json!({
+            "timeline": {"events": events, "limited": limited, "prev_batch": prev_batch},
+            "state": {"events": state_events},
+            "ephemeral": {"events": ephemeral},
+            "account_data": {"events": room_account},
+            "summary": self.summary(state, s).await?,
+            "unread_notifications": {
+                "notification_count": self.unread_count(room, s).await?,
+                "highlight_count": 0,
+            },
+        })))
+    }
+
+    /// Heroes and member counts, so clients can name rooms without a name.
+    async fn summary(&self, state: &SortedState, s: &Session) -> ApiResult<Value> {
+        let engine = self.node.engine();
+        let (mut joined, mut invited, mut heroes) = (0, 0, Vec::new());
+        for ((kind, key), id) in state {
+            if kind != "m.room.member" {
+                continue;
+            }
+            let Some(ev) = engine.event(id).await? else {
+                continue;
+            };
+            match membership_of(&ev).as_deref() {
+                Some("join") => joined += 1,
+                Some("invite") => invited += 1,
+                _ => continue,
+            }
+            if key != s.user_id.as_str() && heroes.len() < 5 {
+                heroes.push(key.clone());
+            }
+        }
+        Ok(json!({
+            "m.heroes": heroes,
+            "m.joined_member_count": joined,
+            "m.invited_member_count": invited,
+        }))
+    }
+
+    /// Messages from others after the user's read receipt (looking back a bounded distance).
+    async fn unread_count(&self, room: &RoomId, s: &Session) -> ApiResult<u64> {
+        let read = self.data.receipt_of(room, &s.user_id).await?;
+        let recent = self
+            .node
+            .engine()
+            .timeline(room, None, Direction::Backward, UNREAD_SCAN_LIMIT)
+            .await?;
+        let mut n = 0;
+        for ev in recent {
+            if read.as_deref() == Some(ev.pdu.event_id.as_str()) || ev.pdu.sender == s.user_id {
+                break;
+            }
+            let kind = ev.pdu.kind.to_string();
+            if kind == "m.room.message" || kind == "m.room.encrypted" {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Stripped state an invitee sees: enough to name the room and know who invited them.
+    async fn invite_state(
+        &self,
+        state: &SortedState,
+        member: &StoredEvent,
+    ) -> ApiResult<Vec<Value>> {
+        let engine = self.node.engine();
+        let mut out = Vec::new();
+        for kind in [
+            "m.room.create",
+            "m.room.join_rules",
+            "m.room.name",
+            "m.room.topic",
+            "m.room.avatar",
+            "m.room.canonical_alias",
+            "m.room.encryption",
+        ] {
+            if let Some(id) = state.get(&(kind.to_owned(), String::new())) {
+                if let Some(ev) = engine.event(id).await? {
+                    out.push(stripped(&ev));
+                }
+            }
+        }
+        if let Some(id) = state.get(&("m.room.member".to_owned(), member.pdu.sender.to_string())) {
+            if let Some(ev) = engine.event(id).await? {
+                out.push(stripped(&ev));
+            }
+        }
+        let mut own = stripped(member);
+        own["event_id"] = member.pdu.event_id.as_str().into();
+        own["origin_server_ts"] = json!(member.pdu.origin_server_ts);
+        out.push(own);
+        Ok(out)
+    }
+}

@@ -1,0 +1,890 @@
+//! Per-user data of the Client-Server API, in the store's `client_data` table:
+//!
+//! - `acct\0<user>\0<room or empty>\0<type>` → `{"pos", "content"}` account data
+//! - `filter\0<user>\0<id>` → a stored sync filter
+//! - `txn\0<user>\0<device>\0<txn id>` → event id; `txnev\0<event id>` → `{"device", "txn"}`
+//! - `alias\0<alias>` → room id
+//! - `receipt\0<room>\0<user>\0<type>` → `{"pos", "event_id", "ts", "thread_id"}`
+//! - `keys\0<user>\0<device>` → device keys; `otk\0<user>\0<device>\0<key id>` → one-time key
+//! - `todev\0<user>\0<device>\0<pos>` → a to-device message, until the device syncs past it
+//! - `forgot\0<user>\0<room>` → a room the user forgot
+//!
+//! Every change takes the next position of one counter (`client_stream` in `meta`), so `/sync`
+//! can ask for "what changed since position N" with one number.
+
+use futures::lock::Mutex;
+use ruma::{EventId, OwnedRoomId, RoomId, UserId};
+use serde_json::{json, Value};
+
+use super::accounts::Session;
+use super::error::{ApiError, ApiResult};
+use super::events::membership_of;
+use super::{body_object, now_ms, ok, parse, ApiRequest, ApiResponse, ClientApi};
+use crate::engine::pdu::StoredEvent;
+use crate::store::{Direction, Entry, KeyRange, SharedStore, Table, WriteBatch};
+
+const CLIENT_STREAM_KEY: &[u8] = b"client_stream";
+
+pub struct UserData {
+    store: SharedStore,
+    /// The next position; every position below it is durable.
+    next: Mutex<u64>,
+    /// A copy of `next` readable without waiting for a writer.
+    visible: std::sync::atomic::AtomicU64,
+}
+
+fn key(parts: &[&str]) -> Vec<u8> {
+    parts.join("\0").into_bytes()
+}
+
+fn prefix(parts: &[&str]) -> Vec<u8> {
+    let mut k = key(parts);
+    k.push(0);
+    k
+}
+
+fn decode(v: &[u8]) -> ApiResult<Value> {
+    serde_json::from_slice(v).map_err(|e| ApiError::unknown(format!("stored client data: {e}")))
+}
+
+impl UserData {
+    pub async fn open(store: SharedStore) -> ApiResult<Self> {
+        let next = match store.get(Table::Meta, CLIENT_STREAM_KEY).await? {
+            Some(raw) => u64::from_be_bytes(
+                raw.as_slice()
+                    .try_into()
+                    .map_err(|_| ApiError::unknown("client stream counter is not 8 bytes"))?,
+            ),
+            None => 1,
+        };
+        Ok(Self {
+            store,
+            next: Mutex::new(next),
+            visible: std::sync::atomic::AtomicU64::new(next),
+        })
+    }
+
+    /// Every change below this position is durable.
+    pub fn position(&self) -> u64 {
+        self.visible.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Writes what `build` puts in a batch, handing it the position of this change.
+    async fn write_at(&self, build: impl FnOnce(u64, &mut WriteBatch)) -> ApiResult<u64> {
+        let mut next = self.next.lock().await;
+        let pos = *next;
+        let mut batch = WriteBatch::new();
+        build(pos, &mut batch);
+        batch.put(Table::Meta, CLIENT_STREAM_KEY, (pos + 1).to_be_bytes());
+        self.store.write(batch).await?;
+        *next = pos + 1;
+        self.visible
+            .store(pos + 1, std::sync::atomic::Ordering::SeqCst);
+        Ok(pos)
+    }
+
+    async fn get(&self, k: &[u8]) -> ApiResult<Option<Value>> {
+        match self.store.get(Table::ClientData, k).await? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn scan(&self, p: &[u8]) -> ApiResult<Vec<Entry>> {
+        Ok(self
+            .store
+            .scan(
+                Table::ClientData,
+                KeyRange::prefix(p),
+                Direction::Forward,
+                usize::MAX,
+            )
+            .await?)
+    }
+
+    pub async fn put_account_data(
+        &self,
+        user: &UserId,
+        room: Option<&RoomId>,
+        kind: &str,
+        content: Value,
+    ) -> ApiResult<()> {
+        let k = key(&["acct", user.as_str(), room.map_or("", |r| r.as_str()), kind]);
+        self.write_at(|pos, b| {
+            b.put(
+                Table::ClientData,
+                k,
+                json!({"pos": pos, "content": content}).to_string(),
+            )
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn account_data(
+        &self,
+        user: &UserId,
+        room: Option<&RoomId>,
+        kind: &str,
+    ) -> ApiResult<Option<Value>> {
+        let k = key(&["acct", user.as_str(), room.map_or("", |r| r.as_str()), kind]);
+        Ok(self.get(&k).await?.map(|v| v["content"].clone()))
+    }
+
+    /// `(room or None, type, content)` of the user's account data changed at or after `since`.
+    pub async fn account_data_since(
+        &self,
+        user: &UserId,
+        since: u64,
+    ) -> ApiResult<Vec<(Option<String>, String, Value)>> {
+        let p = prefix(&["acct", user.as_str()]);
+        let mut out = Vec::new();
+        for (k, v) in self.scan(&p).await? {
+            let v = decode(&v)?;
+            if v["pos"].as_u64().unwrap_or(0) < since {
+                continue;
+            }
+            let rest = String::from_utf8_lossy(&k[p.len()..]).into_owned();
+            let (room, kind) = rest.split_once('\0').unwrap_or(("", &rest));
+            let room = (!room.is_empty()).then(|| room.to_owned());
+            out.push((room, kind.to_owned(), v["content"].clone()));
+        }
+        Ok(out)
+    }
+
+    /// Takes a position without storing anything else (marks a change noticed outside the store).
+    pub async fn bump(&self) -> ApiResult<u64> {
+        self.write_at(|_, _| {}).await
+    }
+
+    /// The event the user's latest `m.read` receipt in `room` points at.
+    pub async fn receipt_of(&self, room: &RoomId, user: &UserId) -> ApiResult<Option<String>> {
+        Ok(self
+            .get(&key(&["receipt", room.as_str(), user.as_str(), "m.read"]))
+            .await?
+            .and_then(|v| v["event_id"].as_str().map(str::to_owned)))
+    }
+
+    pub async fn put_filter(&self, user: &UserId, filter: Value) -> ApiResult<String> {
+        let pos = self.write_at(|_, _| {}).await?;
+        let id = pos.to_string();
+        let mut batch = WriteBatch::new();
+        batch.put(
+            Table::ClientData,
+            key(&["filter", user.as_str(), &id]),
+            filter.to_string(),
+        );
+        self.store.write(batch).await?;
+        Ok(id)
+    }
+
+    pub async fn filter(&self, user: &UserId, id: &str) -> ApiResult<Option<Value>> {
+        self.get(&key(&["filter", user.as_str(), id])).await
+    }
+
+    /// The event a transaction id of this device already produced.
+    pub async fn txn(&self, s: &Session, txn: &str) -> ApiResult<Option<String>> {
+        let k = key(&["txn", s.user_id.as_str(), s.device_id.as_str(), txn]);
+        Ok(self
+            .get(&k)
+            .await?
+            .and_then(|v| v.as_str().map(str::to_owned)))
+    }
+
+    pub async fn put_txn(&self, s: &Session, txn: &str, event: &EventId) -> ApiResult<()> {
+        let mut batch = WriteBatch::new();
+        batch.put(
+            Table::ClientData,
+            key(&["txn", s.user_id.as_str(), s.device_id.as_str(), txn]),
+            Value::from(event.as_str()).to_string(),
+        );
+        batch.put(
+            Table::ClientData,
+            key(&["txnev", event.as_str()]),
+            json!({"device": s.device_id, "txn": txn}).to_string(),
+        );
+        Ok(self.store.write(batch).await?)
+    }
+
+    /// The transaction id `ev` was sent with, if the session's device sent it.
+    pub async fn txn_of(&self, s: &Session, ev: &StoredEvent) -> ApiResult<Option<String>> {
+        if ev.pdu.sender != s.user_id {
+            return Ok(None);
+        }
+        let Some(v) = self.get(&key(&["txnev", ev.pdu.event_id.as_str()])).await? else {
+            return Ok(None);
+        };
+        Ok((v["device"].as_str() == Some(s.device_id.as_str()))
+            .then(|| v["txn"].as_str().map(str::to_owned))
+            .flatten())
+    }
+
+    pub async fn alias(&self, alias: &str) -> ApiResult<Option<String>> {
+        Ok(self
+            .get(&key(&["alias", alias]))
+            .await?
+            .and_then(|v| v.as_str().map(str::to_owned)))
+    }
+
+    pub async fn put_alias(&self, alias: &str, room: &RoomId) -> ApiResult<()> {
+        let mut batch = WriteBatch::new();
+        batch.put(
+            Table::ClientData,
+            key(&["alias", alias]),
+            Value::from(room.as_str()).to_string(),
+        );
+        Ok(self.store.write(batch).await?)
+    }
+
+    pub async fn delete_alias(&self, alias: &str) -> ApiResult<()> {
+        let mut batch = WriteBatch::new();
+        batch.delete(Table::ClientData, key(&["alias", alias]));
+        Ok(self.store.write(batch).await?)
+    }
+
+    pub async fn forget(&self, user: &UserId, room: &RoomId) -> ApiResult<()> {
+        self.write_at(|_, b| {
+            b.put(
+                Table::ClientData,
+                key(&["forgot", user.as_str(), room.as_str()]),
+                "true",
+            )
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn forgotten(&self, user: &UserId, room: &RoomId) -> ApiResult<bool> {
+        Ok(self
+            .get(&key(&["forgot", user.as_str(), room.as_str()]))
+            .await?
+            .is_some())
+    }
+
+    pub async fn put_receipt(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        kind: &str,
+        event: &EventId,
+        thread: Option<&str>,
+    ) -> ApiResult<()> {
+        let k = key(&["receipt", room.as_str(), user.as_str(), kind]);
+        let ts = now_ms();
+        self.write_at(|pos, b| {
+            let mut v = json!({"pos": pos, "event_id": event, "ts": ts});
+            if let Some(t) = thread {
+                v["thread_id"] = t.into();
+            }
+            b.put(Table::ClientData, k, v.to_string())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The receipts of a room changed at or after `since`, as an `m.receipt` event content.
+    pub async fn receipts_since(&self, room: &RoomId, since: u64) -> ApiResult<Option<Value>> {
+        let p = prefix(&["receipt", room.as_str()]);
+        let mut content = serde_json::Map::new();
+        for (k, v) in self.scan(&p).await? {
+            let v = decode(&v)?;
+            if v["pos"].as_u64().unwrap_or(0) < since {
+                continue;
+            }
+            let rest = String::from_utf8_lossy(&k[p.len()..]).into_owned();
+            let Some((user, kind)) = rest.split_once('\0') else {
+                continue;
+            };
+            let Some(event) = v["event_id"].as_str() else {
+                continue;
+            };
+            let mut receipt = json!({"ts": v["ts"]});
+            if let Some(t) = v.get("thread_id") {
+                receipt["thread_id"] = t.clone();
+            }
+            let by_event = content.entry(event.to_owned()).or_insert_with(|| json!({}));
+            by_event[kind][user] = receipt;
+        }
+        Ok((!content.is_empty()).then(|| Value::Object(content)))
+    }
+
+    pub async fn put_device_keys(&self, user: &UserId, device: &str, keys: Value) -> ApiResult<()> {
+        self.write_at(|_, b| {
+            b.put(
+                Table::ClientData,
+                key(&["keys", user.as_str(), device]),
+                keys.to_string(),
+            )
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn device_keys(&self, user: &UserId) -> ApiResult<Vec<(String, Value)>> {
+        let p = prefix(&["keys", user.as_str()]);
+        self.scan(&p)
+            .await?
+            .into_iter()
+            .map(|(k, v)| {
+                Ok((
+                    String::from_utf8_lossy(&k[p.len()..]).into_owned(),
+                    decode(&v)?,
+                ))
+            })
+            .collect()
+    }
+
+    pub async fn put_one_time_keys(
+        &self,
+        user: &UserId,
+        device: &str,
+        keys: &serde_json::Map<String, Value>,
+    ) -> ApiResult<()> {
+        self.write_at(|_, b| {
+            for (id, k) in keys {
+                b.put(
+                    Table::ClientData,
+                    key(&["otk", user.as_str(), device, id]),
+                    k.to_string(),
+                );
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Counts of unclaimed one-time keys by algorithm.
+    pub async fn one_time_key_counts(
+        &self,
+        user: &UserId,
+        device: &str,
+    ) -> ApiResult<serde_json::Map<String, Value>> {
+        let p = prefix(&["otk", user.as_str(), device]);
+        let mut counts = serde_json::Map::new();
+        for (k, _) in self.scan(&p).await? {
+            let id = String::from_utf8_lossy(&k[p.len()..]).into_owned();
+            let algorithm = id.split(':').next().unwrap_or_default().to_owned();
+            let n = counts.entry(algorithm).or_insert(json!(0));
+            *n = json!(n.as_u64().unwrap_or(0) + 1);
+        }
+        Ok(counts)
+    }
+
+    /// Takes one one-time key of `algorithm` for the device, if any is left.
+    pub async fn claim_one_time_key(
+        &self,
+        user: &UserId,
+        device: &str,
+        algorithm: &str,
+    ) -> ApiResult<Option<(String, Value)>> {
+        let p = prefix(&["otk", user.as_str(), device]);
+        let mut lock = self.next.lock().await;
+        let entries = self
+            .store
+            .scan(
+                Table::ClientData,
+                KeyRange::prefix(&[p.clone(), format!("{algorithm}:").into_bytes()].concat()),
+                Direction::Forward,
+                1,
+            )
+            .await?;
+        let Some((k, v)) = entries.into_iter().next() else {
+            return Ok(None);
+        };
+        let mut batch = WriteBatch::new();
+        batch.delete(Table::ClientData, k.clone());
+        batch.put(Table::Meta, CLIENT_STREAM_KEY, (*lock + 1).to_be_bytes());
+        self.store.write(batch).await?;
+        *lock += 1;
+        self.visible
+            .store(*lock, std::sync::atomic::Ordering::SeqCst);
+        Ok(Some((
+            String::from_utf8_lossy(&k[p.len()..]).into_owned(),
+            decode(&v)?,
+        )))
+    }
+
+    pub async fn put_to_device(
+        &self,
+        messages: Vec<(ruma::OwnedUserId, String, Value)>,
+    ) -> ApiResult<()> {
+        self.write_at(|pos, b| {
+            for (i, (user, device, msg)) in messages.into_iter().enumerate() {
+                let mut k = prefix(&["todev", user.as_str(), &device]);
+                k.extend_from_slice(&pos.to_be_bytes());
+                k.extend_from_slice(&(i as u32).to_be_bytes());
+                b.put(Table::ClientData, k, msg.to_string());
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// To-device messages for a device: those before `ack` are acknowledged (and deleted).
+    pub async fn to_device(&self, s: &Session, ack: u64) -> ApiResult<Vec<Value>> {
+        let p = prefix(&["todev", s.user_id.as_str(), s.device_id.as_str()]);
+        let mut out = Vec::new();
+        let mut done = WriteBatch::new();
+        for (k, v) in self.scan(&p).await? {
+            let pos = k[p.len()..]
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if pos < ack {
+                done.delete(Table::ClientData, k);
+            } else {
+                out.push(decode(&v)?);
+            }
+        }
+        if !done.is_empty() {
+            self.store.write(done).await?;
+        }
+        Ok(out)
+    }
+}
+
+impl ClientApi {
+    /// Adds the user's display name and avatar to a member event's content.
+    pub(super) async fn add_profile(&self, user: &UserId, content: &mut Value) -> ApiResult<()> {
+        if let Some(u) = self.accounts.user(user).await? {
+            if let Some(d) = u.displayname {
+                content["displayname"] = d.into();
+            }
+            if let Some(a) = u.avatar_url {
+                content["avatar_url"] = a.into();
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn get_profile(
+        &self,
+        user: &str,
+        field: Option<&str>,
+    ) -> ApiResult<ApiResponse> {
+        let user = ruma::OwnedUserId::try_from(user)
+            .map_err(|e| ApiError::invalid_param(format!("bad user id: {e}")))?;
+        let record = self
+            .accounts
+            .user(&user)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such user here"))?;
+        let mut profile = serde_json::Map::new();
+        if let Some(d) = record.displayname {
+            profile.insert("displayname".into(), d.into());
+        }
+        if let Some(a) = record.avatar_url {
+            profile.insert("avatar_url".into(), a.into());
+        }
+        match field {
+            None => ok(Value::Object(profile)),
+            Some(f) => match profile.get(f) {
+                Some(v) => ok(json!({ f: v })),
+                None => Err(ApiError::not_found("that profile field is not set")),
+            },
+        }
+    }
+
+    /// Sets a profile field and sends fresh member events to every joined room.
+    pub(super) async fn put_profile(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        user: &str,
+        field: &str,
+    ) -> ApiResult<ApiResponse> {
+        let body = body_object(req)?;
+        if user != s.user_id.as_str() {
+            return Err(ApiError::forbidden("you may only change your own profile"));
+        }
+        if field != "displayname" && field != "avatar_url" {
+            return Err(ApiError::invalid_param(
+                "only displayname and avatar_url are kept",
+            ));
+        }
+        let value = match body.get(field) {
+            Some(Value::String(v)) => Some(v.clone()),
+            Some(Value::Null) | None => None,
+            Some(_) => return Err(ApiError::bad_json(format!("{field} must be a string"))),
+        };
+        if value.as_ref().is_some_and(|v| v.len() > 1024) {
+            return Err(ApiError::invalid_param(format!("{field} is too long")));
+        }
+        let mut record = self
+            .accounts
+            .user(&s.user_id)
+            .await?
+            .ok_or_else(ApiError::unknown_token)?;
+        if field == "displayname" {
+            record.displayname = value;
+        } else {
+            record.avatar_url = value;
+        }
+        self.accounts.put_user(&s.user_id, &record).await?;
+        for room in self.joined_room_ids(&s.user_id).await? {
+            let state = self.state_of(&room).await?;
+            let Some(ev) = self.member_event(&state, &s.user_id).await? else {
+                continue;
+            };
+            if membership_of(&ev).as_deref() != Some("join") {
+                continue;
+            }
+            let mut content: Value =
+                serde_json::from_str(ev.pdu.content.get()).unwrap_or_else(|_| json!({}));
+            content["displayname"] = json!(record.displayname);
+            content["avatar_url"] = json!(record.avatar_url);
+            if let Value::Object(o) = &mut content {
+                o.retain(|_, v| !v.is_null());
+            }
+            self.send_as(s, &room, "m.room.member", Some(s.user_id.as_str()), content)
+                .await?;
+        }
+        ok(json!({}))
+    }
+
+    pub(super) async fn typing(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+        user: &str,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::typing::create_typing_event::v3::{Request, Typing};
+        let r: Request = parse(req, &[room, user])?;
+        if r.user_id != s.user_id {
+            return Err(ApiError::forbidden(
+                "you may only set your own typing state",
+            ));
+        }
+        let state = self.state_of(&r.room_id).await?;
+        if self.membership(&state, &s.user_id).await?.as_deref() != Some("join") {
+            return Err(ApiError::forbidden("you are not in that room"));
+        }
+        let until = match r.state {
+            Typing::Yes(t) => {
+                Some(super::Instant::now() + t.timeout.min(super::Duration::from_secs(120)))
+            }
+            _ => None,
+        };
+        self.set_typing(&r.room_id, &s.user_id, until);
+        self.node
+            .send_typing(&r.room_id, &s.user_id, until.is_some());
+        ok(json!({}))
+    }
+
+    pub(super) async fn receipt(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+        kind: &str,
+        event: &str,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::receipt::create_receipt::v3::Request;
+        let r: Request = parse(req, &[room, kind, event])?;
+        self.set_receipt(
+            s,
+            &r.room_id,
+            &r.receipt_type.to_string(),
+            &r.event_id,
+            match &r.thread {
+                ruma::events::receipt::ReceiptThread::Thread(t) => Some(t.to_string()),
+                ruma::events::receipt::ReceiptThread::Main => Some("main".to_owned()),
+                _ => None,
+            },
+        )
+        .await?;
+        ok(json!({}))
+    }
+
+    async fn set_receipt(
+        &self,
+        s: &Session,
+        room: &RoomId,
+        kind: &str,
+        event: &EventId,
+        thread: Option<String>,
+    ) -> ApiResult<()> {
+        let state = self.state_of(room).await?;
+        if self.membership(&state, &s.user_id).await?.as_deref() != Some("join") {
+            return Err(ApiError::forbidden("you are not in that room"));
+        }
+        match self.node.engine().event(event).await? {
+            Some(ev) if ev.pdu.room_id == room => {}
+            _ => return Err(ApiError::not_found("no such event in that room")),
+        }
+        if kind == "m.fully_read" {
+            self.data
+                .put_account_data(
+                    &s.user_id,
+                    Some(room),
+                    "m.fully_read",
+                    json!({"event_id": event}),
+                )
+                .await?;
+        } else {
+            self.data
+                .put_receipt(room, &s.user_id, kind, event, thread.as_deref())
+                .await?;
+            if kind == "m.read" {
+                self.node.send_receipt(room, &s.user_id, event);
+            }
+        }
+        self.node.changed();
+        Ok(())
+    }
+
+    pub(super) async fn read_markers(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::read_marker::set_read_marker::v3::Request;
+        let r: Request = parse(req, &[room])?;
+        if let Some(e) = &r.fully_read {
+            self.set_receipt(s, &r.room_id, "m.fully_read", e, None)
+                .await?;
+        }
+        if let Some(e) = &r.read_receipt {
+            self.set_receipt(s, &r.room_id, "m.read", e, None).await?;
+        }
+        if let Some(e) = &r.private_read_receipt {
+            self.set_receipt(s, &r.room_id, "m.read.private", e, None)
+                .await?;
+        }
+        ok(json!({}))
+    }
+
+    /// A receipt a peer reported for one of its users.
+    pub async fn remote_receipt(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        event: &EventId,
+    ) -> ApiResult<()> {
+        self.data
+            .put_receipt(room, user, "m.read", event, None)
+            .await?;
+        self.node.changed();
+        Ok(())
+    }
+
+    pub(super) async fn put_account_data(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        user: &str,
+        room: Option<&str>,
+        kind: &str,
+    ) -> ApiResult<ApiResponse> {
+        let content = body_object(req)?;
+        if user != s.user_id.as_str() {
+            return Err(ApiError::forbidden(
+                "you may only change your own account data",
+            ));
+        }
+        let room: Option<OwnedRoomId> = room.map(super::rooms::room_id).transpose()?;
+        if kind == "m.fully_read" || kind == "m.push_rules" {
+            return Err(ApiError::new(
+                http::StatusCode::BAD_REQUEST,
+                "M_BAD_JSON",
+                format!("{kind} is managed by the server"),
+            ));
+        }
+        self.data
+            .put_account_data(&s.user_id, room.as_deref(), kind, Value::Object(content))
+            .await?;
+        self.node.changed();
+        ok(json!({}))
+    }
+
+    pub(super) async fn get_account_data(
+        &self,
+        s: &Session,
+        user: &str,
+        room: Option<&str>,
+        kind: &str,
+    ) -> ApiResult<ApiResponse> {
+        if user != s.user_id.as_str() {
+            return Err(ApiError::forbidden(
+                "you may only read your own account data",
+            ));
+        }
+        let room: Option<OwnedRoomId> = room.map(super::rooms::room_id).transpose()?;
+        match self
+            .data
+            .account_data(&s.user_id, room.as_deref(), kind)
+            .await?
+        {
+            Some(c) => ok(c),
+            None => Err(ApiError::not_found("no account data of that type")),
+        }
+    }
+
+    pub(super) async fn create_filter(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        user: &str,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::filter::create_filter::v3::Request;
+        let r: Request = parse(req, &[user])?;
+        if r.user_id != s.user_id {
+            return Err(ApiError::forbidden("you may only create your own filters"));
+        }
+        let filter =
+            serde_json::to_value(&r.filter).map_err(|e| ApiError::bad_json(e.to_string()))?;
+        let id = self.data.put_filter(&s.user_id, filter).await?;
+        ok(json!({ "filter_id": id }))
+    }
+
+    pub(super) async fn get_filter(
+        &self,
+        s: &Session,
+        user: &str,
+        id: &str,
+    ) -> ApiResult<ApiResponse> {
+        if user != s.user_id.as_str() {
+            return Err(ApiError::forbidden("you may only read your own filters"));
+        }
+        match self.data.filter(&s.user_id, id).await? {
+            Some(f) => ok(f),
+            None => Err(ApiError::not_found("no such filter")),
+        }
+    }
+
+    pub(super) async fn upload_keys(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::keys::upload_keys::v3::Request;
+        let _: Request = parse(req, &[])?;
+        let body = body_object(req)?;
+        if let Some(keys) = body.get("device_keys") {
+            if keys["user_id"] != json!(s.user_id) || keys["device_id"] != json!(s.device_id) {
+                return Err(ApiError::bad_json("device_keys are for another device"));
+            }
+            self.data
+                .put_device_keys(&s.user_id, s.device_id.as_str(), keys.clone())
+                .await?;
+        }
+        if let Some(Value::Object(otks)) = body.get("one_time_keys") {
+            self.data
+                .put_one_time_keys(&s.user_id, s.device_id.as_str(), otks)
+                .await?;
+        }
+        let counts = self
+            .data
+            .one_time_key_counts(&s.user_id, s.device_id.as_str())
+            .await?;
+        ok(json!({ "one_time_key_counts": counts }))
+    }
+
+    pub(super) async fn query_keys(
+        &self,
+        req: &ApiRequest,
+        _s: &Session,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::keys::get_keys::v3::Request;
+        let r: Request = parse(req, &[])?;
+        let mut device_keys = serde_json::Map::new();
+        let mut failures = serde_json::Map::new();
+        for (user, wanted) in &r.device_keys {
+            if user.server_name().as_str() != self.node.server_name().to_string() {
+                // Device lists of other peers' users come with a later protocol.
+                failures.insert(user.server_name().to_string(), json!({}));
+                continue;
+            }
+            let mut devices = serde_json::Map::new();
+            for (device, keys) in self.data.device_keys(user).await? {
+                if wanted.is_empty() || wanted.iter().any(|d| d.as_str() == device) {
+                    devices.insert(device, keys);
+                }
+            }
+            device_keys.insert(user.to_string(), Value::Object(devices));
+        }
+        ok(json!({ "device_keys": device_keys, "failures": failures }))
+    }
+
+    pub(super) async fn claim_keys(
+        &self,
+        req: &ApiRequest,
+        _s: &Session,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::keys::claim_keys::v3::Request;
+        let r: Request = parse(req, &[])?;
+        let mut claimed = serde_json::Map::new();
+        for (user, devices) in &r.one_time_keys {
+            let mut per_device = serde_json::Map::new();
+            for (device, algorithm) in devices {
+                if let Some((id, key)) = self
+                    .data
+                    .claim_one_time_key(user, device.as_str(), algorithm.as_str())
+                    .await?
+                {
+                    per_device.insert(device.to_string(), json!({ id: key }));
+                }
+            }
+            if !per_device.is_empty() {
+                claimed.insert(user.to_string(), Value::Object(per_device));
+            }
+        }
+        ok(json!({ "one_time_keys": claimed, "failures": {} }))
+    }
+
+    pub(super) async fn send_to_device(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        kind: &str,
+        txn: &str,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::to_device::send_event_to_device::v3::Request;
+        let r: Request = parse(req, &[kind, txn])?;
+        let txn_key = format!("todevice:{txn}");
+        if self.data.txn(s, &txn_key).await?.is_some() {
+            return ok(json!({}));
+        }
+        let mut out = Vec::new();
+        for (user, targets) in &r.messages {
+            if user.server_name().as_str() != self.node.server_name().to_string() {
+                continue;
+            }
+            let devices: Vec<String> = self
+                .accounts
+                .devices(user)
+                .await?
+                .into_iter()
+                .map(|d| d.device_id.to_string())
+                .collect();
+            for (target, content) in targets {
+                let content: Value = serde_json::from_str(content.json().get())
+                    .map_err(|e| ApiError::bad_json(e.to_string()))?;
+                let msg = json!({"type": kind, "sender": s.user_id, "content": content});
+                match target {
+                    ruma::to_device::DeviceIdOrAllDevices::AllDevices => {
+                        for d in &devices {
+                            out.push((user.clone(), d.clone(), msg.clone()));
+                        }
+                    }
+                    ruma::to_device::DeviceIdOrAllDevices::DeviceId(d) => {
+                        if devices.iter().any(|x| x == d.as_str()) {
+                            out.push((user.clone(), d.to_string(), msg.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        if !out.is_empty() {
+            self.data.put_to_device(out).await?;
+        }
+        let marker: ruma::OwnedEventId = ruma::OwnedEventId::try_from("$to_device")
+            .map_err(|e| ApiError::unknown(e.to_string()))?;
+        self.data.put_txn(s, &txn_key, &marker).await?;
+        self.node.changed();
+        ok(json!({}))
+    }
+}
