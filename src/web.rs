@@ -15,8 +15,10 @@ use std::rc::Rc;
 use js_sys::Promise;
 use ruma::{OwnedRoomId, OwnedUserId};
 use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::future_to_promise;
 
+use crate::api::{ApiRequest, Caller, ClientApi, Registration};
 use crate::engine::create_room::{CreateRoom, Preset};
 use crate::net::node::{NodeConfig, P2pNode};
 use crate::store::indexeddb::IndexedDbStore;
@@ -32,6 +34,8 @@ fn to_js(value: &serde_json::Value) -> Result<JsValue, JsValue> {
 
 struct Node {
     p2p: P2pNode,
+    /// The Client-Server API of this tab's homeserver, reached through [`Hyphae::fetch`].
+    api: std::sync::Arc<ClientApi>,
     localpart: String,
     user: OwnedUserId,
 }
@@ -64,8 +68,12 @@ impl Hyphae {
         let p2p = P2pNode::start(store, config).await.map_err(js_err)?;
         let user =
             OwnedUserId::try_from(format!("@{localpart}:{}", p2p.server_name())).map_err(js_err)?;
+        let api = ClientApi::start(p2p.clone(), Registration::Open)
+            .await
+            .map_err(|e| js_err(e.message))?;
         Ok(Hyphae {
             node: Rc::new(Node {
+                api,
                 p2p,
                 localpart,
                 user,
@@ -76,6 +84,18 @@ impl Hyphae {
     #[wasm_bindgen(getter, js_name = peerId)]
     pub fn peer_id(&self) -> String {
         self.node.p2p.peer_id().to_string()
+    }
+
+    /// The Client-Server API of this tab's homeserver as a `fetch(input, init)` function: hand
+    /// `hs.fetch.bind(hs)` to a Matrix client (matrix-js-sdk's `fetchFn`) with any base URL,
+    /// e.g. `https://hyphae.invalid`. No request leaves the tab.
+    pub fn fetch(&self, input: JsValue, init: JsValue) -> Promise {
+        let node = self.node.clone();
+        future_to_promise(async move {
+            let req = to_api_request(&input, &init).await?;
+            let resp = node.api.handle(req, Caller { local: true }).await;
+            from_api_response(resp).map(JsValue::from)
+        })
     }
 
     /// The PeerIds this tab is connected to right now.
@@ -270,4 +290,90 @@ pub async fn import_profile(profile: String, data: String) -> Result<u32, JsValu
         .await
         .map_err(js_err)?;
     Ok(n as u32)
+}
+
+fn get(obj: &JsValue, key: &str) -> JsValue {
+    js_sys::Reflect::get(obj, &JsValue::from_str(key)).unwrap_or(JsValue::UNDEFINED)
+}
+
+/// Builds a router request from `fetch`'s arguments: a URL string, `URL` or `Request`, and an
+/// optional init object (method, headers as `Headers` or a plain object, body as string or bytes).
+async fn to_api_request(input: &JsValue, init: &JsValue) -> Result<ApiRequest, JsValue> {
+    let request = input.dyn_ref::<web_sys::Request>();
+    let url = match (input.as_string(), request) {
+        (Some(s), _) => s,
+        (None, Some(r)) => r.url(),
+        (None, None) => get(input, "href")
+            .as_string()
+            .ok_or_else(|| js_err("fetch: the input is not a URL"))?,
+    };
+    let parsed = web_sys::Url::new_with_base(&url, "https://hyphae.invalid")
+        .map_err(|_| js_err("fetch: bad URL"))?;
+    let path_and_query = format!("{}{}", parsed.pathname(), parsed.search());
+    let init_method = if init.is_object() {
+        get(init, "method").as_string()
+    } else {
+        None
+    };
+    let method = init_method
+        .or_else(|| request.map(|r| r.method()))
+        .unwrap_or_else(|| "GET".into())
+        .to_uppercase();
+    let mut builder = http::Request::builder()
+        .method(method.as_str())
+        .uri(path_and_query);
+    let mut add_headers = |headers: &JsValue| -> Result<(), JsValue> {
+        let entries = if let Some(h) = headers.dyn_ref::<web_sys::Headers>() {
+            js_sys::Array::from(&h.entries().into())
+        } else if headers.is_object() {
+            js_sys::Object::entries(headers.unchecked_ref())
+        } else {
+            return Ok(());
+        };
+        for pair in entries.iter() {
+            let pair = js_sys::Array::from(&pair);
+            if let (Some(k), Some(v)) = (pair.get(0).as_string(), pair.get(1).as_string()) {
+                builder = std::mem::take(&mut builder).header(k, v);
+            }
+        }
+        Ok(())
+    };
+    if let Some(r) = request {
+        add_headers(&r.headers().into())?;
+    }
+    if init.is_object() {
+        add_headers(&get(init, "headers"))?;
+    }
+    let body_value = if init.is_object() {
+        get(init, "body")
+    } else {
+        JsValue::UNDEFINED
+    };
+    let body: Vec<u8> = if let Some(text) = body_value.as_string() {
+        text.into_bytes()
+    } else if body_value.is_instance_of::<js_sys::Uint8Array>() {
+        js_sys::Uint8Array::from(body_value).to_vec()
+    } else if body_value.is_instance_of::<js_sys::ArrayBuffer>() {
+        js_sys::Uint8Array::new(&body_value).to_vec()
+    } else if let (Some(r), true) = (request, body_value.is_undefined()) {
+        let text = wasm_bindgen_futures::JsFuture::from(r.text()?).await?;
+        text.as_string().unwrap_or_default().into_bytes()
+    } else {
+        Vec::new()
+    };
+    builder.body(body).map_err(js_err)
+}
+
+fn from_api_response(resp: crate::api::ApiResponse) -> Result<web_sys::Response, JsValue> {
+    let (parts, mut body) = resp.into_parts();
+    let headers = web_sys::Headers::new()?;
+    for (k, v) in &parts.headers {
+        if let Ok(v) = v.to_str() {
+            headers.append(k.as_str(), v)?;
+        }
+    }
+    let init = web_sys::ResponseInit::new();
+    init.set_status(parts.status.as_u16());
+    init.set_headers(&headers);
+    web_sys::Response::new_with_opt_u8_array_and_init(Some(&mut body), &init)
 }

@@ -850,6 +850,10 @@ impl Inner {
         } else {
             room_id
         };
+        let content_bytes = content.to_string().len();
+        if content_bytes > MAX_PDU_BYTES {
+            return Err(IngestError::TooLarge(content_bytes));
+        }
         let new = NewEvent {
             room_id: room_id_field,
             sender,
@@ -863,6 +867,9 @@ impl Inner {
             redacts: None,
         };
         let (_, bytes) = build_signed(identity, &rules, new).map_err(IngestError::BadFormat)?;
+        if bytes.len() > MAX_PDU_BYTES {
+            return Err(IngestError::TooLarge(bytes.len()));
+        }
         self.ingest(store, &bytes, batch, Origin::Local).await
     }
 

@@ -213,13 +213,8 @@ pub fn build_signed(
     )
     .map_err(|e| e.to_string())?;
     let event_id = event_id_of(&object, rules)?;
+    // The size limit is for the receiver to enforce (`IngestError::TooLarge`).
     let bytes = serde_json::to_vec(&object).map_err(|e| e.to_string())?;
-    if bytes.len() > MAX_PDU_BYTES {
-        return Err(format!(
-            "event is {} bytes, over the {MAX_PDU_BYTES}-byte limit",
-            bytes.len()
-        ));
-    }
     Ok((event_id, bytes))
 }
 

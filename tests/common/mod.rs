@@ -2,6 +2,7 @@
 //! conformance suite that runs on every backend.
 #![allow(dead_code)]
 
+pub mod client;
 pub mod conformance;
 #[cfg(target_arch = "wasm32")]
 pub mod tabs;
