@@ -365,8 +365,16 @@ impl ClientApi {
             (&M::GET, ["voip", "turnServer"]) => ok(json!({})),
             (&M::GET, ["sync"]) => self.sync(req, s).await,
             (&M::POST, ["createRoom"]) => self.create_room(req, s).await,
-            (&M::POST, ["join", target]) => self.join(req, s, target).await,
-            (&M::POST, ["rooms", room, "join"]) => self.join(req, s, room).await,
+            (&M::POST, ["join", target]) => {
+                use ruma::api::client::membership::join_room_by_id_or_alias::v3::Request;
+                parse::<Request>(req, &[target])?;
+                self.join(req, s, target).await
+            }
+            (&M::POST, ["rooms", room, "join"]) => {
+                use ruma::api::client::membership::join_room_by_id::v3::Request;
+                parse::<Request>(req, &[room])?;
+                self.join(req, s, room).await
+            }
             (&M::POST, ["rooms", room, "invite"]) => self.invite(req, s, room).await,
             (&M::POST, ["rooms", room, "leave"]) => self.leave(req, s, room).await,
             (&M::POST, ["rooms", room, "forget"]) => self.forget(s, room).await,
@@ -553,6 +561,10 @@ impl ClientApi {
 
     async fn login(&self, req: &ApiRequest) -> ApiResult<ApiResponse> {
         use ruma::api::client::session::login::v3::{LoginInfo, Request};
+        // ruma's login parser assumes `type` is present.
+        if !body_object(req)?.get("type").is_some_and(Value::is_string) {
+            return Err(ApiError::bad_json("`type` is required"));
+        }
         let r: Request = parse(req, &[])?;
         let LoginInfo::Password(p) = r.login_info else {
             return Err(ApiError::new(
@@ -565,6 +577,7 @@ impl ClientApi {
         let name = match (&p.identifier, &p.user) {
             (Some(ruma::api::client::uiaa::UserIdentifier::Matrix(m)), _) => m.user.clone(),
             (None, Some(u)) => u.clone(),
+            (None, None) => return Err(ApiError::bad_json("`identifier` is required")),
             _ => return Err(ApiError::forbidden("log in with a user name")),
         };
         self.check_login_rate(&name)?;

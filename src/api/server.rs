@@ -42,8 +42,16 @@ async fn handle(
     let caller = Caller {
         local: addr.ip().is_loopback(),
     };
-    let resp = api
-        .handle(http::Request::from_parts(parts, body), caller)
-        .await;
+    let handled = api.handle(http::Request::from_parts(parts, body), caller);
+    // A bug in one handler must not drop the connection without an answer.
+    let resp = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(handled)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            let e = ApiError::unknown("internal error");
+            let mut resp = super::json_response(e.status, &e.body());
+            super::add_cors(&mut resp);
+            resp
+        }
+    };
     resp.map(axum::body::Body::from)
 }

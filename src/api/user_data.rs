@@ -764,6 +764,8 @@ impl ClientApi {
         let _: Request = parse(req, &[])?;
         let body = body_object(req)?;
         if let Some(keys) = body.get("device_keys") {
+            serde_json::from_value::<ruma::encryption::DeviceKeys>(keys.clone())
+                .map_err(|e| ApiError::bad_json(format!("device_keys: {e}")))?;
             if keys["user_id"] != json!(s.user_id) || keys["device_id"] != json!(s.device_id) {
                 return Err(ApiError::bad_json("device_keys are for another device"));
             }

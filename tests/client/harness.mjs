@@ -9,19 +9,17 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
-import * as sdk from "matrix-js-sdk";
 import { logger as sdkLogger } from "matrix-js-sdk/lib/logger.js";
-
-export { sdk };
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 const READY_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 10_000;
-const LOG_TAIL_CHARS = 16_000;
+const LOG_TAIL_CHARS = 16_000; // of a node's output, shown with a failure
 
 // The SDK logs every request at debug level. Keep only what HYPHAE_SDK_LOG asks for
 // ("trace", "debug", "info", "warn" or "error"); nothing by default. Every SDK logger is a
-// child of this one and copies its method factory, so this covers them all.
+// child of this one and copies its method factory, so this covers them all. Some SDK modules
+// bind the logger's methods when they load, so the SDK itself is loaded only after this.
 const LEVELS = ["trace", "debug", "info", "warn", "error"];
 const sdkLogThreshold = LEVELS.indexOf(process.env.HYPHAE_SDK_LOG ?? "");
 const sdkMethodFactory = sdkLogger.methodFactory;
@@ -31,6 +29,8 @@ sdkLogger.methodFactory = function (method, level, name) {
   return sdkMethodFactory.call(this, method, level, name);
 };
 sdkLogger.rebuild();
+
+export const sdk = await import("matrix-js-sdk");
 
 /** A user name no earlier run can have taken. */
 export function uniqueName(prefix) {
@@ -55,21 +55,36 @@ export async function startNode({ bootstrap = [], name = "node" } = {}) {
     stdio: ["ignore", "pipe", "pipe"],
   });
 
+  // The node's stdout and stderr, with the oldest part dropped beyond a limit. `mark()` is a
+  // position in everything ever written, `logs(mark)` what came after it (its last part).
   let output = "";
+  let dropped = 0;
   const record = (chunk) => {
-    output = (output + chunk).slice(-4 * LOG_TAIL_CHARS);
+    output += chunk;
+    const excess = output.length - 4 * LOG_TAIL_CHARS;
+    if (excess > 0) {
+      output = output.slice(excess);
+      dropped += excess;
+    }
   };
-  const logs = () => output.slice(-LOG_TAIL_CHARS);
+  const mark = () => dropped + output.length;
+  const logs = (since = 0) => {
+    const text = output.slice(Math.max(0, since - dropped));
+    if (text.length <= LOG_TAIL_CHARS) return text;
+    const head = LOG_TAIL_CHARS / 4; // where a panic message would be
+    return `${text.slice(0, head)}\n[…]\n${text.slice(head - LOG_TAIL_CHARS)}`;
+  };
   const exited = new Promise((resolve) => child.once("exit", resolve));
   const killOnExit = () => child.kill("SIGKILL");
   process.once("exit", killOnExit);
   exited.then(() => process.off("exit", killOnExit));
 
-  const node = { name, url: undefined, serverName: undefined, peerId: undefined, listen: [], logs };
+  const node = { name, url: undefined, serverName: undefined, peerId: undefined, listen: [], mark, logs };
   let stopping;
   node.stop = () => {
     stopping ??= (async () => {
-      if (child.exitCode === null && child.signalCode === null) {
+      // (No pid: it never started, and there is no exit to wait for.)
+      if (child.pid !== undefined && child.exitCode === null && child.signalCode === null) {
         child.kill("SIGTERM");
         const force = setTimeout(() => child.kill("SIGKILL"), STOP_TIMEOUT_MS);
         await exited;
@@ -122,18 +137,21 @@ export async function startNode({ bootstrap = [], name = "node" } = {}) {
 
 /**
  * Runs the steps of a scenario as subtests of `t`. Once a step fails the later ones are skipped
- * (they build on it) unless it was marked `independent`; a failure carries the nodes' output.
+ * (they build on it) unless it was marked `independent`. A failure carries what the nodes
+ * printed during the step.
  */
 export function stepper(t, nodes) {
+  nodes = [...new Set(nodes)];
   let failed = null;
   return (name, fn, { independent = false } = {}) =>
     t.test(name, { skip: failed ? `after failed step "${failed}"` : false }, async (st) => {
+      const marks = nodes.map((n) => n.mark());
       try {
         return await fn(st);
       } catch (e) {
         if (!independent) failed = name;
-        const logs = [...new Set(nodes)]
-          .map((n) => `--- ${n.name} (${n.url}) output ---\n${n.logs() || "(nothing)"}`)
+        const logs = nodes
+          .map((n, i) => `--- ${n.name} (${n.url}) output during the step ---\n${n.logs(marks[i]) || "(nothing)"}`)
           .join("\n");
         throw new Error(`${name}: ${e?.message ?? e}\n${logs}`, { cause: e });
       }
@@ -280,8 +298,8 @@ export async function expectMatrixError(promise, status, errcode, what) {
  * the server answers before it has read the whole request body.
  */
 export function request(baseUrl, method, urlPath, { token, body, timeoutMs = 30_000 } = {}) {
-  let data;
-  if (body !== undefined) data = Buffer.from(typeof body === "string" || Buffer.isBuffer(body) ? body : JSON.stringify(body));
+  const raw = typeof body === "string" || Buffer.isBuffer(body);
+  const data = body === undefined ? undefined : Buffer.from(raw ? body : JSON.stringify(body));
   const headers = {};
   if (data) Object.assign(headers, { "content-type": "application/json", "content-length": data.length });
   if (token) headers.authorization = `Bearer ${token}`;
