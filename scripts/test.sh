@@ -17,10 +17,14 @@ cargo clippy --target wasm32-unknown-unknown --test browser_p2p --test browser_p
 echo "== native tests"
 cargo test
 
+echo "== Matrix clients (matrix-js-sdk) against hyphae-node over HTTP"
+cargo build --bin hyphae-node
+HYPHAE_NODE_BIN=target/debug/hyphae-node npm run --silent test:client
+
 echo "== browser tests (headless Chromium, IndexedDB)"
 mkdir -p target/test-artifacts
 export WASM_BINDGEN_TEST_TIMEOUT=${WASM_BINDGEN_TEST_TIMEOUT:-180}
-cargo test --target wasm32-unknown-unknown --test browser -- --nocapture | tee target/test-artifacts/browser.log
+cargo test --target wasm32-unknown-unknown --test browser --test browser_client -- --nocapture | tee target/test-artifacts/browser.log
 
 echo "== browser peer <-> native node over WebSocket (headless Chromium)"
 cargo build --example echo_peer
