@@ -221,6 +221,9 @@ impl ClientApi {
         node: P2pNode,
         registration: Registration,
     ) -> ApiResult<std::sync::Arc<Self>> {
+        // One type on both targets: in the tab there is a single thread and nothing is sent
+        // across threads, so Arc's atomics are merely unneeded there.
+        #[allow(clippy::arc_with_non_send_sync)]
         let api = std::sync::Arc::new(Self::new(node, registration).await?);
         let mut edus = api.node.edus();
         let weak = std::sync::Arc::downgrade(&api);

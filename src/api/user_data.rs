@@ -305,7 +305,7 @@ impl UserData {
             let by_event = content.entry(event.to_owned()).or_insert_with(|| json!({}));
             by_event[kind][user] = receipt;
         }
-        Ok((!content.is_empty()).then(|| Value::Object(content)))
+        Ok((!content.is_empty()).then_some(Value::Object(content)))
     }
 
     pub async fn put_device_keys(&self, user: &UserId, device: &str, keys: Value) -> ApiResult<()> {
@@ -586,7 +586,7 @@ impl ClientApi {
         self.set_receipt(
             s,
             &r.room_id,
-            &r.receipt_type.to_string(),
+            r.receipt_type.as_ref(),
             &r.event_id,
             match &r.thread {
                 ruma::events::receipt::ReceiptThread::Thread(t) => Some(t.to_string()),
