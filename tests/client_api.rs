@@ -388,3 +388,53 @@ async fn malformed_requests_get_matrix_errors_and_change_nothing() {
     );
     assert_eq!(dump(&node).await, before, "bad requests changed the store");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typing_notice_that_runs_out_wakes_sync() {
+    let (_node, api) = peer(None).await;
+    let mut alice = register(&api, "alice", "pw").await;
+    let bob = register(&api, "bob", "pw").await;
+    let room = alice
+        .ok(
+            "POST",
+            "/_matrix/client/v3/createRoom",
+            Some(json!({"preset": "public_chat"})),
+        )
+        .await["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = common::client::enc(&room);
+    bob.ok(
+        "POST",
+        &format!("/_matrix/client/v3/join/{r}"),
+        Some(json!({})),
+    )
+    .await;
+    let typing_path = format!(
+        "/_matrix/client/v3/rooms/{r}/typing/{}",
+        common::client::enc(&bob.user_id)
+    );
+    bob.ok(
+        "PUT",
+        &typing_path,
+        Some(json!({"typing": true, "timeout": 300})),
+    )
+    .await;
+    let typing_users = |s: &Value| -> Option<Vec<Value>> {
+        s["rooms"]["join"][&room]["ephemeral"]["events"]
+            .as_array()?
+            .iter()
+            .find(|e| e["type"] == "m.typing")
+            .map(|e| e["content"]["user_ids"].as_array().unwrap().clone())
+    };
+    let first = alice
+        .sync_until("bob typing", |s| typing_users(s).filter(|u| !u.is_empty()))
+        .await;
+    assert_eq!(first, vec![json!(bob.user_id)]);
+    // Nothing else happens in the room: only the expiry itself can produce this update.
+    let stopped = alice
+        .sync_until("bob stopping", |s| typing_users(s).filter(|u| u.is_empty()))
+        .await;
+    assert!(stopped.is_empty());
+}

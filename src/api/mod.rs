@@ -77,6 +77,8 @@ pub struct ClientApi {
     failed_logins: Mutex<HashMap<String, (Instant, u32)>>,
     /// Invites to rooms on other peers, with the client-data position they were first seen at.
     seen_invites: Mutex<HashMap<OwnedEventId, u64>>,
+    /// This API itself, for tasks it starts (typing expiry) that must not keep it alive.
+    me: std::sync::Weak<ClientApi>,
 }
 
 fn now() -> MilliSecondsSinceUnixEpoch {
@@ -201,7 +203,7 @@ fn url_query(query: &str) -> HashMap<String, String> {
 
 impl ClientApi {
     /// Serves the Client-Server API for the users of `node`.
-    pub async fn new(node: P2pNode, registration: Registration) -> ApiResult<Self> {
+    async fn new(node: P2pNode, registration: Registration) -> ApiResult<Self> {
         let store = node.engine().store().clone();
         Ok(Self {
             accounts: Accounts::new(store.clone()),
@@ -213,6 +215,7 @@ impl ClientApi {
             uia_sessions: Mutex::new(HashSet::new()),
             failed_logins: Mutex::new(HashMap::new()),
             seen_invites: Mutex::new(HashMap::new()),
+            me: std::sync::Weak::new(),
         })
     }
 
@@ -223,8 +226,12 @@ impl ClientApi {
     ) -> ApiResult<std::sync::Arc<Self>> {
         // One type on both targets: in the tab there is a single thread and nothing is sent
         // across threads, so Arc's atomics are merely unneeded there.
+        let mut api = Self::new(node, registration).await?;
         #[allow(clippy::arc_with_non_send_sync)]
-        let api = std::sync::Arc::new(Self::new(node, registration).await?);
+        let api = std::sync::Arc::new_cyclic(|me| {
+            api.me = me.clone();
+            api
+        });
         let mut edus = api.node.edus();
         let weak = std::sync::Arc::downgrade(&api);
         crate::net::rt::spawn(async move {
@@ -742,7 +749,32 @@ impl ClientApi {
 
     // ---- typing ---------------------------------------------------------------------------
 
+    /// Records (or clears) a typing notice. A notice that runs out wakes `/sync` again: the
+    /// serial moves when it expires, so clients see the user stop typing.
     fn set_typing(&self, room: &ruma::RoomId, user: &UserId, until: Option<Instant>) {
+        self.record_typing(room, user, until);
+        if let Some(t) = until {
+            let weak = self.me.clone();
+            let (room, user) = (room.to_owned(), user.to_owned());
+            crate::net::rt::spawn(async move {
+                crate::net::rt::sleep(t.saturating_duration_since(Instant::now())).await;
+                let Some(api) = weak.upgrade() else { return };
+                let expired = {
+                    let typing = api.typing.lock().expect("typing lock");
+                    typing
+                        .rooms
+                        .get(&room)
+                        .and_then(|(_, users)| users.get(&user))
+                        .is_some_and(|until| *until <= Instant::now())
+                };
+                if expired {
+                    api.record_typing(&room, &user, None);
+                }
+            });
+        }
+    }
+
+    fn record_typing(&self, room: &ruma::RoomId, user: &UserId, until: Option<Instant>) {
         let serial = self.typing_serial.fetch_add(1, Ordering::SeqCst) + 1;
         let mut typing = self.typing.lock().expect("typing lock");
         let entry = typing.rooms.entry(room.to_owned()).or_default();

@@ -54,6 +54,11 @@ impl Interval {
     }
 }
 
+/// Waits for `d`.
+pub async fn sleep(d: Duration) {
+    timeout(d, std::future::pending::<()>()).await;
+}
+
 /// Runs `f` for at most `limit`; `None` if time ran out first.
 pub async fn timeout<F: Future>(limit: Duration, f: F) -> Option<F::Output> {
     #[cfg(not(target_arch = "wasm32"))]
