@@ -438,3 +438,85 @@ async fn a_typing_notice_that_runs_out_wakes_sync() {
         .await;
     assert!(stopped.is_empty());
 }
+
+/// Ten senders at once (one group commit carries many of their events) while a reader
+/// long-polls: every event arrives through /sync exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_reach_a_syncing_reader_exactly_once() {
+    let (_node, api) = peer(None).await;
+    let api = Arc::new(api);
+    let mut reader = register(api.as_ref(), "reader", "pw").await;
+    // Room for every new event in each sync, so that no timeline is `limited`.
+    reader.filter = Some(json!({"room": {"timeline": {"limit": 500}}}).to_string());
+    let room = reader
+        .ok(
+            "POST",
+            "/_matrix/client/v3/createRoom",
+            Some(json!({"preset": "public_chat"})),
+        )
+        .await["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = common::client::enc(&room);
+    reader
+        .sync_until("the room", |s| s["rooms"]["join"].get(&room).map(|_| ()))
+        .await;
+    let mut senders = Vec::new();
+    for i in 0..10 {
+        let api = api.clone();
+        let r = r.clone();
+        senders.push(tokio::spawn(async move {
+            let me = register(api.as_ref(), &format!("sender{i}"), "pw").await;
+            me.ok(
+                "POST",
+                &format!("/_matrix/client/v3/join/{r}"),
+                Some(json!({})),
+            )
+            .await;
+            let mut ids = Vec::new();
+            for j in 0..20 {
+                let path = format!("/_matrix/client/v3/rooms/{r}/send/m.room.message/m{j}");
+                let v = me
+                    .ok(
+                        "PUT",
+                        &path,
+                        Some(json!({"msgtype": "m.text", "body": format!("{i}/{j}")})),
+                    )
+                    .await;
+                ids.push(v["event_id"].as_str().unwrap().to_owned());
+            }
+            ids
+        }));
+    }
+    let mut seen: Vec<String> = Vec::new();
+    while seen.len() < 200 {
+        let room_key = room.clone();
+        let batch = reader
+            .sync_until("more messages", |s| {
+                let events = s["rooms"]["join"][&room_key]["timeline"]["events"].as_array()?;
+                let ids: Vec<String> = events
+                    .iter()
+                    .filter(|e| e["type"] == "m.room.message")
+                    .map(|e| e["event_id"].as_str().unwrap().to_owned())
+                    .collect();
+                (!ids.is_empty()).then_some(ids)
+            })
+            .await;
+        seen.extend(batch);
+    }
+    let mut sent = Vec::new();
+    for h in senders {
+        sent.extend(h.await.unwrap());
+    }
+    for id in &sent {
+        assert!(seen.contains(id), "{id} never came through /sync");
+    }
+    let unique: std::collections::HashSet<&String> = seen.iter().collect();
+    assert_eq!(
+        unique.len(),
+        seen.len(),
+        "some events came through /sync twice"
+    );
+    assert_eq!(seen.len(), 200);
+}

@@ -187,7 +187,7 @@ impl ClientApi {
         let include_leave = room_filter["include_leave"].as_bool().unwrap_or(false);
         let account = self
             .data
-            .account_data_since(&s.user_id, from.client)
+            .account_data_since(&s.user_id, from.client, next.client)
             .await?;
 
         let mut join = serde_json::Map::new();
@@ -206,6 +206,10 @@ impl ClientApi {
                 continue;
             }
             let member_pos = member.stream.unwrap_or(0);
+            if member_pos >= next.events {
+                // Changed after this pass took its positions: the next pass has it whole.
+                continue;
+            }
             let changed_membership = since.is_some() && member_pos >= from.events;
             match membership_of(&member).as_deref() {
                 Some("join") => {
@@ -215,7 +219,7 @@ impl ClientApi {
                             s,
                             &room,
                             &state,
-                            from,
+                            (from, next),
                             fresh,
                             &timeline_filter,
                             lazy_members,
@@ -291,7 +295,7 @@ impl ClientApi {
             let rules = ruma::push::Ruleset::server_default(&s.user_id);
             global_account.push(json!({"type": "m.push_rules", "content": {"global": rules}}));
         }
-        let to_device = self.data.to_device(s, from.client).await?;
+        let to_device = self.data.to_device(s, from.client, next.client).await?;
         let otk_counts = self
             .data
             .one_time_key_counts(&s.user_id, s.device_id.as_str())
@@ -320,7 +324,7 @@ impl ClientApi {
         s: &Session,
         room: &RoomId,
         state: &SortedState,
-        from: SyncToken,
+        (from, next): (SyncToken, SyncToken),
         fresh: bool,
         filter: &EventFilter,
         lazy_members: bool,
@@ -332,9 +336,10 @@ impl ClientApi {
             .unwrap_or(DEFAULT_TIMELINE_LIMIT)
             .clamp(1, 1000);
         let lower = if fresh { 0 } else { from.events };
-        // Newest first, until the limit or the previous sync's position.
+        // Newest first (below this pass's position), until the limit or the previous sync's
+        // position.
         let mut timeline: Vec<Arc<StoredEvent>> = Vec::new();
-        let mut cursor = None;
+        let mut cursor = Some(next.events);
         let mut limited = false;
         'pages: loop {
             let page = engine
@@ -398,7 +403,11 @@ impl ClientApi {
             ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": typing_users}}));
         }
         let receipts_from = if fresh { 0 } else { from.client };
-        if let Some(content) = self.data.receipts_since(room, receipts_from).await? {
+        if let Some(content) = self
+            .data
+            .receipts_since(room, receipts_from, next.client)
+            .await?
+        {
             ephemeral.push(json!({"type": "m.receipt", "content": content}));
         }
         let room_account: Vec<Value> = account

@@ -131,17 +131,18 @@ impl UserData {
         Ok(self.get(&k).await?.map(|v| v["content"].clone()))
     }
 
-    /// `(room or None, type, content)` of the user's account data changed at or after `since`.
+    /// `(room or None, type, content)` of the user's account data changed in `since..until`.
     pub async fn account_data_since(
         &self,
         user: &UserId,
         since: u64,
+        until: u64,
     ) -> ApiResult<Vec<(Option<String>, String, Value)>> {
         let p = prefix(&["acct", user.as_str()]);
         let mut out = Vec::new();
         for (k, v) in self.scan(&p).await? {
             let v = decode(&v)?;
-            if v["pos"].as_u64().unwrap_or(0) < since {
+            if !(since..until).contains(&v["pos"].as_u64().unwrap_or(0)) {
                 continue;
             }
             let rest = String::from_utf8_lossy(&k[p.len()..]).into_owned();
@@ -282,13 +283,18 @@ impl UserData {
         Ok(())
     }
 
-    /// The receipts of a room changed at or after `since`, as an `m.receipt` event content.
-    pub async fn receipts_since(&self, room: &RoomId, since: u64) -> ApiResult<Option<Value>> {
+    /// The receipts of a room changed in `since..until`, as an `m.receipt` event content.
+    pub async fn receipts_since(
+        &self,
+        room: &RoomId,
+        since: u64,
+        until: u64,
+    ) -> ApiResult<Option<Value>> {
         let p = prefix(&["receipt", room.as_str()]);
         let mut content = serde_json::Map::new();
         for (k, v) in self.scan(&p).await? {
             let v = decode(&v)?;
-            if v["pos"].as_u64().unwrap_or(0) < since {
+            if !(since..until).contains(&v["pos"].as_u64().unwrap_or(0)) {
                 continue;
             }
             let rest = String::from_utf8_lossy(&k[p.len()..]).into_owned();
@@ -420,8 +426,9 @@ impl UserData {
         Ok(())
     }
 
-    /// To-device messages for a device: those before `ack` are acknowledged (and deleted).
-    pub async fn to_device(&self, s: &Session, ack: u64) -> ApiResult<Vec<Value>> {
+    /// To-device messages for a device below `until`: those before `ack` are acknowledged (and
+    /// deleted).
+    pub async fn to_device(&self, s: &Session, ack: u64, until: u64) -> ApiResult<Vec<Value>> {
         let p = prefix(&["todev", s.user_id.as_str(), s.device_id.as_str()]);
         let mut out = Vec::new();
         let mut done = WriteBatch::new();
@@ -433,7 +440,7 @@ impl UserData {
                 .unwrap_or(0);
             if pos < ack {
                 done.delete(Table::ClientData, k);
-            } else {
+            } else if pos < until {
                 out.push(decode(&v)?);
             }
         }

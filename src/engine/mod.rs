@@ -97,6 +97,16 @@ pub struct RoomRecord {
     pub current_state: u64,
 }
 
+/// A local event to build and sign (see [`Engine::send_many`]).
+#[derive(Debug, Clone)]
+pub struct LocalEvent {
+    pub room_id: OwnedRoomId,
+    pub sender: ruma::OwnedUserId,
+    pub kind: String,
+    pub state_key: Option<String>,
+    pub content: serde_json::Value,
+}
+
 /// Where a new event would go in a room (see [`Engine::template`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Template {
@@ -316,6 +326,44 @@ impl Engine {
         };
         inner.commit(store, batch).await?;
         Ok(received)
+    }
+
+    /// Builds, signs and stores many local events with one durable commit (group commit for
+    /// concurrent senders). Each event gets its own verdict; a refused one does not affect the
+    /// others. Fails as a whole only if the write fails, and then nothing was stored.
+    pub async fn send_many(
+        &self,
+        identity: &Identity,
+        events: Vec<LocalEvent>,
+        now: MilliSecondsSinceUnixEpoch,
+    ) -> Result<Vec<Result<Received, IngestError>>, StoreError> {
+        let mut inner = self.inner.lock().await;
+        let store = self.store.as_ref();
+        let mut batch = WriteBatch::new();
+        let mut results = Vec::with_capacity(events.len());
+        for ev in events {
+            let r = inner
+                .send_local(
+                    store,
+                    identity,
+                    Some(&ev.room_id),
+                    &ev.sender,
+                    &ev.kind,
+                    ev.state_key.as_deref(),
+                    ev.content,
+                    now,
+                    None,
+                    &mut batch,
+                )
+                .await;
+            if let Err(IngestError::Store(e)) = r {
+                inner.reset(store).await?;
+                return Err(e);
+            }
+            results.push(r);
+        }
+        inner.commit(store, batch).await?;
+        Ok(results)
     }
 
     /// Creates a room with the preset's initial events, all committed at once.

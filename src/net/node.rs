@@ -38,7 +38,7 @@ use super::protocol::{
 };
 use crate::engine::create_room::CreateRoom;
 use crate::engine::pdu::{build_signed, rules_for, NewEvent};
-use crate::engine::{verify_standalone, Engine, IngestError, Outcome, Received};
+use crate::engine::{verify_standalone, Engine, IngestError, LocalEvent, Outcome, Received};
 use crate::identity::{Identity, ServerName};
 use crate::store::{SharedStore, Table, WriteBatch};
 
@@ -246,6 +246,10 @@ struct Shared {
     /// How many peers are connected right now.
     peer_count: watch::Receiver<usize>,
     invites: Mutex<Vec<Invite>>,
+    /// Local events waiting for the next group commit, with whom to tell.
+    send_queue: Mutex<Vec<(LocalEvent, oneshot::Sender<Result<Received, NodeError>>)>>,
+    /// One group commit at a time.
+    send_turn: futures::lock::Mutex<()>,
 }
 
 /// A running peer. Cheap to clone; the swarm stops when the last clone and its tasks are gone
@@ -285,6 +289,8 @@ impl P2pNode {
                 listen_addrs,
                 peer_count,
                 invites: Mutex::new(invites),
+                send_queue: Mutex::new(Vec::new()),
+                send_turn: futures::lock::Mutex::new(()),
             }),
         };
         let rooms = node.shared.engine.rooms().await?;
@@ -525,22 +531,60 @@ impl P2pNode {
         state_key: Option<&str>,
         content: serde_json::Value,
     ) -> Result<Received, NodeError> {
-        let r = self
+        let (reply, rx) = oneshot::channel();
+        let event = LocalEvent {
+            room_id: room_id.to_owned(),
+            sender: self.user(localpart),
+            kind: kind.to_owned(),
+            state_key: state_key.map(str::to_owned),
+            content,
+        };
+        self.shared
+            .send_queue
+            .lock()
+            .expect("send queue lock")
+            .push((event, reply));
+        // The commit runs in its own task so that a caller that gives up (a client that hangs
+        // up) cannot strand the other senders whose events share the commit.
+        let node = self.clone();
+        rt::spawn(async move { node.commit_queued_sends().await });
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Group commit: whoever gets the turn signs and stores every queued send in one durable
+    /// write, then answers each sender. Under load one commit carries many events; alone, a send
+    /// commits at once.
+    async fn commit_queued_sends(&self) {
+        let _turn = self.shared.send_turn.lock().await;
+        let jobs = std::mem::take(&mut *self.shared.send_queue.lock().expect("send queue lock"));
+        if jobs.is_empty() {
+            return;
+        }
+        let (events, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
+        match self
             .shared
             .engine
-            .send(
-                &self.shared.identity,
-                room_id,
-                &self.user(localpart),
-                kind,
-                state_key,
-                content,
-                now(),
-            )
-            .await?;
-        self.publish_event(room_id, &r.event_id).await?;
-        self.changed();
-        Ok(r)
+            .send_many(&self.shared.identity, events, now())
+            .await
+        {
+            Err(e) => {
+                tracing::error!(error = %e, "storing local events failed");
+                for reply in replies {
+                    let e = crate::store::StoreError::Backend(e.to_string());
+                    let _ = reply.send(Err(NodeError::Store(e)));
+                }
+            }
+            Ok(results) => {
+                for (result, reply) in results.into_iter().zip(replies) {
+                    let answer = match result {
+                        Ok(r) => self.publish_event(&r.room_id, &r.event_id).await.map(|_| r),
+                        Err(e) => Err(e.into()),
+                    };
+                    let _ = reply.send(answer);
+                }
+                self.changed();
+            }
+        }
     }
 
     /// Invites `invitee` (on any server) and hands the invite to the invitee's peer directly.

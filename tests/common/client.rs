@@ -22,6 +22,8 @@ pub struct Client<'a, T: Transport> {
     pub token: String,
     pub user_id: String,
     pub since: Option<String>,
+    /// A sync filter (JSON) for [`Client::sync_until`].
+    pub filter: Option<String>,
 }
 
 pub fn enc(s: &str) -> String {
@@ -59,6 +61,7 @@ pub async fn register<'a, T: Transport>(t: &'a T, name: &str, password: &str) ->
         token: done["access_token"].as_str().unwrap().to_owned(),
         user_id: done["user_id"].as_str().unwrap().to_owned(),
         since: None,
+        filter: None,
     }
 }
 
@@ -106,6 +109,11 @@ impl<'a, T: Transport> Client<'a, T> {
             let path = match &self.since {
                 Some(s) => format!("/_matrix/client/v3/sync?timeout=2000&since={s}"),
                 None => "/_matrix/client/v3/sync".to_owned(),
+            };
+            let path = match &self.filter {
+                Some(f) if path.contains('?') => format!("{path}&filter={}", enc(f)),
+                Some(f) => format!("{path}?filter={}", enc(f)),
+                None => path,
             };
             let v = self.ok("GET", &path, None).await;
             self.since = Some(v["next_batch"].as_str().unwrap().to_owned());
