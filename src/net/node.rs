@@ -234,6 +234,9 @@ pub struct Invite {
     pub from: PeerId,
 }
 
+/// Where the answer to one queued local send goes.
+type SendReply = oneshot::Sender<Result<Received, NodeError>>;
+
 struct Shared {
     engine: Arc<Engine>,
     identity: Arc<Identity>,
@@ -247,7 +250,7 @@ struct Shared {
     peer_count: watch::Receiver<usize>,
     invites: Mutex<Vec<Invite>>,
     /// Local events waiting for the next group commit, with whom to tell.
-    send_queue: Mutex<Vec<(LocalEvent, oneshot::Sender<Result<Received, NodeError>>)>>,
+    send_queue: Mutex<Vec<(LocalEvent, SendReply)>>,
     /// One group commit at a time.
     send_turn: futures::lock::Mutex<()>,
 }
