@@ -385,11 +385,24 @@ impl ClientApi {
             return ok(json!({ "event_id": id }));
         }
         self.require_joined(&r.room_id, &s.user_id).await?;
-        let id = self
-            .send_as(s, &r.room_id, &r.event_type.to_string(), None, content)
+        // The transaction id is stored in the event's own commit: a retry after a crash finds
+        // it exactly when the event exists.
+        let (session, txn_id) = (s.clone(), txn.to_owned());
+        let also: crate::engine::AlsoWrite = Box::new(move |id, batch| {
+            super::user_data::UserData::txn_records(&session, &txn_id, id, batch)
+        });
+        let r = self
+            .node
+            .send_with(
+                &r.room_id,
+                s.user_id.localpart(),
+                &r.event_type.to_string(),
+                None,
+                content,
+                Some(also),
+            )
             .await?;
-        self.data.put_txn(s, txn, &id).await?;
-        ok(json!({ "event_id": id }))
+        ok(json!({ "event_id": r.event_id }))
     }
 
     pub(super) async fn put_state(
@@ -566,11 +579,22 @@ impl ClientApi {
             content["reason"] = reason.as_str().into();
         }
         // Room versions before 11 carry `redacts` at the top level; the engine reads either.
-        let id = self
-            .send_as(s, &r.room_id, "m.room.redaction", None, content)
+        let (session, txn_id) = (s.clone(), txn.to_owned());
+        let also: crate::engine::AlsoWrite = Box::new(move |id, batch| {
+            super::user_data::UserData::txn_records(&session, &txn_id, id, batch)
+        });
+        let sent = self
+            .node
+            .send_with(
+                &r.room_id,
+                s.user_id.localpart(),
+                "m.room.redaction",
+                None,
+                content,
+                Some(also),
+            )
             .await?;
-        self.data.put_txn(s, txn, &id).await?;
-        ok(json!({ "event_id": id }))
+        ok(json!({ "event_id": sent.event_id }))
     }
 
     pub(super) async fn members(

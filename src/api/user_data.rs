@@ -194,6 +194,12 @@ impl UserData {
 
     pub async fn put_txn(&self, s: &Session, txn: &str, event: &EventId) -> ApiResult<()> {
         let mut batch = WriteBatch::new();
+        Self::txn_records(s, txn, event, &mut batch);
+        Ok(self.store.write(batch).await?)
+    }
+
+    /// The records that remember which event a transaction id produced.
+    pub fn txn_records(s: &Session, txn: &str, event: &EventId, batch: &mut WriteBatch) {
         batch.put(
             Table::ClientData,
             key(&["txn", s.user_id.as_str(), s.device_id.as_str(), txn]),
@@ -204,7 +210,6 @@ impl UserData {
             key(&["txnev", event.as_str()]),
             json!({"device": s.device_id, "txn": txn}).to_string(),
         );
-        Ok(self.store.write(batch).await?)
     }
 
     /// The transaction id `ev` was sent with, if the session's device sent it.

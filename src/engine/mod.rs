@@ -98,14 +98,19 @@ pub struct RoomRecord {
 }
 
 /// A local event to build and sign (see [`Engine::send_many`]).
-#[derive(Debug, Clone)]
 pub struct LocalEvent {
     pub room_id: OwnedRoomId,
     pub sender: ruma::OwnedUserId,
     pub kind: String,
     pub state_key: Option<String>,
     pub content: serde_json::Value,
+    /// Writes that must become durable together with the event (say, the client's
+    /// transaction id), given the event's id once it is signed.
+    pub also_write: Option<AlsoWrite>,
 }
+
+/// See [`LocalEvent::also_write`].
+pub type AlsoWrite = Box<dyn FnOnce(&EventId, &mut WriteBatch) + Send>;
 
 /// Where a new event would go in a room (see [`Engine::template`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -359,6 +364,9 @@ impl Engine {
             if let Err(IngestError::Store(e)) = r {
                 inner.reset(store).await?;
                 return Err(e);
+            }
+            if let (Ok(received), Some(also)) = (&r, ev.also_write) {
+                also(&received.event_id, &mut batch);
             }
             results.push(r);
         }

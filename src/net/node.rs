@@ -534,6 +534,20 @@ impl P2pNode {
         state_key: Option<&str>,
         content: serde_json::Value,
     ) -> Result<Received, NodeError> {
+        self.send_with(room_id, localpart, kind, state_key, content, None)
+            .await
+    }
+
+    /// [`P2pNode::send`], plus writes made durable in the same commit as the event.
+    pub async fn send_with(
+        &self,
+        room_id: &RoomId,
+        localpart: &str,
+        kind: &str,
+        state_key: Option<&str>,
+        content: serde_json::Value,
+        also_write: Option<crate::engine::AlsoWrite>,
+    ) -> Result<Received, NodeError> {
         let (reply, rx) = oneshot::channel();
         let event = LocalEvent {
             room_id: room_id.to_owned(),
@@ -541,6 +555,7 @@ impl P2pNode {
             kind: kind.to_owned(),
             state_key: state_key.map(str::to_owned),
             content,
+            also_write,
         };
         self.shared
             .send_queue
