@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the figures in docs/benchmarks.md: native ingest and state resolution, IndexedDB
-# ingest in headless Chromium, and the size of the release wasm.
+# ingest in headless Chromium, the Client-Server API against Synapse and in the tab, and the size
+# of the release wasm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -26,6 +27,14 @@ HYPHAE_ECHO_ADDR=$(sed -n 's/^HYPHAE-ECHO-ADDR //p' "$echo_log") WASM_BINDGEN_TE
   cargo test --release --target wasm32-unknown-unknown --test browser_p2p_bench -- --nocapture 2>&1 \
   | grep -E 'BENCH|test result' | sed 's/^BENCH //'
 kill $echo_pid 2>/dev/null || true
+
+echo "== browser (release, headless Chromium): the client API load through the tab's fetch"
+WASM_BINDGEN_TEST_TIMEOUT=600 cargo test --release --target wasm32-unknown-unknown --test browser_client_bench -- --nocapture 2>&1 \
+  | grep -E 'BENCH|test result' | sed 's/^BENCH //'
+
+echo "== Client-Server API over HTTP, side by side with Synapse"
+cargo build --release --bin hyphae-node
+bash scripts/bench-client.sh
 
 echo "== release wasm size"
 bash scripts/build-wasm.sh >/dev/null

@@ -5,6 +5,8 @@
 pub mod client;
 pub mod conformance;
 #[cfg(target_arch = "wasm32")]
+pub mod tab_fetch;
+#[cfg(target_arch = "wasm32")]
 pub mod tabs;
 pub mod workload;
 
