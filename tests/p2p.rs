@@ -543,3 +543,24 @@ async fn invites_survive_a_restart_until_answered() {
     let b = node_on(reopen().await, &[&a]).await;
     assert!(b.invites().is_empty(), "an answered invite stays answered");
 }
+
+/// C knows only B; A's room is joined through A's server name alone: C finds A's address in
+/// the DHT (B heard it from A through identify) and dials it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_known_only_by_name_is_found_through_kademlia() {
+    let b = node(&[]).await;
+    let a = node(&[&b]).await;
+    let c = node(&[&b]).await;
+    wait_connected(&b, 2).await;
+    assert!(!c.connected_peers().await.unwrap().contains(&a.peer_id()));
+    let opts = CreateRoom {
+        preset: Preset::PublicChat,
+        name: Some("far away".into()),
+        ..Default::default()
+    };
+    let room = a.create_room("alice", &opts).await.unwrap();
+    c.join(&room, "carol", a.peer_id()).await.unwrap();
+    assert!(c.connected_peers().await.unwrap().contains(&a.peer_id()));
+    let state = view(&a, &room).await.unwrap().state;
+    assert!(state.contains_key(&("m.room.member".to_owned(), c.user("carol").to_string())));
+}

@@ -25,7 +25,7 @@ use libp2p::{
     Swarm,
 };
 #[cfg(not(target_arch = "wasm32"))]
-use libp2p::{mdns, relay, rendezvous, tcp};
+use libp2p::{kad, mdns, relay, rendezvous, tcp};
 use ruma::{
     MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId,
 };
@@ -116,7 +116,13 @@ struct Behaviour {
     /// Browsers register and discover each other here.
     rendezvous: rendezvous::server::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Finds the addresses of peers nobody introduced (a server name is a PeerId).
+    kad: kad::Behaviour<kad::store::MemoryStore>,
 }
+
+/// Hyphae's own DHT, apart from the IPFS one.
+#[cfg(not(target_arch = "wasm32"))]
+const KAD_PROTOCOL: &str = "/hyphae/kad/1";
 
 /// A browser peer: the room protocols over connections it dials, and relay circuits through
 /// native nodes to reach (and be reached by) other browsers.
@@ -234,6 +240,32 @@ pub struct Invite {
     pub from: PeerId,
 }
 
+/// Where the answer to one `/hyphae/fed/1` request goes.
+type RequestReply = oneshot::Sender<Result<FedResponse, String>>;
+
+/// How long a request waits for the DHT to find its peer.
+#[cfg(not(target_arch = "wasm32"))]
+const LOOKUP_PATIENCE: Duration = Duration::from_secs(15);
+
+/// Requests waiting for a peer's address. A lookup that finds nothing is run again whenever
+/// the routing table learns something new (a young node's table fills as peers identify),
+/// until [`LOOKUP_PATIENCE`] runs out.
+#[cfg(not(target_arch = "wasm32"))]
+struct Lookup {
+    waiting: Vec<(FedRequest, RequestReply)>,
+    deadline: Instant,
+    in_flight: bool,
+}
+
+/// A request in flight, kept whole so that it can be sent again once the peer is found.
+struct PendingRequest {
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    peer: PeerId,
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    request: Option<FedRequest>,
+    reply: RequestReply,
+}
+
 /// Where the answer to one queued local send goes.
 type SendReply = oneshot::Sender<Result<Received, NodeError>>;
 
@@ -302,6 +334,8 @@ impl P2pNode {
             node: Arc::downgrade(&node.shared),
             commands: command_rx,
             pending: HashMap::new(),
+            #[cfg(not(target_arch = "wasm32"))]
+            lookups: HashMap::new(),
             addrs: addrs_tx,
             peers: peers_tx,
             bootstrap: config
@@ -1127,6 +1161,17 @@ async fn build_swarm(identity: &Identity, with_mdns: bool) -> Result<Swarm<Behav
                     rendezvous::server::Config::default(),
                 ),
                 mdns: mdns.into(),
+                kad: {
+                    let config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+                    let mut kad = kad::Behaviour::with_config(
+                        peer_id,
+                        kad::store::MemoryStore::new(peer_id),
+                        config,
+                    );
+                    // Nodes are reachable: answer DHT queries from the start.
+                    kad.set_mode(Some(kad::Mode::Server));
+                    kad
+                },
             })
         })
         .map_err(|e| e.to_string())?
@@ -1252,8 +1297,10 @@ struct SwarmDriver {
     swarm: Swarm<Behaviour>,
     node: std::sync::Weak<Shared>,
     commands: mpsc::UnboundedReceiver<Command>,
-    pending:
-        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<FedResponse, String>>>,
+    pending: HashMap<request_response::OutboundRequestId, PendingRequest>,
+    /// Requests for peers we had no address for, waiting on a Kademlia lookup of that peer.
+    #[cfg(not(target_arch = "wasm32"))]
+    lookups: HashMap<PeerId, Lookup>,
     addrs: watch::Sender<Vec<Multiaddr>>,
     peers: watch::Sender<usize>,
     bootstrap: Vec<Bootstrap>,
@@ -1312,7 +1359,11 @@ impl SwarmDriver {
                     }
                 }
                 _ = retry.tick() => self.retry_unpublished(),
-                _ = redial.tick() => self.redial_bootstrap(),
+                _ = redial.tick() => {
+                    self.redial_bootstrap();
+                    #[cfg(not(target_arch = "wasm32"))]
+                    self.expire_lookups();
+                }
             }
         }
         tracing::info!("swarm stopped");
@@ -1457,8 +1508,7 @@ impl SwarmDriver {
                     let _ = reply.send(Err("offline".into()));
                     return;
                 }
-                let id = self.swarm.behaviour_mut().fed.send_request(&peer, request);
-                self.pending.insert(id, reply);
+                self.send_request(peer, request, reply, true);
             }
             Command::Respond { channel, response } => {
                 let _ = self
@@ -1650,11 +1700,121 @@ impl SwarmDriver {
                 info,
                 ..
             })) => {
+                #[cfg(not(target_arch = "wasm32"))]
+                let dht_peer = info.protocols.contains(&StreamProtocol::new(KAD_PROTOCOL));
                 for addr in info.listen_addrs {
+                    #[cfg(not(target_arch = "wasm32"))]
+                    if dht_peer {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, addr.clone());
+                    }
                     self.swarm.add_peer_address(peer_id, addr);
                 }
             }
+            #[cfg(not(target_arch = "wasm32"))]
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
             _ => {}
+        }
+    }
+
+    /// Sends a request (dialling the peer if needed). `may_look_up`: if the dial fails for
+    /// want of an address, find the peer through Kademlia and try once more.
+    fn send_request(
+        &mut self,
+        peer: PeerId,
+        request: FedRequest,
+        reply: RequestReply,
+        may_look_up: bool,
+    ) {
+        let keep = (may_look_up && cfg!(not(target_arch = "wasm32"))).then(|| request.clone());
+        let id = self.swarm.behaviour_mut().fed.send_request(&peer, request);
+        self.pending.insert(
+            id,
+            PendingRequest {
+                peer,
+                request: keep,
+                reply,
+            },
+        );
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn on_kad_event(&mut self, event: kad::Event) {
+        let result = match event {
+            kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetClosestPeers(result),
+                ..
+            } => result,
+            kad::Event::RoutingUpdated { .. } => return self.retry_lookups(),
+            _ => return,
+        };
+        let (key, peers) = match result {
+            Ok(ok) => (ok.key, ok.peers),
+            Err(kad::GetClosestPeersError::Timeout { key, peers }) => (key, peers),
+        };
+        for info in &peers {
+            for addr in &info.addrs {
+                self.swarm.add_peer_address(info.peer_id, addr.clone());
+            }
+        }
+        let Ok(target) = PeerId::from_bytes(&key) else {
+            return;
+        };
+        let found = peers
+            .iter()
+            .any(|p| p.peer_id == target && !p.addrs.is_empty());
+        tracing::debug!(peer = %target, found, "Kademlia lookup finished");
+        if !found {
+            if let Some(lookup) = self.lookups.get_mut(&target) {
+                lookup.in_flight = false;
+            }
+            self.expire_lookups();
+            return;
+        }
+        let Some(lookup) = self.lookups.remove(&target) else {
+            return;
+        };
+        for (request, reply) in lookup.waiting {
+            self.send_request(target, request, reply, false);
+        }
+    }
+
+    /// Runs the unfinished lookups again (the routing table changed).
+    #[cfg(not(target_arch = "wasm32"))]
+    fn retry_lookups(&mut self) {
+        let idle: Vec<PeerId> = self
+            .lookups
+            .iter()
+            .filter(|(_, l)| !l.in_flight)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in idle {
+            self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+            if let Some(l) = self.lookups.get_mut(&peer) {
+                l.in_flight = true;
+            }
+        }
+    }
+
+    /// Fails the requests whose peer could not be found in time.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn expire_lookups(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<PeerId> = self
+            .lookups
+            .iter()
+            .filter(|(_, l)| !l.in_flight && l.deadline <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in expired {
+            if let Some(lookup) = self.lookups.remove(&peer) {
+                tracing::info!(%peer, "no address found for peer");
+                for (_, reply) in lookup.waiting {
+                    let _ = reply.send(Err(format!("no address known for {peer}")));
+                }
+            }
         }
     }
 
@@ -1702,8 +1862,8 @@ impl SwarmDriver {
                     },
                 ..
             } => {
-                if let Some(reply) = self.pending.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
+                if let Some(p) = self.pending.remove(&request_id) {
+                    let _ = p.reply.send(Ok(response));
                 }
             }
             Event::OutboundFailure {
@@ -1713,9 +1873,24 @@ impl SwarmDriver {
                 ..
             } => {
                 tracing::debug!(%peer, error = %error, "request failed");
-                if let Some(reply) = self.pending.remove(&request_id) {
-                    let _ = reply.send(Err(error.to_string()));
+                let Some(p) = self.pending.remove(&request_id) else {
+                    return;
+                };
+                #[cfg(not(target_arch = "wasm32"))]
+                if let (request_response::OutboundFailure::DialFailure, Some(request)) =
+                    (&error, p.request)
+                {
+                    // Nobody told us where this peer is: ask the DHT.
+                    let lookup = self.lookups.entry(p.peer).or_insert_with(|| Lookup {
+                        waiting: Vec::new(),
+                        deadline: Instant::now() + LOOKUP_PATIENCE,
+                        in_flight: false,
+                    });
+                    lookup.waiting.push((request, p.reply));
+                    self.retry_lookups();
+                    return;
                 }
+                let _ = p.reply.send(Err(error.to_string()));
             }
             Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, error = %error, "inbound request failed");
