@@ -18,7 +18,10 @@ async fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     let config = NodeConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0/ws".parse().unwrap()],
+        listen: vec![
+            "/ip4/127.0.0.1/tcp/0/ws".parse().unwrap(),
+            "/ip4/127.0.0.1/udp/0/webrtc-direct".parse().unwrap(),
+        ],
         anti_entropy_every: Duration::from_secs(2),
         ..NodeConfig::default()
     };
@@ -31,7 +34,16 @@ async fn main() {
         ..Default::default()
     };
     let room = node.create_room("echo", &opts).await.expect("room");
-    println!("HYPHAE-ECHO-ADDR {}", node.listen_addrs().await[0]);
+    let addrs = node.listen_addrs_at_least(2).await;
+    let ws = addrs.iter().find(|a| a.to_string().contains("/ws/"));
+    let webrtc = addrs
+        .iter()
+        .find(|a| a.to_string().contains("/webrtc-direct/"));
+    println!("HYPHAE-ECHO-ADDR {}", ws.expect("a WebSocket listener"));
+    println!(
+        "HYPHAE-ECHO-WEBRTC {}",
+        webrtc.expect("a WebRTC-direct listener")
+    );
     println!("HYPHAE-ECHO-ROOM {room}");
 
     let me = node.user("echo");

@@ -12,7 +12,7 @@ cargo clippy --all-targets -- -D warnings
 cargo clippy --test cross_backend -- -D warnings
 echo "== clippy (wasm32)"
 cargo clippy --all-targets --target wasm32-unknown-unknown -- -D warnings
-cargo clippy --target wasm32-unknown-unknown --test browser_p2p --test browser_p2p_bench -- -D warnings
+cargo clippy --target wasm32-unknown-unknown --test browser_p2p --test browser_p2p_bench --test browser_client_bench -- -D warnings
 
 echo "== native tests"
 cargo test
@@ -26,7 +26,7 @@ mkdir -p target/test-artifacts
 export WASM_BINDGEN_TEST_TIMEOUT=${WASM_BINDGEN_TEST_TIMEOUT:-180}
 cargo test --target wasm32-unknown-unknown --test browser --test browser_client -- --nocapture | tee target/test-artifacts/browser.log
 
-echo "== browser peer <-> native node over WebSocket (headless Chromium)"
+echo "== browser peer <-> native node over WebSocket and WebRTC-direct (headless Chromium)"
 cargo build --example echo_peer
 echo_log=target/test-artifacts/echo-peer.log
 ./target/debug/examples/echo_peer > "$echo_log" 2>&1 &
@@ -39,6 +39,7 @@ for _ in $(seq 1 300); do
 done
 export HYPHAE_ECHO_ADDR=$(sed -n 's/^HYPHAE-ECHO-ADDR //p' "$echo_log")
 export HYPHAE_ECHO_ROOM=$(sed -n 's/^HYPHAE-ECHO-ROOM //p' "$echo_log")
+export HYPHAE_ECHO_WEBRTC=$(sed -n 's/^HYPHAE-ECHO-WEBRTC //p' "$echo_log")
 [ -n "$HYPHAE_ECHO_ADDR" ] && [ -n "$HYPHAE_ECHO_ROOM" ] || { cat "$echo_log"; echo "echo peer did not start"; exit 1; }
 cargo test --target wasm32-unknown-unknown --test browser_p2p
 kill $echo_pid 2>/dev/null || true

@@ -1,5 +1,5 @@
-//! Browser peers (headless Chromium, WebSocket): one joins a room created on a native node and
-//! exchanges messages both ways; two others, connected to each other only through the node's
+//! Browser peers (headless Chromium, WebSocket and WebRTC-direct): one joins a room created on a
+//! native node and exchanges messages both ways; two others, connected to each other only through the node's
 //! relay, share a room of their own. scripts/test.sh starts the native side
 //! (examples/echo_peer.rs) and passes its address and room at build time.
 #![cfg(target_arch = "wasm32")]
@@ -114,7 +114,21 @@ async fn two_browser_peers_find_each_other_through_rendezvous() {
 #[wasm_bindgen_test]
 async fn a_browser_peer_chats_with_a_native_node() {
     let (addr, room) = echo_env();
-    let addr: Multiaddr = addr.parse().unwrap();
+    chat_with_the_echo_node(addr.parse().unwrap(), room, "browser-peer").await;
+}
+
+#[wasm_bindgen_test]
+async fn a_browser_peer_chats_with_a_native_node_over_webrtc_direct() {
+    let (_, room) = echo_env();
+    let Some(addr) = option_env!("HYPHAE_ECHO_WEBRTC") else {
+        panic!("scripts/test.sh sets HYPHAE_ECHO_WEBRTC to the echo peer's WebRTC-direct address");
+    };
+    chat_with_the_echo_node(addr.parse().unwrap(), room, "browser-peer-webrtc").await;
+}
+
+/// Joins the echo node's room through `addr` (the only address the tab knows) and waits for the
+/// node to answer a message.
+async fn chat_with_the_echo_node(addr: Multiaddr, room: &str, profile: &str) {
     let room: OwnedRoomId = room.try_into().unwrap();
     let echo = addr
         .iter()
@@ -127,8 +141,8 @@ async fn a_browser_peer_chats_with_a_native_node() {
         })
         .unwrap();
 
-    IndexedDbStore::delete("browser-peer").await.unwrap();
-    let store = Rc::new(IndexedDbStore::open("browser-peer").await.unwrap());
+    IndexedDbStore::delete(profile).await.unwrap();
+    let store = Rc::new(IndexedDbStore::open(profile).await.unwrap());
     let config = NodeConfig {
         bootstrap: vec![addr],
         anti_entropy_every: Duration::from_secs(2),

@@ -564,3 +564,41 @@ async fn a_peer_known_only_by_name_is_found_through_kademlia() {
     let state = view(&a, &room).await.unwrap().state;
     assert!(state.contains_key(&("m.room.member".to_owned(), c.user("carol").to_string())));
 }
+
+/// A node reached over WebRTC-direct only (the transport browsers use when they cannot open a
+/// plain WebSocket): its address carries the certificate hash, and a room works over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_over_webrtc_direct() {
+    let listen_webrtc = NodeConfig {
+        listen: vec!["/ip4/127.0.0.1/udp/0/webrtc-direct".parse().unwrap()],
+        ..config(Vec::new())
+    };
+    let a = P2pNode::start(Arc::new(MemoryStore::new()), listen_webrtc)
+        .await
+        .unwrap();
+    let addr = a.listen_addrs().await[0].clone();
+    assert!(
+        addr.to_string().contains("/webrtc-direct/certhash/"),
+        "{addr}"
+    );
+    // A native dialer sends from its own WebRTC socket, so it needs a listener too.
+    let b = P2pNode::start(
+        Arc::new(MemoryStore::new()),
+        NodeConfig {
+            listen: vec!["/ip4/127.0.0.1/udp/0/webrtc-direct".parse().unwrap()],
+            ..config(vec![addr])
+        },
+    )
+    .await
+    .unwrap();
+    wait_connected(&b, 1).await;
+    let opts = CreateRoom {
+        preset: Preset::PublicChat,
+        ..Default::default()
+    };
+    let room = a.create_room("alice", &opts).await.unwrap();
+    b.join(&room, "bob", a.peer_id()).await.unwrap();
+    text(&a, &room, "alice", "over a data channel").await;
+    text(&b, &room, "bob", "and back").await;
+    converge(&[&a, &b], &room, 2).await;
+}

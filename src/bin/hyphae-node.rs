@@ -13,11 +13,13 @@ mod native {
     use hyphae::store::SharedStore;
     use libp2p::Multiaddr;
 
-    /// Default listeners: TCP 4001, QUIC 4001/udp, WebSocket 4002 (for browsers).
-    const DEFAULT_LISTEN: [&str; 3] = [
+    /// Default listeners: TCP 4001, QUIC 4001/udp, and for browsers WebSocket 4002 and
+    /// WebRTC-direct 4003/udp.
+    const DEFAULT_LISTEN: [&str; 4] = [
         "/ip4/0.0.0.0/tcp/4001",
         "/ip4/0.0.0.0/udp/4001/quic-v1",
         "/ip4/0.0.0.0/tcp/4002/ws",
+        "/ip4/0.0.0.0/udp/4003/webrtc-direct",
     ];
 
     /// A Hyphae peer: a Matrix homeserver that exchanges rooms over libp2p.
@@ -27,7 +29,8 @@ mod native {
         /// Data directory: the redb store (rooms, events, identity key).
         #[arg(long, default_value = "./hyphae-data")]
         data: PathBuf,
-        /// Address to listen on (repeatable). Default: TCP 4001, QUIC 4001, WebSocket 4002.
+        /// Address to listen on (repeatable). Default: TCP 4001, QUIC 4001, WebSocket 4002,
+        /// WebRTC-direct 4003.
         #[arg(long = "listen", value_name = "MULTIADDR")]
         listen: Vec<Multiaddr>,
         /// Peer to dial at start and keep reconnecting to (repeatable), with its /p2p/ id.

@@ -303,9 +303,16 @@ impl P2pNode {
     pub async fn start(store: SharedStore, config: NodeConfig) -> Result<Self, NodeError> {
         let engine = Arc::new(Engine::open(store.clone()).await?);
         let identity = Arc::new(Identity::load_or_create(store.as_ref()).await?);
-        let swarm = build_swarm(&identity, config.mdns)
-            .await
-            .map_err(NodeError::Network)?;
+        #[cfg(not(target_arch = "wasm32"))]
+        let webrtc_cert = webrtc_certificate(store.as_ref()).await?;
+        let swarm = build_swarm(
+            &identity,
+            config.mdns,
+            #[cfg(not(target_arch = "wasm32"))]
+            webrtc_cert,
+        )
+        .await
+        .map_err(NodeError::Network)?;
         let invites = load_invites(engine.store().as_ref()).await?;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (inbound, inbound_rx) = mpsc::unbounded_channel();
@@ -1094,7 +1101,35 @@ impl P2pNode {
     }
 }
 
-async fn build_swarm(identity: &Identity, with_mdns: bool) -> Result<Swarm<Behaviour>, String> {
+/// The certificate of the WebRTC-direct listener, kept in the store: its hash is part of the
+/// node's address (`/certhash/…`), which browsers are given once and keep.
+#[cfg(not(target_arch = "wasm32"))]
+async fn webrtc_certificate(
+    store: &dyn crate::store::Store,
+) -> Result<libp2p_webrtc::tokio::Certificate, NodeError> {
+    use libp2p_webrtc::tokio::Certificate;
+    const KEY: &[u8] = b"webrtc_certificate";
+    let bad = |e: String| crate::store::StoreError::Corrupt(format!("WebRTC certificate: {e}"));
+    if let Some(pem) = store.get(Table::Meta, KEY).await? {
+        let pem = String::from_utf8(pem).map_err(|e| bad(e.to_string()))?;
+        return Ok(Certificate::from_pem(&pem).map_err(|e| bad(e.to_string()))?);
+    }
+    let cert = Certificate::generate(&mut rand_webrtc::rng()).map_err(|e| bad(e.to_string()))?;
+    let mut batch = WriteBatch::new();
+    batch.put(Table::Meta, KEY, cert.serialize_pem());
+    store.write(batch).await?;
+    Ok(cert)
+}
+
+async fn build_swarm(
+    identity: &Identity,
+    with_mdns: bool,
+    #[cfg(not(target_arch = "wasm32"))] webrtc_cert: libp2p_webrtc::tokio::Certificate,
+) -> Result<Swarm<Behaviour>, String> {
+    // QUIC brings rustls with aws-lc-rs and WebRTC brings ring: name the provider, or WebRTC
+    // handshakes fail for want of one (installing twice is harmless).
+    #[cfg(not(target_arch = "wasm32"))]
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let gossip_config = gossipsub::ConfigBuilder::default()
         // PDUs are signed by their origin already; gossipsub's own signing would halve
         // throughput. The message id is the hash of the content, so duplicates are dropped.
@@ -1136,6 +1171,8 @@ async fn build_swarm(identity: &Identity, with_mdns: bool) -> Result<Swarm<Behav
         )
         .map_err(|e| e.to_string())?
         .with_quic()
+        .with_other_transport(|key| libp2p_webrtc::tokio::Transport::new(key.clone(), webrtc_cert))
+        .map_err(|e| e.to_string())?
         .with_dns()
         .map_err(|e| e.to_string())?
         .with_websocket(noise::Config::new, yamux::Config::default)
@@ -1192,6 +1229,12 @@ async fn build_swarm(identity: &Identity, with_mdns: bool) -> Result<Swarm<Behav
                         .multiplex(yamux::Config::default())
                         .boxed(),
                 )
+            })
+            .map_err(|e| e.to_string())?
+            // WebRTC-direct: what a page served over https can dial without a TLS certificate
+            // on the node (its own certificate hash is in the address).
+            .with_other_transport(|key| {
+                libp2p::webrtc_websys::Transport::new(libp2p::webrtc_websys::Config::new(key))
             })
             .map_err(|e| e.to_string())?
             .with_relay_client(noise::Config::new, yamux::Config::default)
