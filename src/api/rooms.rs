@@ -198,13 +198,8 @@ impl ClientApi {
         } else {
             room_id(target)?
         };
-        let via: Vec<String> = super::url_query(req.uri().query().unwrap_or(""))
-            .into_iter()
-            .filter(|(k, _)| k == "via" || k == "server_name")
-            .map(|(_, v)| v)
-            .collect();
-        // All `via` values, not just the last: the query may repeat the key.
-        let mut via_all: Vec<String> = req
+        // Every `via` / `server_name` value: the query may repeat the key.
+        let via: Vec<String> = req
             .uri()
             .query()
             .unwrap_or("")
@@ -217,8 +212,6 @@ impl ClientApi {
                     .into_owned()
             })
             .collect();
-        via_all.extend(via);
-        via_all.dedup();
         if let Some(state) = self.node.engine().current_state(&room).await? {
             match self.membership(&state, &s.user_id).await?.as_deref() {
                 Some("join") => return ok(json!({ "room_id": room })),
@@ -234,7 +227,7 @@ impl ClientApi {
         }
         // A room on other peers: join through one that is in it.
         let mut peers = Vec::new();
-        for server in &via_all {
+        for server in &via {
             let parsed = <&ruma::ServerName>::try_from(server.as_str());
             if let Some(name) = parsed.ok().and_then(|n| ServerName::try_from(n).ok()) {
                 peers.push(name.peer_id());
@@ -385,24 +378,31 @@ impl ClientApi {
             return ok(json!({ "event_id": id }));
         }
         self.require_joined(&r.room_id, &s.user_id).await?;
-        // The transaction id is stored in the event's own commit: a retry after a crash finds
-        // it exactly when the event exists.
+        let id = self
+            .send_for_txn(s, &r.room_id, &r.event_type.to_string(), content, txn)
+            .await?;
+        ok(json!({ "event_id": id }))
+    }
+
+    /// Sends a non-state event for a client transaction. The transaction id is stored in the
+    /// event's own commit: a retry after a crash finds it exactly when the event exists.
+    async fn send_for_txn(
+        &self,
+        s: &Session,
+        room: &RoomId,
+        kind: &str,
+        content: Value,
+        txn: &str,
+    ) -> ApiResult<OwnedEventId> {
         let (session, txn_id) = (s.clone(), txn.to_owned());
         let also: crate::engine::AlsoWrite = Box::new(move |id, batch| {
             super::user_data::UserData::txn_records(&session, &txn_id, id, batch)
         });
-        let r = self
+        let sent = self
             .node
-            .send_with(
-                &r.room_id,
-                s.user_id.localpart(),
-                &r.event_type.to_string(),
-                None,
-                content,
-                Some(also),
-            )
+            .send_with(room, s.user_id.localpart(), kind, None, content, Some(also))
             .await?;
-        ok(json!({ "event_id": r.event_id }))
+        Ok(sent.event_id)
     }
 
     pub(super) async fn put_state(
@@ -579,22 +579,10 @@ impl ClientApi {
             content["reason"] = reason.as_str().into();
         }
         // Room versions before 11 carry `redacts` at the top level; the engine reads either.
-        let (session, txn_id) = (s.clone(), txn.to_owned());
-        let also: crate::engine::AlsoWrite = Box::new(move |id, batch| {
-            super::user_data::UserData::txn_records(&session, &txn_id, id, batch)
-        });
-        let sent = self
-            .node
-            .send_with(
-                &r.room_id,
-                s.user_id.localpart(),
-                "m.room.redaction",
-                None,
-                content,
-                Some(also),
-            )
+        let id = self
+            .send_for_txn(s, &r.room_id, "m.room.redaction", content, txn)
             .await?;
-        ok(json!({ "event_id": sent.event_id }))
+        ok(json!({ "event_id": id }))
     }
 
     pub(super) async fn members(

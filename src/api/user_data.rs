@@ -167,16 +167,14 @@ impl UserData {
     }
 
     pub async fn put_filter(&self, user: &UserId, filter: Value) -> ApiResult<String> {
-        let pos = self.write_at(|_, _| {}).await?;
-        let id = pos.to_string();
-        let mut batch = WriteBatch::new();
-        batch.put(
-            Table::ClientData,
-            key(&["filter", user.as_str(), &id]),
-            filter.to_string(),
-        );
-        self.store.write(batch).await?;
-        Ok(id)
+        // The filter's id is the position of the change that stores it: unique, one write.
+        let pos = self
+            .write_at(|pos, b| {
+                let k = key(&["filter", user.as_str(), &pos.to_string()]);
+                b.put(Table::ClientData, k, filter.to_string())
+            })
+            .await?;
+        Ok(pos.to_string())
     }
 
     pub async fn filter(&self, user: &UserId, id: &str) -> ApiResult<Option<Value>> {
