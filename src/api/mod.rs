@@ -15,7 +15,7 @@ pub mod server;
 mod sync;
 mod user_data;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -34,6 +34,8 @@ use user_data::UserData;
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 /// Failed logins allowed per user name per minute.
 const MAX_FAILED_LOGINS_PER_MINUTE: u32 = 10;
+/// Most failed-login counters and open registration sessions kept in memory.
+const MAX_TRACKED: usize = 10_000;
 /// Longest `/sync` long-poll.
 const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -73,7 +75,7 @@ pub struct ClientApi {
     typing: Mutex<Typing>,
     typing_serial: AtomicU64,
     /// Open user-interactive registration sessions.
-    uia_sessions: Mutex<HashSet<String>>,
+    uia_sessions: Mutex<HashMap<String, Instant>>,
     failed_logins: Mutex<HashMap<String, (Instant, u32)>>,
     /// Invites to rooms on other peers, with the client-data position they were first seen at.
     seen_invites: Mutex<HashMap<OwnedEventId, u64>>,
@@ -212,7 +214,7 @@ impl ClientApi {
             registration,
             typing: Mutex::new(Typing::default()),
             typing_serial: AtomicU64::new(1),
-            uia_sessions: Mutex::new(HashSet::new()),
+            uia_sessions: Mutex::new(HashMap::new()),
             failed_logins: Mutex::new(HashMap::new()),
             seen_invites: Mutex::new(HashMap::new()),
             me: std::sync::Weak::new(),
@@ -545,6 +547,10 @@ impl ClientApi {
 
     fn note_failed_login(&self, user: &str) {
         let mut failures = self.failed_logins.lock().expect("login limiter");
+        if failures.len() >= MAX_TRACKED {
+            // Names nobody tried for a minute are forgotten (random names must not grow this).
+            failures.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(60));
+        }
         let entry = failures
             .entry(user.to_owned())
             .or_insert((Instant::now(), 0));
@@ -642,6 +648,7 @@ impl ClientApi {
                 .lock()
                 .expect("uia sessions")
                 .remove(&sess)
+                .is_some()
         });
         let localpart = match &r.username {
             Some(u) => u.to_lowercase(),
@@ -654,10 +661,13 @@ impl ClientApi {
         }
         if !session_ok {
             let session: String = format!("{:016x}", rand::random::<u64>());
-            self.uia_sessions
-                .lock()
-                .expect("uia sessions")
-                .insert(session.clone());
+            let mut sessions = self.uia_sessions.lock().expect("uia sessions");
+            if sessions.len() >= MAX_TRACKED {
+                // Sessions left unfinished for an hour are abandoned.
+                sessions.retain(|_, started| started.elapsed() < Duration::from_secs(3600));
+            }
+            sessions.insert(session.clone(), Instant::now());
+            drop(sessions);
             return Ok(json_response(
                 StatusCode::UNAUTHORIZED,
                 &json!({"flows": [{"stages": [stage]}], "params": {}, "session": session}),
