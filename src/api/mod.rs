@@ -164,6 +164,13 @@ fn parse<R: IncomingRequest>(req: &ApiRequest, args: &[&str]) -> ApiResult<R> {
     })
 }
 
+/// A string field the body must have (`M_BAD_JSON` otherwise).
+fn required_str<'b>(body: &'b serde_json::Map<String, Value>, field: &str) -> ApiResult<&'b str> {
+    body.get(field)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_json(format!("{field} is required")))
+}
+
 /// The request body as a JSON object (`{}` when empty).
 fn body_object(req: &ApiRequest) -> ApiResult<serde_json::Map<String, Value>> {
     if req.body().is_empty() {
@@ -612,10 +619,7 @@ impl ClientApi {
             .accounts
             .login(&user, r.device_id, r.initial_device_display_name, now_ms())
             .await?;
-        ok(json!({
-            "user_id": s.user_id, "access_token": s.access_token, "device_id": s.device_id,
-            "home_server": self.node.server_name().to_string(),
-        }))
+        self.session_response(&s)
     }
 
     async fn register(&self, req: &ApiRequest, caller: Caller) -> ApiResult<ApiResponse> {
@@ -684,6 +688,11 @@ impl ClientApi {
             .accounts
             .login(&user, r.device_id, r.initial_device_display_name, now_ms())
             .await?;
+        self.session_response(&s)
+    }
+
+    /// What `/login` and `/register` answer with a new session.
+    fn session_response(&self, s: &Session) -> ApiResult<ApiResponse> {
         ok(json!({
             "user_id": s.user_id, "access_token": s.access_token, "device_id": s.device_id,
             "home_server": self.node.server_name().to_string(),

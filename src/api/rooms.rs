@@ -9,7 +9,7 @@ use super::accounts::Session;
 use super::error::{ApiError, ApiResult};
 use super::events::{format_event, membership_of};
 use super::sync::{parse_position, EventFilter};
-use super::{body_object, now, ok, parse, ApiRequest, ApiResponse, ClientApi};
+use super::{body_object, now, ok, parse, required_str, ApiRequest, ApiResponse, ClientApi};
 use crate::engine::create_room::{CreateRoom, Preset};
 use crate::engine::pdu::StoredEvent;
 use crate::engine::SortedState;
@@ -265,10 +265,7 @@ impl ClientApi {
         room: &str,
     ) -> ApiResult<ApiResponse> {
         let body = body_object(req)?;
-        let invitee = body
-            .get("user_id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::bad_json("user_id is required"))?;
+        let invitee = required_str(&body, "user_id")?;
         let invitee = user_id(invitee)?;
         let room = room_id(room)?;
         self.require_joined(&room, &s.user_id).await?;
@@ -327,10 +324,7 @@ impl ClientApi {
         action: &str,
     ) -> ApiResult<ApiResponse> {
         let body = body_object(req)?;
-        let target = body
-            .get("user_id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::bad_json("user_id is required"))?;
+        let target = required_str(&body, "user_id")?;
         let target = user_id(target)?;
         let room = room_id(room)?;
         let state = self.require_joined(&room, &s.user_id).await?;
@@ -778,10 +772,7 @@ impl ClientApi {
         alias: &str,
     ) -> ApiResult<ApiResponse> {
         let body = body_object(req)?;
-        let room = body
-            .get("room_id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::bad_json("room_id is required"))?;
+        let room = required_str(&body, "room_id")?;
         let room = room_id(room)?;
         let parsed = ruma::OwnedRoomAliasId::try_from(alias)
             .map_err(|e| ApiError::invalid_param(format!("bad alias: {e}")))?;
