@@ -30,16 +30,7 @@ async fn client_api_in_the_tab() {
     let tab = TabFetch(hs);
     let alice = register(&tab, "alice", "pw").await;
     let mut bob = register(&tab, "bob", "pw").await;
-    let room = alice
-        .ok(
-            "POST",
-            "/_matrix/client/v3/createRoom",
-            Some(json!({"preset": "public_chat"})),
-        )
-        .await["room_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
     let r = enc(&room);
     bob.ok(
         "POST",

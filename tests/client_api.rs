@@ -150,16 +150,7 @@ async fn dump(node: &P2pNode) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
 async fn malformed_requests_get_matrix_errors_and_change_nothing() {
     let (node, api) = peer(None).await;
     let alice = register(&api, "alice", "pw").await;
-    let room = alice
-        .ok(
-            "POST",
-            "/_matrix/client/v3/createRoom",
-            Some(json!({"name": "R"})),
-        )
-        .await["room_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let room = alice.create_room(json!({"name": "R"})).await;
     let r = common::client::enc(&room);
     let me = common::client::enc(&alice.user_id);
     let before = dump(&node).await;
@@ -394,16 +385,7 @@ async fn a_typing_notice_that_runs_out_wakes_sync() {
     let (_node, api) = peer(None).await;
     let mut alice = register(&api, "alice", "pw").await;
     let bob = register(&api, "bob", "pw").await;
-    let room = alice
-        .ok(
-            "POST",
-            "/_matrix/client/v3/createRoom",
-            Some(json!({"preset": "public_chat"})),
-        )
-        .await["room_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
     let r = common::client::enc(&room);
     bob.ok(
         "POST",
@@ -448,16 +430,7 @@ async fn concurrent_senders_reach_a_syncing_reader_exactly_once() {
     let mut reader = register(api.as_ref(), "reader", "pw").await;
     // Room for every new event in each sync, so that no timeline is `limited`.
     reader.filter = Some(json!({"room": {"timeline": {"limit": 500}}}).to_string());
-    let room = reader
-        .ok(
-            "POST",
-            "/_matrix/client/v3/createRoom",
-            Some(json!({"preset": "public_chat"})),
-        )
-        .await["room_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let room = reader.create_room(json!({"preset": "public_chat"})).await;
     let r = common::client::enc(&room);
     reader
         .sync_until("the room", |s| s["rooms"]["join"].get(&room).map(|_| ()))

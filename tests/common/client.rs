@@ -84,6 +84,14 @@ impl<'a, T: Transport> Client<'a, T> {
         assert_eq!(v["errcode"], errcode, "{method} {path}: {v}");
     }
 
+    /// Creates a room with the `/createRoom` body `body`; returns its id.
+    pub async fn create_room(&self, body: Value) -> String {
+        let v = self
+            .ok("POST", "/_matrix/client/v3/createRoom", Some(body))
+            .await;
+        v["room_id"].as_str().unwrap().to_owned()
+    }
+
     pub async fn send_text(&self, room: &str, txn: &str, body: &str) -> String {
         let path = format!(
             "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
