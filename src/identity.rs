@@ -54,6 +54,17 @@ impl ServerName {
         libp2p_identity::PublicKey::from(self.public_key()).to_peer_id()
     }
 
+    /// The server name of a peer, if its PeerId embeds an ed25519 key (every Hyphae peer's does).
+    pub fn from_peer_id(peer: &PeerId) -> Option<Self> {
+        const IDENTITY_HASH: u64 = 0;
+        let hash = peer.as_ref();
+        if hash.code() != IDENTITY_HASH {
+            return None;
+        }
+        let key = libp2p_identity::PublicKey::try_decode_protobuf(hash.digest()).ok()?;
+        Some(Self::from_public_key(&key.try_into_ed25519().ok()?))
+    }
+
     pub fn to_matrix(&self) -> OwnedServerName {
         OwnedServerName::try_from(self.to_string())
             .expect("64 hex characters are a valid server name")
@@ -200,6 +211,10 @@ mod tests {
         let sig = id.signing_key().sign(b"hello");
         assert!(name.public_key().verify(b"hello", sig.as_bytes()));
         assert_eq!(id.to_owned_string(), name.to_string());
+        // And the PeerId gives the server name back; a non-ed25519 peer has none.
+        assert_eq!(ServerName::from_peer_id(&id.peer_id()), Some(name));
+        let rsa_like = PeerId::random();
+        assert_eq!(ServerName::from_peer_id(&rsa_like), None);
     }
 
     impl Identity {

@@ -1,28 +1,30 @@
 //! Browser bindings: the homeserver as a JS class over an IndexedDB profile, networked through
-//! libp2p to the bootstrap nodes it is given.
+//! libp2p to the bootstrap nodes it is given. A Matrix client talks to it through `fetch`:
 //!
 //! ```js
-//! const hs = await Hyphae.open("profile", "alice", ["/ip4/127.0.0.1/tcp/4002/ws/p2p/12D3…"]);
+//! const hs = await Hyphae.open("profile", ["/ip4/127.0.0.1/tcp/4002/ws/p2p/12D3…"]);
+//! const client = sdk.createClient({ baseUrl: "https://hyphae.invalid", fetchFn: hs.fetch.bind(hs) });
 //! hs.onPeersChanged(count => console.log("peers:", count));
-//! const room = await hs.createRoom("Room", null, false);
-//! await hs.sendText(room, "hello");
 //! ```
 //! Every async method returns a Promise; results are plain JSON values. Errors reject with an
 //! `Error` whose message says what went wrong.
 
+use std::cell::Cell;
 use std::rc::Rc;
 
 use js_sys::Promise;
-use ruma::{OwnedRoomId, OwnedUserId};
+use libp2p::Multiaddr;
+use ruma::OwnedEventId;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::future_to_promise;
 
+use crate::api::error::ApiError;
 use crate::api::{ApiRequest, Caller, ClientApi, Registration};
-use crate::engine::create_room::{CreateRoom, Preset};
+use crate::identity::ServerName;
 use crate::net::node::{NodeConfig, P2pNode};
 use crate::store::indexeddb::IndexedDbStore;
-use crate::store::{Direction, SharedStore};
+use crate::store::SharedStore;
 
 fn js_err(e: impl std::fmt::Display) -> JsValue {
     JsError::new(&e.to_string()).into()
@@ -36,8 +38,10 @@ struct Node {
     p2p: P2pNode,
     /// The Client-Server API of this tab's homeserver, reached through [`Hyphae::fetch`].
     api: std::sync::Arc<ClientApi>,
-    localpart: String,
-    user: OwnedUserId,
+    store: Rc<IndexedDbStore>,
+    bootstrap: Vec<Multiaddr>,
+    /// Set by [`Hyphae::shutdown`]: the profile belongs to another tab now.
+    stopped: Cell<bool>,
 }
 
 /// A Hyphae homeserver running in this tab.
@@ -48,26 +52,28 @@ pub struct Hyphae {
 
 #[wasm_bindgen]
 impl Hyphae {
-    /// Opens (or creates) the profile `profile` in IndexedDB and starts its peer; `localpart`
-    /// names the local user; `bootstrap` lists multiaddrs of nodes to dial and keep dialling.
-    pub async fn open(
-        profile: String,
-        localpart: String,
-        bootstrap: Vec<String>,
-    ) -> Result<Hyphae, JsValue> {
+    /// Opens (or creates) the profile `profile` in IndexedDB and starts its peer; `bootstrap`
+    /// lists multiaddrs of nodes to dial and keep dialling, which also relay for this tab so
+    /// that other tabs can reach it.
+    pub async fn open(profile: String, bootstrap: Vec<String>) -> Result<Hyphae, JsValue> {
         let bootstrap = bootstrap
             .iter()
-            .map(|a| a.parse())
+            .map(|a| a.parse::<Multiaddr>())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(js_err)?;
-        let store: SharedStore = Rc::new(IndexedDbStore::open(&profile).await.map_err(js_err)?);
+            .map_err(|e| js_err(format!("bad bootstrap address: {e}")))?;
+        let relayed = bootstrap
+            .iter()
+            .filter(|a| a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))))
+            .map(|a| a.clone().with(libp2p::multiaddr::Protocol::P2pCircuit))
+            .collect();
+        let store = Rc::new(IndexedDbStore::open(&profile).await.map_err(js_err)?);
+        let shared: SharedStore = store.clone();
         let config = NodeConfig {
-            bootstrap,
+            listen: relayed,
+            bootstrap: bootstrap.clone(),
             ..NodeConfig::default()
         };
-        let p2p = P2pNode::start(store, config).await.map_err(js_err)?;
-        let user =
-            OwnedUserId::try_from(format!("@{localpart}:{}", p2p.server_name())).map_err(js_err)?;
+        let p2p = P2pNode::start(shared, config).await.map_err(js_err)?;
         let api = ClientApi::start(p2p.clone(), Registration::Open)
             .await
             .map_err(|e| js_err(e.message))?;
@@ -75,8 +81,9 @@ impl Hyphae {
             node: Rc::new(Node {
                 api,
                 p2p,
-                localpart,
-                user,
+                store,
+                bootstrap,
+                stopped: Cell::new(false),
             }),
         })
     }
@@ -86,6 +93,11 @@ impl Hyphae {
         self.node.p2p.peer_id().to_string()
     }
 
+    #[wasm_bindgen(getter, js_name = serverName)]
+    pub fn server_name(&self) -> String {
+        self.node.p2p.server_name().to_string()
+    }
+
     /// The Client-Server API of this tab's homeserver as a `fetch(input, init)` function: hand
     /// `hs.fetch.bind(hs)` to a Matrix client (matrix-js-sdk's `fetchFn`) with any base URL,
     /// e.g. `https://hyphae.invalid`. No request leaves the tab.
@@ -93,7 +105,12 @@ impl Hyphae {
         let node = self.node.clone();
         future_to_promise(async move {
             let req = to_api_request(&input, &init).await?;
-            let resp = node.api.handle(req, Caller { local: true }).await;
+            let resp = if node.stopped.get() {
+                let e = ApiError::unknown("this tab no longer runs the homeserver");
+                crate::api::json_response(http::StatusCode::SERVICE_UNAVAILABLE, &e.body())
+            } else {
+                node.api.handle(req, Caller { local: true }).await
+            };
             from_api_response(resp).map(JsValue::from)
         })
     }
@@ -110,13 +127,69 @@ impl Hyphae {
         })
     }
 
+    /// What the network looks like from this tab: `{connections: [{peer_id, address, relayed,
+    /// bootstrap}], bootstrap: [{address, connected}], catch_up: {active, fetched}}`.
+    pub fn status(&self) -> Promise {
+        let node = self.node.clone();
+        future_to_promise(async move {
+            let connections = node.p2p.connections().await.map_err(js_err)?;
+            let bootstrap_peer = |a: &Multiaddr| {
+                a.iter().find_map(|p| match p {
+                    libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                    _ => None,
+                })
+            };
+            let list: Vec<serde_json::Value> = connections
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "peer_id": c.peer.to_string(),
+                        "server_name": ServerName::from_peer_id(&c.peer).map(|s| s.to_string()),
+                        "address": c.address.to_string(),
+                        "relayed": c.relayed(),
+                        "bootstrap": node.bootstrap.iter().any(|b| bootstrap_peer(b) == Some(c.peer)),
+                    })
+                })
+                .collect();
+            let bootstrap: Vec<serde_json::Value> = node
+                .bootstrap
+                .iter()
+                .map(|b| {
+                    let peer = bootstrap_peer(b);
+                    serde_json::json!({
+                        "address": b.to_string(),
+                        "connected": connections.iter().any(|c| Some(c.peer) == peer),
+                    })
+                })
+                .collect();
+            let progress = node.p2p.catch_up_progress();
+            to_js(&serde_json::json!({
+                "connections": list,
+                "bootstrap": bootstrap,
+                "catch_up": {"active": progress.active, "fetched": progress.fetched},
+            }))
+        })
+    }
+
+    /// For each event id, whether gossip has handed it to at least one other peer in its room
+    /// (known for events sent since this tab opened the profile).
+    pub fn delivered(&self, event_ids: Vec<String>) -> Vec<u8> {
+        event_ids
+            .iter()
+            .map(|id| {
+                OwnedEventId::try_from(id.as_str())
+                    .is_ok_and(|id| self.node.p2p.delivered(&id)) as u8
+            })
+            .collect()
+    }
+
     /// Calls `callback(count)` now and whenever the number of connected peers changes.
     #[wasm_bindgen(js_name = onPeersChanged)]
     pub fn on_peers_changed(&self, callback: js_sys::Function) {
         let node = self.node.clone();
         wasm_bindgen_futures::spawn_local(async move {
             let mut last = None;
-            loop {
+            while !node.stopped.get() {
                 let count = node
                     .p2p
                     .connected_peers()
@@ -141,135 +214,33 @@ impl Hyphae {
         });
     }
 
-    /// Joins a room on another peer through `via` (a PeerId that is in the room).
-    pub fn join(&self, room_id: String, via: String) -> Promise {
+    /// Dials a peer (a multiaddr with `/p2p/<id>`), e.g. the one a join link names.
+    pub fn dial(&self, address: String) -> Result<(), JsValue> {
+        let addr: Multiaddr = address.parse().map_err(js_err)?;
+        self.node.p2p.dial(addr).map_err(js_err)
+    }
+
+    /// Cuts every connection and stays offline (`true`), or reconnects (`false`): a page
+    /// follows the browser's `offline`/`online` events with it.
+    #[wasm_bindgen(js_name = setOffline)]
+    pub fn set_offline(&self, offline: bool) -> Result<(), JsValue> {
+        self.node.p2p.set_offline(offline).map_err(js_err)
+    }
+
+    /// Stops this homeserver for good: the network goes down, requests answer 503, and the
+    /// profile's database is closed once a write in flight has finished. Resolves when nothing
+    /// more will be written, so that another tab can take the profile over.
+    pub fn shutdown(&self) -> Promise {
         let node = self.node.clone();
         future_to_promise(async move {
-            let room = OwnedRoomId::try_from(room_id).map_err(js_err)?;
-            let via = via.parse().map_err(js_err)?;
-            let id = node
-                .p2p
-                .join(&room, &node.localpart, via)
-                .await
-                .map_err(js_err)?;
-            Ok(id.to_string().into())
+            node.stopped.set(true);
+            node.p2p.shutdown().await;
+            node.store.close();
+            Ok(JsValue::UNDEFINED)
         })
     }
 
-    /// Pending invites: `[{room_id, sender, from}]` (`from` is the PeerId to join through).
-    pub fn invites(&self) -> Result<JsValue, JsValue> {
-        let list: Vec<serde_json::Value> = self
-            .node
-            .p2p
-            .invites()
-            .iter()
-            .map(|i| serde_json::json!({"room_id": i.room_id, "sender": i.sender, "from": i.from.to_string()}))
-            .collect();
-        to_js(&serde_json::Value::Array(list))
-    }
-
-    #[wasm_bindgen(getter, js_name = serverName)]
-    pub fn server_name(&self) -> String {
-        self.node.p2p.server_name().to_string()
-    }
-
-    #[wasm_bindgen(getter, js_name = userId)]
-    pub fn user_id(&self) -> String {
-        self.node.user.to_string()
-    }
-
-    /// Creates a room; resolves to its id.
-    #[wasm_bindgen(js_name = createRoom)]
-    pub fn create_room(
-        &self,
-        name: Option<String>,
-        topic: Option<String>,
-        public: bool,
-    ) -> Promise {
-        let node = self.node.clone();
-        future_to_promise(async move {
-            let preset = if public {
-                Preset::PublicChat
-            } else {
-                Preset::PrivateChat
-            };
-            let opts = CreateRoom {
-                preset,
-                name,
-                topic,
-                ..Default::default()
-            };
-            let room = node
-                .p2p
-                .create_room(&node.localpart, &opts)
-                .await
-                .map_err(js_err)?;
-            Ok(room.to_string().into())
-        })
-    }
-
-    /// Sends an `m.text` message; resolves to the event id once it is durable.
-    #[wasm_bindgen(js_name = sendText)]
-    pub fn send_text(&self, room_id: String, body: String) -> Promise {
-        let node = self.node.clone();
-        future_to_promise(async move {
-            let room = OwnedRoomId::try_from(room_id).map_err(js_err)?;
-            let content = serde_json::json!({ "msgtype": "m.text", "body": body });
-            let r = node
-                .p2p
-                .send(&room, &node.localpart, "m.room.message", None, content)
-                .await
-                .map_err(js_err)?;
-            Ok(r.event_id.to_string().into())
-        })
-    }
-
-    /// Runs the receipt checks on a PDU from a peer; resolves to `{event_id, outcome}`.
-    pub fn receive(&self, pdu: Vec<u8>) -> Promise {
-        let node = self.node.clone();
-        future_to_promise(async move {
-            let r = node.p2p.engine().receive(&pdu).await.map_err(js_err)?;
-            to_js(
-                &serde_json::json!({ "event_id": r.event_id, "outcome": format!("{:?}", r.outcome) }),
-            )
-        })
-    }
-
-    /// The last `limit` timeline events of a room, oldest first, as PDUs.
-    pub fn timeline(&self, room_id: String, limit: usize) -> Promise {
-        let node = self.node.clone();
-        future_to_promise(async move {
-            let room = OwnedRoomId::try_from(room_id).map_err(js_err)?;
-            let mut events = node
-                .p2p
-                .engine()
-                .timeline(&room, None, Direction::Backward, limit)
-                .await
-                .map_err(js_err)?;
-            events.reverse();
-            let list: Vec<serde_json::Value> = events
-                .iter()
-                .map(|e| {
-                    let mut v: serde_json::Value =
-                        serde_json::from_str(e.pdu.json.get()).unwrap_or_default();
-                    v["event_id"] = e.pdu.event_id.as_str().into();
-                    v
-                })
-                .collect();
-            to_js(&serde_json::Value::Array(list))
-        })
-    }
-
-    /// The ids of every room in this profile.
-    pub fn rooms(&self) -> Promise {
-        let node = self.node.clone();
-        future_to_promise(async move {
-            let rooms = node.p2p.engine().rooms().await.map_err(js_err)?;
-            to_js(&serde_json::json!(rooms))
-        })
-    }
-
-    /// The whole profile (identity, rooms, history) as an export file's text.
+    /// The whole profile (identity, accounts, rooms, history) as an export file's text.
     #[wasm_bindgen(js_name = exportProfile)]
     pub fn export_profile(&self) -> Promise {
         let node = self.node.clone();
@@ -282,14 +253,30 @@ impl Hyphae {
     }
 }
 
-/// Imports an export file into the new, empty profile `profile`.
+/// Bytes of linear memory the wasm module holds (for memory figures).
+#[wasm_bindgen(js_name = wasmMemoryBytes)]
+pub fn wasm_memory_bytes() -> f64 {
+    wasm_bindgen::memory()
+        .unchecked_into::<js_sys::WebAssembly::Memory>()
+        .buffer()
+        .unchecked_into::<js_sys::ArrayBuffer>()
+        .byte_length() as f64
+}
+
+/// Imports an export file into the profile `profile`, which must be empty (see
+/// [`delete_profile`]).
 #[wasm_bindgen(js_name = importProfile)]
 pub async fn import_profile(profile: String, data: String) -> Result<u32, JsValue> {
     let store = IndexedDbStore::open(&profile).await.map_err(js_err)?;
-    let n = crate::store::export::import(&store, &data)
-        .await
-        .map_err(js_err)?;
-    Ok(n as u32)
+    let n = crate::store::export::import(&store, &data).await;
+    store.close();
+    n.map(|n| n as u32).map_err(js_err)
+}
+
+/// Deletes the profile `profile` and everything in it (no tab may have it open).
+#[wasm_bindgen(js_name = deleteProfile)]
+pub async fn delete_profile(profile: String) -> Result<(), JsValue> {
+    IndexedDbStore::delete(&profile).await.map_err(js_err)
 }
 
 fn get(obj: &JsValue, key: &str) -> JsValue {

@@ -114,7 +114,7 @@ fn client_path(path: &str) -> Option<Vec<String>> {
     }
 }
 
-fn json_response(status: StatusCode, body: &Value) -> ApiResponse {
+pub(crate) fn json_response(status: StatusCode, body: &Value) -> ApiResponse {
     let mut resp = http::Response::new(serde_json::to_vec(body).expect("JSON serialises"));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

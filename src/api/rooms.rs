@@ -173,6 +173,7 @@ impl ClientApi {
                 Some(c) => Some(as_object(c.json().get(), "power_level_content_override")?),
                 None => None,
             },
+            creator_profile: self.profile_content(&s.user_id).await?,
         };
         let room_id = self.node.create_room(s.user_id.localpart(), &opts).await?;
         if let Some(alias) = alias {
@@ -247,8 +248,13 @@ impl ClientApi {
             ));
         }
         let mut last_error = None;
+        let profile = self.profile_content(&s.user_id).await?;
         for peer in peers {
-            match self.node.join(&room, s.user_id.localpart(), peer).await {
+            match self
+                .node
+                .join_with_profile(&room, s.user_id.localpart(), peer, profile.clone())
+                .await
+            {
                 Ok(_) => return ok(json!({ "room_id": room })),
                 Err(e) => last_error = Some(e),
             }

@@ -1,21 +1,52 @@
 //! The Client-Server API over HTTP (`hyphae-node --http`), with CORS so web clients on other
-//! origins can use it.
+//! origins can use it; with `--web`, also the built web app and the page's bootstrap addresses.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, State};
+use axum::routing::{any, get};
+use tower_http::services::ServeDir;
 
 use super::error::ApiError;
 use super::{Caller, ClientApi, MAX_BODY_BYTES};
 
-/// Serves `api` on `listener` until `shutdown` resolves.
+/// The web app a node serves next to its API: the built files, and the addresses the page
+/// bootstraps from (`/hyphae/bootstrap.json`).
+pub struct WebApp {
+    pub dir: PathBuf,
+    /// `{"server_name": …, "peer_id": …, "addrs": [multiaddr with /p2p/, …]}`.
+    pub bootstrap: serde_json::Value,
+}
+
+/// Serves `api` on `listener` (and the web app, if given) until `shutdown` resolves.
 pub async fn serve(
     api: Arc<ClientApi>,
     listener: tokio::net::TcpListener,
+    web: Option<WebApp>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().fallback(handle).with_state(api);
+    let app = match web {
+        None => axum::Router::new().fallback(handle),
+        Some(web) => {
+            let bootstrap = Arc::new(web.bootstrap);
+            axum::Router::new()
+                .route("/_matrix/{*path}", any(handle))
+                .route(
+                    "/hyphae/bootstrap.json",
+                    get(move || {
+                        let bootstrap = bootstrap.clone();
+                        async move {
+                            super::json_response(http::StatusCode::OK, &bootstrap)
+                                .map(axum::body::Body::from)
+                        }
+                    }),
+                )
+                .fallback_service(ServeDir::new(web.dir))
+        }
+    };
+    let app = app.with_state(api);
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

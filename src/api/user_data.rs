@@ -468,6 +468,19 @@ impl ClientApi {
         Ok(())
     }
 
+    /// The user's profile as member-event content (`displayname`, `avatar_url` when set).
+    pub(super) async fn profile_content(
+        &self,
+        user: &UserId,
+    ) -> ApiResult<serde_json::Map<String, Value>> {
+        let mut content = Value::Object(Default::default());
+        self.add_profile(user, &mut content).await?;
+        match content {
+            Value::Object(map) => Ok(map),
+            _ => unreachable!("built as an object"),
+        }
+    }
+
     pub(super) async fn get_profile(
         &self,
         user: &str,

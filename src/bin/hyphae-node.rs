@@ -7,6 +7,7 @@ mod native {
     use std::sync::Arc;
 
     use clap::Parser;
+    use hyphae::api::server::WebApp;
     use hyphae::api::{ClientApi, Registration};
     use hyphae::net::node::{NodeConfig, P2pNode};
     use hyphae::store::redb::RedbStore;
@@ -58,6 +59,10 @@ mod native {
         /// Print the identity and exit instead of running.
         #[arg(long)]
         print_identity: bool,
+        /// Serve the built web app from this directory on the `--http` address (the page
+        /// bootstraps from this node).
+        #[arg(long, value_name = "DIR")]
+        web: Option<PathBuf>,
     }
 
     pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -108,7 +113,7 @@ mod native {
         if addrs.is_empty() {
             tracing::warn!("not listening anywhere; peers can still be dialled with --bootstrap");
         }
-        for addr in addrs {
+        for addr in &addrs {
             println!("listening:   {addr}");
         }
         let registration = match args.registration.as_str() {
@@ -121,9 +126,21 @@ mod native {
             .await
             .map_err(|e| e.message)?;
         let http = tokio::net::TcpListener::bind(args.http).await?;
-        println!("client api:  http://{}", http.local_addr()?);
+        let url = format!("http://{}", http.local_addr()?);
+        println!("client api:  {url}");
+        let web = args.web.as_ref().map(|dir| WebApp {
+            dir: dir.clone(),
+            bootstrap: serde_json::json!({
+                "server_name": node.server_name().to_string(),
+                "peer_id": node.peer_id().to_string(),
+                "addrs": browser_addrs(&addrs),
+            }),
+        });
+        if web.is_some() {
+            println!("web app:     {url}/");
+        }
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(hyphae::api::server::serve(api, http, async {
+        let server = tokio::spawn(hyphae::api::server::serve(api, http, web, async {
             let _ = stop_rx.await;
         }));
         tracing::info!("running; press Ctrl-C to stop");
@@ -135,6 +152,24 @@ mod native {
         // Dropping the last handle stops the swarm; redb closes when the engine is dropped.
         drop(node);
         Ok(())
+    }
+
+    /// The addresses a page can dial: WebSocket and WebRTC-direct (browsers speak neither raw
+    /// TCP nor QUIC), loopback first so a page on this machine picks a local one.
+    fn browser_addrs(addrs: &[Multiaddr]) -> Vec<String> {
+        use libp2p::multiaddr::Protocol;
+        let mut list: Vec<&Multiaddr> = addrs
+            .iter()
+            .filter(|a| {
+                a.iter()
+                    .any(|p| matches!(p, Protocol::Ws(_) | Protocol::WebRTCDirect))
+            })
+            .collect();
+        list.sort_by_key(|a| {
+            !a.iter()
+                .any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_loopback()))
+        });
+        list.iter().map(|a| a.to_string()).collect()
     }
 
     async fn shutdown_signal() {

@@ -27,6 +27,8 @@ pub struct CreateRoom {
     pub initial_state: Vec<(String, String, Value)>,
     /// Merged over the preset's power levels (top-level keys replace).
     pub power_level_content_override: Option<Map<String, Value>>,
+    /// Merged into the creator's join event (`displayname`, `avatar_url`).
+    pub creator_profile: Map<String, Value>,
 }
 
 /// The room version new rooms get unless asked otherwise.
@@ -52,7 +54,8 @@ pub fn initial_events(
     }
     events.push(("m.room.create".into(), String::new(), Value::Object(create)));
 
-    let mut join = json!({ "membership": "join" });
+    let mut join = Value::Object(opts.creator_profile.clone());
+    join["membership"] = json!("join");
     if opts.is_direct {
         join["is_direct"] = json!(true);
     }

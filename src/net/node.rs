@@ -142,6 +142,8 @@ enum Command {
     Publish {
         room_id: OwnedRoomId,
         pdu: Vec<u8>,
+        /// Recorded as delivered once gossip hands it to a peer (`None` for raw bytes).
+        event_id: Option<OwnedEventId>,
     },
     Subscribe(OwnedRoomId),
     PublishEdu {
@@ -165,6 +167,57 @@ enum Command {
     Dial(Multiaddr),
     SetOffline(bool),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    Connections(oneshot::Sender<Vec<Connection>>),
+    /// Ends the swarm: every connection closes and no command is taken after it.
+    Shutdown,
+}
+
+/// One open connection: to whom, and through which address.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub peer: PeerId,
+    pub address: Multiaddr,
+}
+
+impl Connection {
+    /// Through a circuit on a relay rather than straight to the peer.
+    pub fn relayed(&self) -> bool {
+        self.address
+            .iter()
+            .any(|p| p == libp2p::multiaddr::Protocol::P2pCircuit)
+    }
+}
+
+/// How far catching up rooms from peers has got: for a progress indicator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CatchUpProgress {
+    /// Catch-ups running now.
+    pub active: usize,
+    /// Events they have fetched so far.
+    pub fetched: usize,
+}
+
+/// The last events gossip handed to at least one peer in their room (bounded: the answer is
+/// for what a person just sent, not for history).
+#[derive(Default)]
+struct Delivered {
+    order: std::collections::VecDeque<OwnedEventId>,
+    set: HashSet<OwnedEventId>,
+}
+
+impl Delivered {
+    const MAX: usize = 10_000;
+
+    fn insert(&mut self, id: OwnedEventId) {
+        if self.set.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > Self::MAX {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 /// A PDU that arrived from a peer, waiting for the ingest task.
@@ -174,6 +227,28 @@ struct Inbound {
     gossip_id: Option<gossipsub::MessageId>,
     /// Catch-ups already tried for this PDU (bounded so a bad peer cannot loop us).
     attempts: u8,
+}
+
+/// Counts a catch-up as running while it lives; the count of fetched events restarts when no
+/// catch-up runs.
+struct CatchUpGuard<'a>(&'a Shared);
+
+impl<'a> CatchUpGuard<'a> {
+    fn start(shared: &'a Shared) -> Self {
+        let mut progress = shared.catch_up.lock().expect("not poisoned");
+        if progress.active == 0 {
+            progress.fetched = 0;
+        }
+        progress.active += 1;
+        CatchUpGuard(shared)
+    }
+}
+
+impl Drop for CatchUpGuard<'_> {
+    fn drop(&mut self) {
+        self.0.catch_up.lock().expect("not poisoned").active -= 1;
+        self.0.changes.send_modify(|c| *c += 1);
+    }
 }
 
 /// A PDU fetched during catch-up that waits for its dependencies.
@@ -285,6 +360,8 @@ struct Shared {
     send_queue: Mutex<Vec<(LocalEvent, SendReply)>>,
     /// One group commit at a time.
     send_turn: futures::lock::Mutex<()>,
+    delivered: Mutex<Delivered>,
+    catch_up: Mutex<CatchUpProgress>,
 }
 
 /// A running peer. Cheap to clone; the swarm stops when the last clone and its tasks are gone
@@ -333,6 +410,8 @@ impl P2pNode {
                 invites: Mutex::new(invites),
                 send_queue: Mutex::new(Vec::new()),
                 send_turn: futures::lock::Mutex::new(()),
+                delivered: Mutex::new(Delivered::default()),
+                catch_up: Mutex::new(CatchUpProgress::default()),
             }),
         };
         let rooms = node.shared.engine.rooms().await?;
@@ -356,6 +435,7 @@ impl P2pNode {
             buckets: HashMap::new(),
             relay_listens: Vec::new(),
             relay_listeners: HashMap::new(),
+            connections: HashMap::new(),
         };
         rt::spawn(driver.run(config, rooms));
         rt::spawn(ingest_loop(Arc::downgrade(&node.shared), inbound_rx));
@@ -434,6 +514,30 @@ impl P2pNode {
         rt::timeout(timeout, rx.wait_for(|c| *c >= n))
             .await
             .is_some_and(|r| r.is_ok())
+    }
+
+    /// Every open connection, with the address it goes through.
+    pub async fn connections(&self) -> Result<Vec<Connection>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::Connections(tx))?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Stops the swarm and waits for a group commit in flight, so that nothing is written
+    /// after this returns (a tab hands its profile to another tab this way).
+    pub async fn shutdown(&self) {
+        let _ = self.command(Command::Shutdown);
+        let _turn = self.shared.send_turn.lock().await;
+    }
+
+    /// Whether gossip has handed this (recent) event to at least one peer in its room.
+    pub fn delivered(&self, event_id: &ruma::EventId) -> bool {
+        let delivered = self.shared.delivered.lock().expect("not poisoned");
+        delivered.set.contains(event_id)
+    }
+
+    pub fn catch_up_progress(&self) -> CatchUpProgress {
+        *self.shared.catch_up.lock().expect("not poisoned")
     }
 
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NodeError> {
@@ -524,6 +628,7 @@ impl P2pNode {
         self.command(Command::Publish {
             room_id: room_id.to_owned(),
             pdu,
+            event_id: None,
         })
     }
 
@@ -541,6 +646,7 @@ impl P2pNode {
         self.command(Command::Publish {
             room_id: room_id.to_owned(),
             pdu: ev.pdu.json.get().as_bytes().to_vec(),
+            event_id: Some(event_id.clone()),
         })
     }
 
@@ -715,6 +821,18 @@ impl P2pNode {
         localpart: &str,
         via: PeerId,
     ) -> Result<OwnedEventId, NodeError> {
+        self.join_with_profile(room_id, localpart, via, Default::default())
+            .await
+    }
+
+    /// [`P2pNode::join`] with the user's profile (`displayname`, `avatar_url`) in the join event.
+    pub async fn join_with_profile(
+        &self,
+        room_id: &RoomId,
+        localpart: &str,
+        via: PeerId,
+        profile: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<OwnedEventId, NodeError> {
         let user = self.user(localpart);
         let FedResponse::JoinTemplate {
             room_id: tpl_room,
@@ -736,6 +854,8 @@ impl P2pNode {
                 "make_join answered for another room".into(),
             ));
         }
+        let mut content = serde_json::Value::Object(profile);
+        content["membership"] = json!("join");
         let rules = rules_for(&template.room_version).ok_or_else(|| {
             IngestError::UnsupportedRoomVersion(template.room_version.to_string())
         })?;
@@ -747,7 +867,7 @@ impl P2pNode {
                 sender: &user,
                 kind: "m.room.member",
                 state_key: Some(user.as_str()),
-                content: json!({"membership": "join"}),
+                content,
                 prev_events: template.prev_events,
                 auth_events: template.auth_events,
                 depth: template.depth,
@@ -791,6 +911,7 @@ impl P2pNode {
         let mut wanted = latest;
         let mut held: Vec<Held> = Vec::new();
         let mut total = 0;
+        let _progress = CatchUpGuard::start(&self.shared);
         for _ in 0..MAX_CATCH_UP_ROUNDS {
             if wanted.is_empty() || total >= MAX_CATCH_UP_EVENTS {
                 break;
@@ -826,6 +947,8 @@ impl P2pNode {
                 break;
             }
             total += fresh.len();
+            self.shared.catch_up.lock().expect("not poisoned").fetched += fresh.len();
+            self.changed();
             for (pdu, id) in fresh {
                 let depth = serde_json::from_str::<serde_json::Value>(&pdu)
                     .ok()
@@ -1002,6 +1125,7 @@ impl P2pNode {
                         self.command(Command::Publish {
                             room_id,
                             pdu: pdu.into_bytes(),
+                            event_id: Some(event_id.clone()),
                         })?;
                         tracing::info!(%peer, %event_id, "remote join accepted");
                         self.changed();
@@ -1349,11 +1473,12 @@ struct SwarmDriver {
     bootstrap: Vec<Bootstrap>,
     offline: bool,
     /// Gossip that could not go out yet (no subscribed peer, queues full), retried on heartbeat.
-    unpublished: Vec<(OwnedRoomId, Vec<u8>)>,
+    unpublished: Vec<(OwnedRoomId, Vec<u8>, Option<OwnedEventId>)>,
     buckets: HashMap<PeerId, Bucket>,
     /// Relay circuit addresses to listen on, and the listeners currently holding reservations.
     relay_listens: Vec<Multiaddr>,
     relay_listeners: HashMap<libp2p::core::transport::ListenerId, Multiaddr>,
+    connections: HashMap<libp2p::swarm::ConnectionId, Connection>,
 }
 
 impl SwarmDriver {
@@ -1385,8 +1510,8 @@ impl SwarmDriver {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 command = self.commands.recv() => match command {
+                    Some(Command::Shutdown) | None => break,
                     Some(c) => self.on_command(c),
-                    None => break,
                 },
                 _ = anti_entropy.tick() => {
                     self.discover_peers();
@@ -1502,7 +1627,7 @@ impl SwarmDriver {
         }
     }
 
-    fn publish(&mut self, room_id: OwnedRoomId, pdu: Vec<u8>) {
+    fn publish(&mut self, room_id: OwnedRoomId, pdu: Vec<u8>, event_id: Option<OwnedEventId>) {
         let topic = gossipsub::IdentTopic::new(room_topic(&room_id));
         match self
             .swarm
@@ -1510,10 +1635,16 @@ impl SwarmDriver {
             .gossipsub
             .publish(topic, pdu.clone())
         {
-            Ok(_) | Err(gossipsub::PublishError::Duplicate) => {}
+            Ok(_) => {
+                if let (Some(id), Some(node)) = (event_id, self.node()) {
+                    node.shared.delivered.lock().expect("not poisoned").insert(id);
+                    node.changed();
+                }
+            }
+            Err(gossipsub::PublishError::Duplicate) => {}
             Err(gossipsub::PublishError::NoPeersSubscribedToTopic)
             | Err(gossipsub::PublishError::AllQueuesFull(_)) => {
-                self.unpublished.push((room_id, pdu));
+                self.unpublished.push((room_id, pdu, event_id));
             }
             Err(e) => tracing::warn!(%room_id, error = ?e, "publish failed"),
         }
@@ -1526,14 +1657,18 @@ impl SwarmDriver {
         // Anti-entropy delivers these anyway; gossip is the fast path, so a bounded retry suffices.
         let queued = std::mem::take(&mut self.unpublished);
         let keep_from = queued.len().saturating_sub(10_000);
-        for (room, pdu) in queued.into_iter().skip(keep_from) {
-            self.publish(room, pdu);
+        for (room, pdu, event_id) in queued.into_iter().skip(keep_from) {
+            self.publish(room, pdu, event_id);
         }
     }
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Publish { room_id, pdu } => self.publish(room_id, pdu),
+            Command::Publish {
+                room_id,
+                pdu,
+                event_id,
+            } => self.publish(room_id, pdu, event_id),
             Command::PublishEdu { room_id, edu } => {
                 let topic = gossipsub::IdentTopic::new(edu_topic(&room_id));
                 // Typing and receipts are worth nothing late: no queue, no retry.
@@ -1587,6 +1722,11 @@ impl SwarmDriver {
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
+            Command::Connections(reply) => {
+                let _ = reply.send(self.connections.values().cloned().collect());
+            }
+            // Handled by the run loop.
+            Command::Shutdown => {}
         }
     }
 
@@ -1620,12 +1760,22 @@ impl SwarmDriver {
                 self.addrs.send_modify(|a| a.push(address));
             }
             SwarmEvent::ConnectionEstablished {
-                peer_id, endpoint, ..
+                peer_id,
+                endpoint,
+                connection_id,
+                ..
             } => {
                 if self.offline {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
+                self.connections.insert(
+                    connection_id,
+                    Connection {
+                        peer: peer_id,
+                        address: endpoint.get_remote_address().clone(),
+                    },
+                );
                 tracing::info!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
                 self.reserve_on(peer_id);
                 if self.bootstrap.iter().any(|b| b.peer == Some(peer_id)) {
@@ -1651,12 +1801,16 @@ impl SwarmDriver {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                num_established,
+                connection_id,
                 ..
             } => {
-                tracing::info!(peer = %peer_id, "disconnected");
-                self.peers
-                    .send_replace(self.swarm.connected_peers().count());
+                self.connections.remove(&connection_id);
+                if num_established == 0 {
+                    tracing::info!(peer = %peer_id, "disconnected");
+                    self.peers
+                        .send_replace(self.swarm.connected_peers().count());
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,

@@ -41,13 +41,14 @@ export function uniqueName(prefix) {
  * Starts `hyphae-node` on loopback with a fresh data directory and resolves once it has printed
  * its client API URL and at least one libp2p listen address.
  */
-export async function startNode({ bootstrap = [], name = "node" } = {}) {
+export async function startNode({ bootstrap = [], name = "node", listen = ["/ip4/127.0.0.1/tcp/0"], args: extra = [] } = {}) {
   const bin = path.resolve(ROOT, process.env.HYPHAE_NODE_BIN ?? "target/debug/hyphae-node");
   await access(bin).catch(() => {
     throw new Error(`no hyphae-node binary at ${bin} (build it, or set HYPHAE_NODE_BIN)`);
   });
   const data = await mkdtemp(path.join(tmpdir(), "hyphae-client-test-"));
-  const args = ["--data", data, "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0"];
+  const args = ["--data", data, "--no-mdns", "--http", "127.0.0.1:0", ...extra];
+  for (const addr of listen) args.push("--listen", addr);
   for (const addr of bootstrap) args.push("--bootstrap", addr);
   const child = spawn(bin, args, {
     cwd: ROOT,
@@ -113,14 +114,15 @@ export async function startNode({ bootstrap = [], name = "node" } = {}) {
       const lines = partial.split("\n");
       partial = lines.pop();
       for (const line of lines) {
-        const m = /^(server name|peer id|listening|client api):\s+(\S+)\s*$/.exec(line.trimEnd());
+        const m = /^(server name|peer id|listening|client api|web app):\s+(\S+)\s*$/.exec(line.trimEnd());
         if (!m) continue;
         if (m[1] === "server name") node.serverName = m[2];
         if (m[1] === "peer id") node.peerId = m[2];
         if (m[1] === "listening") node.listen.push(m[2]);
         if (m[1] === "client api") node.url = m[2].replace(/\/+$/, "");
+        if (m[1] === "web app") node.webUrl = m[2];
       }
-      if (node.url && node.listen.length > 0) {
+      if (node.url && node.listen.length > 0 && (node.webUrl || !extra.includes("--web"))) {
         clearTimeout(timer);
         resolve();
       }

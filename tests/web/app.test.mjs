@@ -1,0 +1,173 @@
+// The web app end to end: two browser profiles (two peers) and one hyphae-node serving the app.
+// Each step builds on the ones before it.
+
+import { mkdtemp } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { test } from "node:test";
+
+import {
+  assert,
+  createRoom,
+  messages,
+  onboard,
+  openProfile,
+  ready,
+  screenshot,
+  send,
+  startWebNode,
+  steps,
+  waitForMessage,
+} from "./browser.mjs";
+
+test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
+  const node = await startWebNode();
+  const profiles = [];
+  const open = async (name) => {
+    const p = await openProfile(name);
+    profiles.push(p);
+    return p;
+  };
+  t.after(async () => {
+    for (const p of profiles) await p.close().catch(() => {});
+    await node.stop();
+  });
+  const step = steps(t, node, () => profiles);
+  const url = node.webUrl;
+  let a, b, aliceId, link, downloaded;
+
+  await step("both people onboard with a display name only", async () => {
+    [a, b] = await Promise.all([open("a"), open("b")]);
+    aliceId = await onboard(a.page, url, "Alice");
+    const bobId = await onboard(b.page, url, "Bob");
+    assert.match(aliceId, /^@alice:[0-9a-f]{64}$/);
+    assert.match(bobId, /^@bob:[0-9a-f]{64}$/);
+    assert.notEqual(aliceId.split(":")[1], bobId.split(":")[1], "two peers, two server names");
+  });
+
+  await step("Alice creates a room and shares its join link", async () => {
+    await createRoom(a.page, "Garden", { topic: "what grows where" });
+    await a.page.locator("#room-topic", { hasText: "what grows where" }).waitFor();
+    await a.page.locator("#share-button").click();
+    link = await a.page.locator("#join-link").inputValue();
+    assert.match(link, /#\/join\/.+via=/);
+    await a.page.keyboard.press("Escape");
+  });
+
+  await step("Bob joins through the link", async () => {
+    await b.page.goto(link);
+    await b.page.locator("#room-name", { hasText: "Garden" }).waitFor();
+    await a.page.locator("#timeline .notice", { hasText: "Bob joined" }).waitFor();
+  });
+
+  await step("they exchange messages, see each other typing and reading", async () => {
+    await send(a.page, "Hi Bob, the tomatoes are in");
+    await waitForMessage(b.page, "Hi Bob, the tomatoes are in");
+    await send(b.page, "Hi Alice! Basil next?");
+    await waitForMessage(a.page, "Hi Alice! Basil next?");
+    // Typing: Bob starts a message; Alice sees it.
+    await b.page.locator("#composer").fill("Thinking about it");
+    await a.page.locator("#typing", { hasText: "Bob is typing" }).waitFor();
+    await b.page.locator("#composer").fill("");
+    await a.page.locator("#typing", { hasText: /^$/ }).waitFor();
+    // Receipts: each has the room open, so each has read the other's message.
+    await a.page.locator(".msg .seen", { hasText: "Seen by Bob" }).waitFor();
+    await b.page.locator(".msg .seen", { hasText: "Seen by Alice" }).waitFor();
+    // Alice's message reached another peer.
+    await a.page.locator(".msg .state.delivered").first().waitFor();
+  });
+
+  await step("replies, edits and reactions", async () => {
+    const bobsMessage = a.page.locator(".msg", { hasText: "Basil next?" });
+    await bobsMessage.hover();
+    await bobsMessage.locator("button[title=Reply]").click();
+    await send(a.page, "Yes, by the window");
+    await b.page.locator(".msg .quote", { hasText: "Basil next?" }).waitFor();
+    const mine = a.page.locator(".msg", { hasText: "Yes, by the window" });
+    await mine.hover();
+    await mine.locator("button[title=Edit]").click();
+    await send(a.page, "Yes, by the south window");
+    await b.page.locator(".msg .text", { hasText: "Yes, by the south window" }).waitFor();
+    await b.page.locator(".msg .edited").first().waitFor();
+    const onBob = b.page.locator(".msg", { hasText: "Yes, by the south window" });
+    await onBob.hover();
+    await onBob.locator("button[title='React 👍']").click();
+    await a.page.locator(".msg .reactions button", { hasText: "👍 1" }).waitFor();
+    await screenshot(a.page, "chat.png");
+  });
+
+  await step("after a reload both pages come back from IndexedDB and chat goes on", async () => {
+    await Promise.all([a.page.reload(), b.page.reload()]);
+    await Promise.all([ready(a.page), ready(b.page)]);
+    for (const p of [a.page, b.page]) {
+      await p.locator("#room-name", { hasText: "Garden" }).waitFor();
+      await waitForMessage(p, "Hi Bob, the tomatoes are in");
+      await waitForMessage(p, "Hi Alice! Basil next?");
+    }
+    await send(b.page, "Back after a reload");
+    await waitForMessage(a.page, "Back after a reload");
+  });
+
+  await step("Bob misses 50 messages and a rename while offline, and catches up without a reload", async () => {
+    await b.context.setOffline(true);
+    await b.page.locator("#offline").waitFor();
+    const sent = [];
+    for (let i = 1; i <= 50; i++) {
+      sent.push(`while you were away ${i}`);
+      await send(a.page, sent.at(-1));
+    }
+    await waitForMessage(a.page, sent.at(-1));
+    await a.page.locator("#edit-room-button").click();
+    await a.page.locator("#edit-room-name").fill("Orchard");
+    await a.page.locator("#save-room").click();
+    await a.page.locator("#room-name", { hasText: "Orchard" }).waitFor();
+    await b.context.setOffline(false);
+    await b.page.locator("#room-name", { hasText: "Orchard" }).waitFor({ timeout: 60_000 });
+    await waitForMessage(b.page, sent.at(-1));
+    const seen = (await messages(b.page)).filter((m) => m.startsWith("while you were away"));
+    assert.deepEqual(seen, sent, "all 50, in order");
+    await screenshot(b.page, "caught-up.png");
+  });
+
+  await step("a second tab of Alice's profile does not start a second homeserver; take-over works", async () => {
+    const second = await a.context.newPage();
+    await second.goto(url);
+    await second.locator("#elsewhere", { hasText: "open in another tab" }).waitFor();
+    assert.equal(await second.evaluate(() => typeof window.hyphae), "undefined", "no homeserver in the second tab");
+    assert.equal(await a.page.evaluate(() => typeof window.hyphae), "object");
+    await second.locator("#take-over").click();
+    await ready(second);
+    await a.page.locator("#elsewhere", { hasText: "moved to another tab" }).waitFor();
+    assert.equal(await a.page.evaluate(() => typeof window.hyphae), "undefined", "the first tab stopped");
+    await send(second, "Sent from the new tab");
+    await waitForMessage(b.page, "Sent from the new tab");
+    await a.page.close();
+    a.page = second;
+  });
+
+  await step("Alice exports her profile", async () => {
+    await a.page.locator("#settings-button").click();
+    const [download] = await Promise.all([a.page.waitForEvent("download"), a.page.locator("#export").click()]);
+    // Kept outside the browser profile, which goes away with Alice's browser.
+    downloaded = path.join(await mkdtemp(path.join(tmpdir(), "hyphae-backup-")), download.suggestedFilename());
+    await download.saveAs(downloaded);
+    assert.match(download.suggestedFilename(), /^hyphae-alice-.*\.json$/);
+    await a.page.keyboard.press("Escape");
+  });
+
+  await step("importing it in a fresh profile gives the same server name, rooms and history", async () => {
+    // One identity should run in one place at a time: Alice's old browser goes away first.
+    await a.close();
+    profiles.splice(profiles.indexOf(a), 1);
+    const c = await open("c");
+    await c.page.goto(url);
+    await c.page.locator("#restore-file").setInputFiles(downloaded);
+    await ready(c.page);
+    assert.equal(await c.page.locator(".me .server").textContent(), aliceId);
+    await c.page.locator(".room-item", { hasText: "Orchard" }).click();
+    await waitForMessage(c.page, "Sent from the new tab");
+    await waitForMessage(c.page, "while you were away 50");
+    await send(c.page, "Restored in a new browser");
+    await waitForMessage(b.page, "Restored in a new browser");
+  });
+});

@@ -1,0 +1,92 @@
+// Settings kept in this browser (not in the profile): bootstrap peers and the theme.
+import { h, dialog, toast, serverNameBox } from "./dom.js";
+import { backup, restore } from "./profile.js";
+
+const KEY = "hyphae:settings";
+
+export function loadSettings() {
+  try {
+    return { theme: "system", bootstrap: null, ...JSON.parse(localStorage.getItem(KEY)) };
+  } catch {
+    return { theme: "system", bootstrap: null };
+  }
+}
+
+function saveSettings(settings) {
+  localStorage.setItem(KEY, JSON.stringify(settings));
+}
+
+export function applyTheme(theme = loadSettings().theme) {
+  if (theme === "light" || theme === "dark") document.documentElement.dataset.theme = theme;
+  else delete document.documentElement.dataset.theme;
+}
+
+/** The settings dialog: server name, display name, bootstrap peers, theme, backup and restore. */
+export function openSettings({ hs, displayName, onRename }) {
+  const settings = loadSettings();
+  return dialog((close) => {
+    const name = h("input", { type: "text", id: "settings-name", value: displayName, maxlength: 64 });
+    const peers = h(
+      "textarea",
+      { id: "settings-bootstrap", rows: 3, placeholder: "Leave empty to use the node that served this page" },
+      (settings.bootstrap ?? []).join("\n"),
+    );
+    const theme = h(
+      "select",
+      { id: "settings-theme", onchange: () => applyTheme(theme.value) },
+      ["system", "light", "dark"].map((t) =>
+        h("option", { value: t, selected: settings.theme === t }, t[0].toUpperCase() + t.slice(1)),
+      ),
+    );
+    const file = h("input", { type: "file", accept: ".json,application/json", class: "hidden" });
+    file.addEventListener("change", () => {
+      if (file.files[0] && confirm("Restoring replaces everything in this browser's Hyphae profile. Go on?")) {
+        close();
+        restore(hs, file.files[0]);
+      }
+    });
+    return h(
+      "form",
+      {
+        onsubmit: async (e) => {
+          e.preventDefault();
+          const lines = peers.value.split(/\s+/).filter(Boolean);
+          const bad = lines.find((l) => !l.startsWith("/") || !l.includes("/p2p/"));
+          if (bad) {
+            toast(`Not a multiaddr with /p2p/<peer id>: ${bad}`, { error: true });
+            return;
+          }
+          const changedPeers = JSON.stringify(lines) !== JSON.stringify(settings.bootstrap ?? []);
+          saveSettings({ ...settings, theme: theme.value, bootstrap: lines.length ? lines : null });
+          applyTheme(theme.value);
+          if (name.value.trim() && name.value.trim() !== displayName) await onRename(name.value.trim());
+          close();
+          if (changedPeers) toast("Bootstrap peers are used from the next start (reload the page)");
+        },
+      },
+      h("h2", {}, "Settings"),
+      h("label", {}, "Your homeserver's name (your user ID ends with it)"),
+      serverNameBox(hs.serverName),
+      h("label", { for: "settings-name" }, "Display name"),
+      name,
+      h("label", { for: "settings-bootstrap" }, "Bootstrap peers (one multiaddr per line)"),
+      peers,
+      h("label", { for: "settings-theme" }, "Theme"),
+      theme,
+      h("label", {}, "Backup"),
+      h(
+        "div.link-box",
+        {},
+        h("button", { type: "button", id: "export", onclick: () => backup(hs, displayName) }, "Export profile"),
+        h("button", { type: "button", id: "import", onclick: () => file.click() }, "Import profile…"),
+        file,
+      ),
+      h(
+        "div.actions",
+        {},
+        h("button", { type: "button", onclick: () => { applyTheme(); close(); } }, "Cancel"),
+        h("button.primary", { type: "submit" }, "Save"),
+      ),
+    );
+  });
+}
