@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, clippy on both targets, native tests, and the browser tests in
-# headless Chromium. Installs what it needs first (scripts/setup.sh).
+# Runs every test: formatting, clippy on both targets, native tests, the Matrix client suite, the
+# web app end to end (Playwright), and the browser tests in headless Chromium. Installs what it
+# needs first (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,6 +21,10 @@ cargo test
 echo "== Matrix clients (matrix-js-sdk) against hyphae-node over HTTP"
 cargo build --bin hyphae-node
 HYPHAE_NODE_BIN=target/debug/hyphae-node npm run --silent test:client
+
+echo "== the web app (Playwright: two browser profiles and hyphae-node serving the app)"
+bash scripts/build-web.sh
+HYPHAE_NODE_BIN=target/debug/hyphae-node npm run --silent test:web
 
 echo "== browser tests (headless Chromium, IndexedDB)"
 mkdir -p target/test-artifacts

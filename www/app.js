@@ -1,7 +1,7 @@
 // Hyphae in a page: opens this browser's homeserver (wasm, IndexedDB, libp2p), makes sure only
 // one tab runs it, signs the person in, and hands over to the chat view.
 import * as sdk from "matrix-js-sdk";
-import init, { Hyphae } from "../pkg/hyphae.js";
+import init, { Hyphae, wasmMemoryBytes } from "../pkg/hyphae.js";
 import { h, toast, describe, fail, screen, serverNameBox } from "./dom.js";
 import { DB_NAME, LOCK, PROFILE, loadSession, saveSession, localpartFor, restore } from "./profile.js";
 import { Chat } from "./chat.js";
@@ -152,6 +152,7 @@ async function holdProfile(handedOver) {
       chat = new Chat({ root, hs, client: clientFor(hs, session), session });
       // For the browser console (and benchmarks): this tab's homeserver and Matrix client.
       window.hyphaeClient = chat.client;
+      window.hyphaeWasmMemory = wasmMemoryBytes;
       await chat.start();
     }
   } catch (err) {

@@ -313,7 +313,14 @@ export class Chat {
   buildRoom(room) {
     this.header = h("header");
     this.timelineEl = h("div.timeline", { id: "timeline", dataset: { roomId: room.roomId }, tabindex: 0 });
-    this.timelineEl.addEventListener("scroll", () => this.maybePaginate(room));
+    // Whether to keep the newest message in view: follows the person's scrolling, not the
+    // content's changes (a timeline reset or a page of history must not move the view).
+    this.stickToBottom = true;
+    this.timelineEl.addEventListener("scroll", () => {
+      const el = this.timelineEl;
+      this.stickToBottom = el.scrollHeight - el.scrollTop - el.clientHeight < 60;
+      this.maybePaginate(room);
+    });
     this.typingEl = h("div.typing", { id: "typing", "aria-live": "polite" });
     this.contextEl = h("div");
     this.composer = h("textarea", { id: "composer", rows: 1, placeholder: `Message ${room.name}`, "aria-label": "Message" });
@@ -338,9 +345,9 @@ export class Chat {
 
   renderTimeline(room) {
     const el = this.timelineEl;
-    const atBottom = el.scrollHeight - el.scrollTop - el.clientHeight < 60;
+    const atBottom = this.stickToBottom;
     const fromBottom = el.scrollHeight - el.scrollTop;
-    const events = room.getLiveTimeline().getEvents();
+    const events = loadedEvents(room);
     const edits = new Map();
     const reactions = new Map();
     for (const ev of events) {
@@ -359,7 +366,7 @@ export class Chat {
       }
     }
     const rows = [];
-    const hasMore = !!room.getLiveTimeline().getPaginationToken(EventTimeline.BACKWARDS);
+    const hasMore = !!oldestTimeline(room).getPaginationToken(EventTimeline.BACKWARDS);
     rows.push(h("div.start", { id: "timeline-start" }, hasMore ? (this.paginating ? "Loading earlier messages…" : "") : "This is the start of the room."));
     let previous = null;
     const laterFromOthers = laterForeignIndex(events, this.hs.serverName);
@@ -373,7 +380,7 @@ export class Chat {
         rows.push(this.messageRow(room, ev, { edit, reactions: reactions.get(ev.getId()), cont, foreignAfter: laterFromOthers[i] }));
         previous = ev;
       } else if (ev.isState()) {
-        const text = describeState(ev);
+        const text = describeState(room, ev);
         if (text) rows.push(h("div.notice", {}, text));
         previous = null;
       }
@@ -433,7 +440,7 @@ export class Chat {
       "div.msg" + (cont ? ".cont" : ""),
       { dataset: { eventId: ev.getId() ?? "", sender: ev.getSender() } },
       avatar(sender, ev.getSender()),
-      h("div", {}, meta, body),
+      h("div.main", {}, meta, body),
       ev.isRedacted() ? "" : this.actions(room, ev, mine),
       seenBy.length ? h("div.seen", {}, `Seen by ${seenBy.join(", ")}`) : "",
     );
@@ -494,10 +501,11 @@ export class Chat {
   async maybePaginate(room) {
     const el = this.timelineEl;
     if (this.paginating || !el || el.scrollTop > 300) return;
-    if (!room.getLiveTimeline().getPaginationToken(EventTimeline.BACKWARDS)) return;
+    const oldest = oldestTimeline(room);
+    if (!oldest.getPaginationToken(EventTimeline.BACKWARDS)) return;
     this.paginating = true;
     try {
-      await this.client.scrollback(room, PAGE);
+      await this.client.paginateEventTimeline(oldest, { backwards: true, limit: PAGE });
     } catch (err) {
       toast(`Could not load earlier messages: ${describe(err)}`, { error: true });
     } finally {
@@ -518,9 +526,7 @@ export class Chat {
   /** Marks the newest event read when the person is looking at it. */
   sendReceipt(room) {
     if (document.hidden) return;
-    const last = room
-      .getLiveTimeline()
-      .getEvents()
+    const last = loadedEvents(room)
       .filter((ev) => !ev.status && ev.getId()?.startsWith("$"))
       .at(-1);
     if (!last || this.readUpTo.get(room.roomId) === last.getId()) return;
@@ -554,9 +560,7 @@ export class Chat {
     this.replyTo = null;
     this.editing = ev;
     const room = this.client.getRoom(ev.getRoomId());
-    const edits = room
-      .getLiveTimeline()
-      .getEvents()
+    const edits = loadedEvents(room)
       .filter((e) => e.getWireContent()["m.relates_to"]?.rel_type === "m.replace" && e.getWireContent()["m.relates_to"].event_id === ev.getId());
     const current = edits.at(-1)?.getWireContent()["m.new_content"]?.body ?? ev.getOriginalContent().body ?? "";
     this.composer.value = stripReplyFallback(current);
@@ -632,13 +636,11 @@ export class Chat {
     this.stopTyping(room);
     // The local echo shows at once; the promise settles when the homeserver has it on disk.
     this.client.sendMessage(room.roomId, content).catch((err) => toast(`Not sent: ${describe(err)}`, { error: true }));
-    this.timelineEl.scrollTop = this.timelineEl.scrollHeight;
+    this.stickToBottom = true;
   }
 
   react(room, ev, key) {
-    const own = room
-      .getLiveTimeline()
-      .getEvents()
+    const own = loadedEvents(room)
       .find((r) => {
         const rel = r.getWireContent()["m.relates_to"];
         return r.getType() === "m.reaction" && !r.isRedacted() && r.getSender() === this.me && rel?.event_id === ev.getId() && rel.key === key;
@@ -923,6 +925,23 @@ export class Chat {
   }
 }
 
+/**
+ * The live timeline with the ones linked before it. After a gap (a limited sync) the SDK starts
+ * a new live timeline; paginating back links it to the older one once they meet.
+ */
+function oldestTimeline(room) {
+  let timeline = room.getLiveTimeline();
+  for (let before; (before = timeline.getNeighbouringTimeline(EventTimeline.BACKWARDS)); ) timeline = before;
+  return timeline;
+}
+
+/** Every event loaded for the room's live timeline chain, oldest first. */
+function loadedEvents(room) {
+  const parts = [];
+  for (let t = room.getLiveTimeline(); t; t = t.getNeighbouringTimeline(EventTimeline.BACKWARDS)) parts.push(t.getEvents());
+  return parts.reverse().flat();
+}
+
 function bodyOf(ev) {
   if (ev.isRedacted()) return "Message deleted";
   const content = ev.getContent();
@@ -964,8 +983,8 @@ function colourForUser(userId) {
 }
 
 /** Words for a state change: membership, name, topic, creation. */
-function describeState(ev) {
-  const who = ev.sender?.name ?? ev.getSender();
+function describeState(room, ev) {
+  const who = room.getMember(ev.getSender())?.name ?? ev.sender?.name ?? ev.getSender();
   const content = ev.getContent();
   const prev = ev.getPrevContent();
   switch (ev.getType()) {

@@ -43,31 +43,39 @@ export function startWebNode(name = "node") {
  */
 export async function openProfile(name) {
   const dir = await mkdtemp(path.join(tmpdir(), `hyphae-web-${name}-`));
-  const context = await chromium.launchPersistentContext(dir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: FLAGS,
-    viewport: { width: 1200, height: 800 },
-  });
-  context.setDefaultTimeout(UI_TIMEOUT_MS);
   const lines = [];
   const watch = (page) => {
     page.on("console", (m) => lines.push(`[${name}] ${m.type()}: ${m.text()}`));
     page.on("pageerror", (e) => lines.push(`[${name}] page error: ${e.message}`));
   };
-  context.on("page", watch);
-  const page = context.pages()[0] ?? (await context.newPage());
-  watch(page);
-  return {
+  const launch = async () => {
+    const context = await chromium.launchPersistentContext(dir, {
+      executablePath: CHROMIUM,
+      headless: true,
+      args: FLAGS,
+      viewport: { width: 1200, height: 800 },
+    });
+    context.setDefaultTimeout(UI_TIMEOUT_MS);
+    context.on("page", watch);
+    const page = context.pages()[0] ?? (await context.newPage());
+    watch(page);
+    return { context, page };
+  };
+  const profile = {
     name,
-    context,
-    page,
+    ...(await launch()),
     logs: () => lines.slice(-80).join("\n"),
+    /** Closes the browser and starts a new one on the same profile directory. */
+    reopen: async () => {
+      await profile.context.close();
+      Object.assign(profile, await launch());
+    },
     close: async () => {
-      await context.close();
+      await profile.context.close();
       await rm(dir, { recursive: true, force: true });
     },
   };
+  return profile;
 }
 
 /** Opens the app and creates the account (display name only); waits for the chat view. */

@@ -1,0 +1,180 @@
+// Web app figures, measured with Playwright in headless Chromium against a hyphae-node serving
+// the built app: cold start, bundle sizes, typed → visible on the other peer, tab memory.
+// `npm run bench:web` (after scripts/build-web.sh and a hyphae-node build); JSON goes to
+// target/bench-web.json.
+
+import { readdir, readFile, writeFile, mkdir } from "node:fs/promises";
+import path from "node:path";
+import { gzipSync } from "node:zlib";
+
+import { createRoom, onboard, openProfile, ready, ROOT, startWebNode } from "./browser.mjs";
+
+const RESULTS = path.join(ROOT, "target", "bench-web.json");
+const HISTORY = Number(process.env.HYPHAE_BENCH_HISTORY ?? 1000);
+const LATENCY_SAMPLES = Number(process.env.HYPHAE_BENCH_SAMPLES ?? 100);
+const MEMORY_MESSAGES = Number(process.env.HYPHAE_BENCH_MEMORY ?? 10_000);
+const RUNS = 5;
+
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const pct = (xs, p) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((xs.length * p) / 100))];
+const ms = (x) => `${x.toFixed(1)} ms`;
+const mib = (x) => `${(x / 1048576).toFixed(1)} MiB`;
+const kb = (x) => `${(x / 1000).toFixed(1)} KB`;
+
+async function sizes() {
+  const dist = path.join(ROOT, "dist");
+  const out = { wasm: { raw: 0, gzip: 0 }, js: { raw: 0, gzip: 0 }, other: { raw: 0, gzip: 0 } };
+  for (const name of await readdir(dist)) {
+    const data = await readFile(path.join(dist, name));
+    const kind = name.endsWith(".wasm") ? "wasm" : name.endsWith(".js") ? "js" : "other";
+    out[kind].raw += data.length;
+    out[kind].gzip += gzipSync(data, { level: 9 }).length;
+  }
+  return out;
+}
+
+/** Milliseconds from navigation start to the chat being usable (or the first-run form shown). */
+async function interactiveAt(page) {
+  return page.evaluate(async () => {
+    const mark = () => performance.getEntriesByName("hyphae-interactive")[0]?.startTime;
+    while (!mark()) await new Promise((r) => setTimeout(r, 5));
+    return mark();
+  });
+}
+
+async function firstRunFormAt(page) {
+  await page.locator("#display-name").waitFor();
+  return page.evaluate(() => performance.now());
+}
+
+/** Sends `n` messages from the page's own client, `parallel` at a time. */
+async function fill(page, roomId, n, parallel = 16) {
+  await page.evaluate(
+    async ({ roomId, n, parallel }) => {
+      const client = window.hyphaeClient;
+      let next = 0;
+      const worker = async () => {
+        while (next < n) {
+          const i = next++;
+          await client.sendEvent(roomId, "m.room.message", { msgtype: "m.text", body: `history ${i}` });
+        }
+      };
+      await Promise.all(Array.from({ length: parallel }, worker));
+    },
+    { roomId, n, parallel },
+  );
+}
+
+async function currentRoom(page) {
+  return page.locator("#timeline").getAttribute("data-room-id");
+}
+
+/** JS heap (after a collection) and the wasm module's linear memory. */
+async function memory(page) {
+  const cdp = await page.context().newCDPSession(page);
+  await cdp.send("HeapProfiler.collectGarbage");
+  const { usedSize } = await cdp.send("Runtime.getHeapUsage");
+  const wasm = await page.evaluate(() => window.hyphaeWasmMemory());
+  await cdp.detach();
+  return { js_heap: usedSize, wasm };
+}
+
+async function main() {
+  const results = { sizes: await sizes() };
+  const node = await startWebNode("bench");
+  const url = node.webUrl;
+  const profiles = [];
+  try {
+    // Cold start, empty profile: a new browser, first visit, until the first-run form shows.
+    const empty = [];
+    for (let i = 0; i < RUNS; i++) {
+      const p = await openProfile(`empty${i}`);
+      await p.page.goto(url);
+      empty.push(await firstRunFormAt(p.page));
+      await p.close();
+    }
+    results.cold_start_empty_ms = median(empty);
+
+    // Cold start with a room of HISTORY messages: a new browser process on the same profile.
+    let a = await openProfile("a");
+    profiles.push(a);
+    await onboard(a.page, url, "Alice");
+    await createRoom(a.page, "History");
+    const room = await currentRoom(a.page);
+    await fill(a.page, room, HISTORY);
+    const withHistory = [];
+    const reloads = [];
+    for (let i = 0; i < RUNS; i++) {
+      await a.page.reload();
+      reloads.push(await interactiveAt(a.page));
+    }
+    for (let i = 0; i < RUNS; i++) {
+      await a.reopen();
+      await a.page.goto(url);
+      withHistory.push(await interactiveAt(a.page));
+    }
+    results.cold_start_history = { messages: HISTORY, new_browser_ms: median(withHistory), reload_ms: median(reloads) };
+
+    // Typed → visible on the other peer.
+    const b = await openProfile("b");
+    profiles.push(b);
+    await onboard(b.page, url, "Bob");
+    await a.page.locator("#share-button").click();
+    const link = await a.page.locator("#join-link").inputValue();
+    await a.page.keyboard.press("Escape");
+    await b.page.goto(link);
+    await b.page.locator("#room-name", { hasText: "History" }).waitFor();
+    await b.page.evaluate(() => {
+      window.seenAt = new Map();
+      new MutationObserver(() => {
+        for (const el of document.querySelectorAll("#timeline .msg .text")) {
+          const m = /^typed (\d+)$/.exec(el.textContent);
+          if (m && !window.seenAt.has(m[1])) window.seenAt.set(m[1], performance.timeOrigin + performance.now());
+        }
+      }).observe(document.getElementById("app"), { childList: true, subtree: true, characterData: true });
+    });
+    const latencies = [];
+    for (let i = 0; i < LATENCY_SAMPLES; i++) {
+      const sentAt = await a.page.evaluate((text) => {
+        const box = document.getElementById("composer");
+        box.value = text;
+        const t = performance.timeOrigin + performance.now();
+        box.dispatchEvent(new KeyboardEvent("keydown", { key: "Enter", bubbles: true }));
+        return t;
+      }, `typed ${i}`);
+      const seenAt = await b.page.waitForFunction((i) => window.seenAt.get(String(i)), i).then((h) => h.jsonValue());
+      latencies.push(seenAt - sentAt);
+    }
+    results.typed_to_visible_ms = { samples: latencies.length, p50: pct(latencies, 50), p99: pct(latencies, 99) };
+
+    // Tab memory after MEMORY_MESSAGES more messages (sent by Alice, received by Bob).
+    await fill(a.page, room, MEMORY_MESSAGES);
+    await b.page.locator("#timeline .msg .text", { hasText: `history ${MEMORY_MESSAGES - 1}` }).first().waitFor({ timeout: 300_000 });
+    results.memory_after = {
+      messages: HISTORY + MEMORY_MESSAGES + LATENCY_SAMPLES,
+      sender: await memory(a.page),
+      receiver: await memory(b.page),
+    };
+  } finally {
+    for (const p of profiles) await p.close().catch(() => {});
+    await node.stop();
+  }
+
+  const r = results;
+  const lines = [
+    ["wasm (gzip -9)", `${kb(r.sizes.wasm.gzip)} (raw ${kb(r.sizes.wasm.raw)})`],
+    ["JS bundle (gzip -9)", `${kb(r.sizes.js.gzip)} (raw ${kb(r.sizes.js.raw)})`],
+    ["cold start, empty profile", ms(r.cold_start_empty_ms)],
+    [`cold start, ${HISTORY}-message room, new browser`, ms(r.cold_start_history.new_browser_ms)],
+    [`cold start, ${HISTORY}-message room, reload`, ms(r.cold_start_history.reload_ms)],
+    ["typed → visible on the other peer, p50", ms(r.typed_to_visible_ms.p50)],
+    ["typed → visible on the other peer, p99", ms(r.typed_to_visible_ms.p99)],
+    [`sender tab after ${r.memory_after.messages} messages: JS heap + wasm`, `${mib(r.memory_after.sender.js_heap)} + ${mib(r.memory_after.sender.wasm)}`],
+    [`receiver tab after ${r.memory_after.messages} messages: JS heap + wasm`, `${mib(r.memory_after.receiver.js_heap)} + ${mib(r.memory_after.receiver.wasm)}`],
+  ];
+  for (const [k, v] of lines) console.log(`${k.padEnd(62)} ${v}`);
+  await mkdir(path.dirname(RESULTS), { recursive: true });
+  await writeFile(RESULTS, JSON.stringify(results, null, 2));
+}
+
+await main();
