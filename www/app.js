@@ -1,11 +1,16 @@
 // Hyphae in a page: opens this browser's homeserver (wasm, IndexedDB, libp2p), makes sure only
 // one tab runs it, signs the person in, and hands over to the chat view.
 import * as sdk from "matrix-js-sdk";
+import { logger as sdkLogger } from "matrix-js-sdk/lib/logger.js";
 import init, { Hyphae, wasmMemoryBytes } from "../pkg/hyphae.js";
 import { h, toast, describe, fail, screen, serverNameBox } from "./dom.js";
 import { DB_NAME, LOCK, PROFILE, loadSession, saveSession, localpartFor, restore } from "./profile.js";
 import { Chat } from "./chat.js";
 import { loadSettings, applyTheme } from "./settings.js";
+
+// The SDK logs every request; warnings and errors are what a person debugging needs.
+sdkLogger.setLevel("warn", false);
+sdkLogger.rebuild?.();
 
 /** Requests never leave the tab: the base URL only has to parse. */
 const BASE_URL = "https://hyphae.invalid";
@@ -136,6 +141,7 @@ function onboard(hs) {
 async function holdProfile(handedOver) {
   root.replaceChildren(h("div.splash", {}, h("div", {}, h("div.logo", {}, "Hyphae"), h("p", {}, "Starting your homeserver…"))));
   await wasmReady;
+  performance.mark("hyphae-wasm-ready");
   let hs;
   try {
     hs = await Hyphae.open(DB_NAME, await bootstrapAddrs());
@@ -143,6 +149,7 @@ async function holdProfile(handedOver) {
     fail("Your homeserver could not start", err);
     return false;
   }
+  performance.mark("hyphae-homeserver-open");
   window.hyphae = hs;
   let chat;
   try {

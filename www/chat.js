@@ -16,6 +16,8 @@ const QUICK_REACTIONS = ["👍", "❤️", "😄", "🎉"];
 /** Messages from one sender within this long are shown as one group. */
 const GROUP_MS = 5 * 60 * 1000;
 const PAGE = 30;
+/** Events of the open room rendered when following the newest ones. */
+const WINDOW = 80;
 const TYPING_RENEW_MS = 3000;
 const TYPING_IDLE_MS = 4000;
 
@@ -48,6 +50,10 @@ export class Chat {
     this.status = { connections: [], bootstrap: [], catch_up: { active: 0, fetched: 0 } };
     this.delivered = new Set();
     this.paginating = false;
+    this.shown = WINDOW;
+    this.firstShownId = null;
+    this.hiddenBefore = 0;
+    this.revealEarlier = 0;
     this.readUpTo = new Map();
     this.typingSent = 0;
     this.renderQueued = false;
@@ -103,6 +109,7 @@ export class Chat {
     this.displayName = (await c.getProfileInfo(this.me).catch(() => ({}))).displayname;
     await c.startClient({ initialSyncLimit: PAGE, lazyLoadMembers: false });
     await prepared;
+    performance.mark("hyphae-first-sync");
     const last = localStorage.getItem(`hyphae:room:${this.me}`);
     const rooms = this.joinedRooms();
     this.roomId = rooms.find((r) => r.roomId === last)?.roomId ?? rooms[0]?.roomId ?? null;
@@ -170,7 +177,7 @@ export class Chat {
       h("button", { id: "settings-button", title: "Settings", onclick: () => this.settings() }, "Settings"),
     );
     const sidebar = h("div.sidebar", {}, h("header", {}, this.els.me, tools), this.els.roomList);
-    this.els.shell = h("div.shell", {}, sidebar, h("div.room", {}, this.els.banner, this.els.room), this.els.side);
+    this.els.shell = h("div.shell", {}, sidebar, h("div.room-column", {}, this.els.banner, this.els.room), this.els.side);
     this.root.replaceChildren(this.els.shell);
   }
 
@@ -284,6 +291,8 @@ export class Chat {
       this.replyTo = null;
       this.editing = null;
       this.timelineEl = null;
+      this.shown = WINDOW;
+      this.firstShownId = null;
       localStorage.setItem(`hyphae:room:${this.me}`, roomId);
     }
     this.els.shell.classList.add("in-room");
@@ -348,9 +357,22 @@ export class Chat {
     const atBottom = this.stickToBottom;
     const fromBottom = el.scrollHeight - el.scrollTop;
     const events = loadedEvents(room);
+    // Only a window of the loaded events becomes DOM, so that a long session or a big catch-up
+    // costs the same per update as a short one. At the bottom the window slides with new
+    // events; while the person reads further up it stays where it is.
+    const anchor = !atBottom && this.firstShownId ? events.findIndex((e) => e.getId() === this.firstShownId) : -1;
+    let start = anchor >= 0 ? anchor : Math.max(0, events.length - this.shown);
+    if (this.revealEarlier) {
+      start = Math.max(0, start - this.revealEarlier);
+      this.revealEarlier = 0;
+    }
+    this.shown = Math.max(WINDOW, events.length - start);
+    this.firstShownId = events[start]?.getId();
+    this.hiddenBefore = start;
     const edits = new Map();
     const reactions = new Map();
-    for (const ev of events) {
+    // Edits and reactions come after what they change, so the window holds those it shows.
+    for (const ev of events.slice(start)) {
       if (ev.isRedacted()) continue;
       const rel = ev.getWireContent()["m.relates_to"];
       if (!rel?.event_id) continue;
@@ -366,11 +388,12 @@ export class Chat {
       }
     }
     const rows = [];
-    const hasMore = !!oldestTimeline(room).getPaginationToken(EventTimeline.BACKWARDS);
+    const hasMore = start > 0 || !!oldestTimeline(room).getPaginationToken(EventTimeline.BACKWARDS);
     rows.push(h("div.start", { id: "timeline-start" }, hasMore ? (this.paginating ? "Loading earlier messages…" : "") : "This is the start of the room."));
     let previous = null;
-    const laterFromOthers = laterForeignIndex(events, this.hs.serverName);
-    events.forEach((ev, i) => {
+    const shown = events.slice(start);
+    const laterFromOthers = laterForeignIndex(shown, this.hs.serverName);
+    shown.forEach((ev, i) => {
       const type = ev.getType();
       const rel = ev.getWireContent()["m.relates_to"];
       if (type === "m.reaction" || type === "m.room.redaction" || rel?.rel_type === "m.replace") return;
@@ -388,7 +411,7 @@ export class Chat {
     el.replaceChildren(...rows);
     if (atBottom) el.scrollTop = el.scrollHeight;
     else el.scrollTop = el.scrollHeight - fromBottom;
-    this.checkDelivery(events);
+    this.checkDelivery(shown);
     // A short room on a tall screen: fetch more until the timeline scrolls or the room starts.
     if (hasMore && el.scrollHeight <= el.clientHeight + 10) this.maybePaginate(room);
   }
@@ -501,11 +524,18 @@ export class Chat {
   async maybePaginate(room) {
     const el = this.timelineEl;
     if (this.paginating || !el || el.scrollTop > 300) return;
+    if (this.hiddenBefore > 0) {
+      // Loaded already: show more of it.
+      this.revealEarlier = PAGE;
+      this.scheduleRender();
+      return;
+    }
     const oldest = oldestTimeline(room);
     if (!oldest.getPaginationToken(EventTimeline.BACKWARDS)) return;
     this.paginating = true;
     try {
       await this.client.paginateEventTimeline(oldest, { backwards: true, limit: PAGE });
+      this.revealEarlier = PAGE;
     } catch (err) {
       toast(`Could not load earlier messages: ${describe(err)}`, { error: true });
     } finally {

@@ -67,11 +67,13 @@ export function avatar(name, id, small = false) {
   return h("div.avatar" + (small ? ".small" : ""), { style: `background:${colourFor(id || name)}`, "aria-hidden": "true" }, letter);
 }
 
+// Formatting through Intl is slow to set up: one formatter each, made once.
+const hourMinute = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+const dayAndTime = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
+
 export function timeOf(ts) {
-  const d = new Date(ts);
-  const today = new Date().toDateString() === d.toDateString();
-  const hm = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-  return today ? hm : `${d.toLocaleDateString()} ${hm}`;
+  const startOfToday = new Date().setHours(0, 0, 0, 0);
+  return ts >= startOfToday ? hourMinute.format(ts) : dayAndTime.format(ts);
 }
 
 /** The first few characters of a long id, for lists. */

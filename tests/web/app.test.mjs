@@ -93,7 +93,11 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await onBob.hover();
     await onBob.locator("button[title='React 👍']").click();
     await a.page.locator(".msg .reactions button", { hasText: "👍 1" }).waitFor();
+    await a.page.mouse.move(0, 0);
     await screenshot(a.page, "chat.png");
+    await a.page.emulateMedia({ colorScheme: "dark" });
+    await screenshot(a.page, "chat-dark.png");
+    await a.page.emulateMedia({ colorScheme: "light" });
   });
 
   await step("after a reload both pages come back from IndexedDB and chat goes on", async () => {
@@ -126,6 +130,12 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await waitForMessage(b.page, sent.at(-1));
     const seen = (await messages(b.page)).filter((m) => m.startsWith("while you were away"));
     assert.deepEqual(seen, sent, "all 50, in order");
+    const newestInView = await b.page.evaluate(() => {
+      const timeline = document.getElementById("timeline").getBoundingClientRect();
+      const newest = [...document.querySelectorAll("#timeline .msg")].at(-1).getBoundingClientRect();
+      return newest.top >= timeline.top && newest.bottom <= timeline.bottom + 1;
+    });
+    assert.ok(newestInView, "Bob's view follows the newest message");
     await screenshot(b.page, "caught-up.png");
   });
 

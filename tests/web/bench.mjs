@@ -34,12 +34,16 @@ async function sizes() {
 }
 
 /** Milliseconds from navigation start to the chat being usable (or the first-run form shown). */
-async function interactiveAt(page) {
-  return page.evaluate(async () => {
-    const mark = () => performance.getEntriesByName("hyphae-interactive")[0]?.startTime;
-    while (!mark()) await new Promise((r) => setTimeout(r, 5));
-    return mark();
+async function interactiveAt(page, phases) {
+  const marks = await page.evaluate(async () => {
+    const mark = (name) => performance.getEntriesByName(name)[0]?.startTime;
+    while (!mark("hyphae-interactive")) await new Promise((r) => setTimeout(r, 5));
+    return Object.fromEntries(
+      ["hyphae-wasm-ready", "hyphae-homeserver-open", "hyphae-first-sync", "hyphae-interactive"].map((n) => [n, mark(n)]),
+    );
   });
+  phases?.push(marks);
+  return marks["hyphae-interactive"];
 }
 
 async function firstRunFormAt(page) {
@@ -104,6 +108,7 @@ async function main() {
     await fill(a.page, room, HISTORY);
     const withHistory = [];
     const reloads = [];
+    const phases = [];
     for (let i = 0; i < RUNS; i++) {
       await a.page.reload();
       reloads.push(await interactiveAt(a.page));
@@ -111,9 +116,21 @@ async function main() {
     for (let i = 0; i < RUNS; i++) {
       await a.reopen();
       await a.page.goto(url);
-      withHistory.push(await interactiveAt(a.page));
+      withHistory.push(await interactiveAt(a.page, phases));
     }
-    results.cold_start_history = { messages: HISTORY, new_browser_ms: median(withHistory), reload_ms: median(reloads) };
+    // Where the time goes (median of each mark, ms from navigation start).
+    const phase = (name) => median(phases.map((p) => p[name]));
+    results.cold_start_history = {
+      messages: HISTORY,
+      new_browser_ms: median(withHistory),
+      reload_ms: median(reloads),
+      phases_ms: {
+        wasm_ready: phase("hyphae-wasm-ready"),
+        homeserver_open: phase("hyphae-homeserver-open"),
+        first_sync: phase("hyphae-first-sync"),
+        interactive: phase("hyphae-interactive"),
+      },
+    };
 
     // Typed → visible on the other peer.
     const b = await openProfile("b");
@@ -167,6 +184,10 @@ async function main() {
     ["cold start, empty profile", ms(r.cold_start_empty_ms)],
     [`cold start, ${HISTORY}-message room, new browser`, ms(r.cold_start_history.new_browser_ms)],
     [`cold start, ${HISTORY}-message room, reload`, ms(r.cold_start_history.reload_ms)],
+    [
+      "  phases (new browser): wasm / homeserver open / first sync",
+      Object.values(r.cold_start_history.phases_ms).slice(0, 3).map(ms).join(" / "),
+    ],
     ["typed → visible on the other peer, p50", ms(r.typed_to_visible_ms.p50)],
     ["typed → visible on the other peer, p99", ms(r.typed_to_visible_ms.p99)],
     [`sender tab after ${r.memory_after.messages} messages: JS heap + wasm`, `${mib(r.memory_after.sender.js_heap)} + ${mib(r.memory_after.sender.wasm)}`],
