@@ -20,6 +20,7 @@ const PAGE = 30;
 const WINDOW = 80;
 const TYPING_RENEW_MS = 3000;
 const TYPING_IDLE_MS = 4000;
+const RECEIPT_PAUSE_MS = 1000;
 
 const serverOf = (userId) => userId.slice(userId.indexOf(":") + 1);
 
@@ -125,6 +126,7 @@ export class Chat {
     this.client.stopClient();
     clearInterval(this.statusTimer);
     clearTimeout(this.deliveryTimer);
+    clearTimeout(this.receiptTimer);
     for (const fn of this.cleanups) fn();
   }
 
@@ -556,13 +558,28 @@ export class Chat {
   /** Marks the newest event read when the person is looking at it. */
   sendReceipt(room) {
     if (document.hidden) return;
-    const last = loadedEvents(room)
-      .filter((ev) => !ev.status && ev.getId()?.startsWith("$"))
-      .at(-1);
+    const events = room.getLiveTimeline().getEvents();
+    let last;
+    for (let i = events.length - 1; i >= 0 && !last; i--) {
+      if (!events[i].status && events[i].getId()?.startsWith("$")) last = events[i];
+    }
     if (!last || this.readUpTo.get(room.roomId) === last.getId()) return;
     this.readUpTo.set(room.roomId, last.getId());
     if (last.getSender() === this.me) return;
-    attempt("Sending a read receipt", () => this.client.sendReadReceipt(last));
+    // One receipt per burst of messages: each is an EDU to every peer in the room and a sync
+    // for them, so a fast conversation sends the newest one after a short pause.
+    clearTimeout(this.receiptTimer);
+    const send = () => attempt("Sending a read receipt", () => this.client.sendReadReceipt(last));
+    const now = Date.now();
+    if (now - (this.lastReceiptAt ?? 0) > RECEIPT_PAUSE_MS) {
+      this.lastReceiptAt = now;
+      send();
+    } else {
+      this.receiptTimer = setTimeout(() => {
+        this.lastReceiptAt = Date.now();
+        send();
+      }, RECEIPT_PAUSE_MS);
+    }
   }
 
   // ---- composing ------------------------------------------------------------------------

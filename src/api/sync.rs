@@ -341,11 +341,19 @@ impl ClientApi {
         let mut timeline: Vec<Arc<StoredEvent>> = Vec::new();
         let mut cursor = Some(next.events);
         let mut limited = false;
+        // An incremental pass rarely has more than a few new events: reading `limit` index
+        // entries each time would cost an IndexedDB cursor step apiece in the tab.
+        let page_size = if fresh {
+            limit
+        } else {
+            let in_range = usize::try_from(next.events.saturating_sub(lower)).unwrap_or(usize::MAX);
+            limit.min(in_range.saturating_add(1)).max(1)
+        };
         'pages: loop {
             let page = engine
-                .timeline(room, cursor, Direction::Backward, limit)
+                .timeline(room, cursor, Direction::Backward, page_size)
                 .await?;
-            let exhausted = page.len() < limit;
+            let exhausted = page.len() < page_size;
             for ev in page {
                 let pos = ev.stream.expect("timeline events have positions");
                 if pos < lower {
@@ -472,20 +480,35 @@ impl ClientApi {
     /// Messages from others after the user's read receipt (looking back a bounded distance).
     async fn unread_count(&self, room: &RoomId, s: &Session) -> ApiResult<u64> {
         let read = self.data.receipt_of(room, &s.user_id).await?;
-        let recent = self
-            .node
-            .engine()
-            .timeline(room, None, Direction::Backward, UNREAD_SCAN_LIMIT)
-            .await?;
         let mut n = 0;
-        for ev in recent {
-            if read.as_deref() == Some(ev.pdu.event_id.as_str()) || ev.pdu.sender == s.user_id {
+        let mut scanned = 0;
+        let mut cursor = None;
+        // The read marker is usually a few events back: look in small pages first.
+        let mut page = 8;
+        'scan: while scanned < UNREAD_SCAN_LIMIT {
+            let want = page.min(UNREAD_SCAN_LIMIT - scanned);
+            let recent = self
+                .node
+                .engine()
+                .timeline(room, cursor, Direction::Backward, want)
+                .await?;
+            let exhausted = recent.len() < want;
+            for ev in recent {
+                scanned += 1;
+                cursor = ev.stream;
+                if read.as_deref() == Some(ev.pdu.event_id.as_str()) || ev.pdu.sender == s.user_id
+                {
+                    break 'scan;
+                }
+                let kind = ev.pdu.kind.to_string();
+                if kind == "m.room.message" || kind == "m.room.encrypted" {
+                    n += 1;
+                }
+            }
+            if exhausted {
                 break;
             }
-            let kind = ev.pdu.kind.to_string();
-            if kind == "m.room.message" || kind == "m.room.encrypted" {
-                n += 1;
-            }
+            page *= 4;
         }
         Ok(n)
     }
