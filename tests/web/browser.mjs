@@ -141,3 +141,21 @@ export function steps(t, node, profiles) {
       }
     });
 }
+
+/** Scrolls the open room back (loading history) until a message with exactly `text` shows. */
+export async function scrollBackTo(page, text) {
+  const target = page.locator("#timeline .msg .text").filter({ hasText: new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}$`) });
+  for (;;) {
+    if ((await target.count()) > 0) return;
+    const rows = await page.locator("#timeline > *").count();
+    const atStart = await page.locator("#timeline-start", { hasText: "start of the room" }).count();
+    assert.equal(atStart, 0, `"${text}" is not in the room's history`);
+    await page.locator("#timeline").evaluate((el) => (el.scrollTop = 0));
+    await page.waitForFunction(
+      (n) =>
+        document.querySelectorAll("#timeline > *").length > n ||
+        /start of the room/.test(document.getElementById("timeline-start")?.textContent ?? ""),
+      rows,
+    );
+  }
+}
