@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the figures in docs/benchmarks.md: native ingest and state resolution, IndexedDB
-# ingest in headless Chromium, the Client-Server API against Synapse and in the tab, and the size
-# of the release wasm.
+# ingest in headless Chromium, the Client-Server API against Synapse and in the tab, the size of
+# the release wasm, and the web app (cold start, typed → visible, tab memory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -37,7 +37,10 @@ cargo build --release --bin hyphae-node
 bash scripts/bench-client.sh
 
 echo "== release wasm size"
-bash scripts/build-wasm.sh >/dev/null
+bash scripts/build-web.sh >/dev/null
 wasm=pkg/hyphae_bg.wasm
 echo "raw:     $(stat -c %s "$wasm") bytes"
 echo "gzipped: $(gzip -9 -c "$wasm" | wc -c) bytes"
+
+echo "== the web app (Playwright, headless Chromium, release node serving dist/)"
+HYPHAE_NODE_BIN=target/release/hyphae-node npm run --silent bench:web

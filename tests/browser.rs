@@ -66,57 +66,71 @@ async fn engine_on_indexeddb_survives_reopen_and_exports() {
 }
 
 #[wasm_bindgen_test]
-async fn the_page_api_creates_sends_exports_and_imports() {
+async fn the_page_api_serves_a_client_reports_status_shuts_down_exports_and_imports() {
+    use common::client::{enc, register, Transport};
+    use common::tab_fetch::TabFetch;
     use hyphae::web::{import_profile, Hyphae};
+    use serde_json::{json, Value};
     use wasm_bindgen_futures::JsFuture;
+    let js_json = |v: wasm_bindgen::JsValue| -> Value {
+        serde_json::from_str(&String::from(js_sys::JSON::stringify(&v).unwrap())).unwrap()
+    };
     IndexedDbStore::delete("page-a").await.unwrap();
     IndexedDbStore::delete("page-b").await.unwrap();
-    let hs = Hyphae::open("page-a".into(), "alice".into(), Vec::new())
-        .await
-        .unwrap();
-    assert!(hs.user_id().ends_with(&hs.server_name()));
-    let room = JsFuture::from(hs.create_room(Some("Tab room".into()), None, false))
-        .await
-        .unwrap();
-    let room = room.as_string().unwrap();
-    JsFuture::from(hs.send_text(room.clone(), "hello from the tab".into()))
-        .await
-        .unwrap();
-    let timeline = JsFuture::from(hs.timeline(room.clone(), 3)).await.unwrap();
-    let timeline: serde_json::Value =
-        serde_json::from_str(&String::from(js_sys::JSON::stringify(&timeline).unwrap())).unwrap();
-    assert_eq!(timeline.as_array().unwrap().len(), 3);
-    assert_eq!(timeline[2]["content"]["body"], "hello from the tab");
-    // With no bootstrap node the tab is alone, and says so.
-    let peers = JsFuture::from(hs.peers()).await.unwrap();
-    assert_eq!(String::from(js_sys::JSON::stringify(&peers).unwrap()), "[]");
-    assert!(Hyphae::open(
-        "page-c".into(),
-        "alice".into(),
-        vec!["not a multiaddr".into()]
-    )
-    .await
-    .is_err());
-    // A bad room id is a rejected promise, not a panic.
-    assert!(
-        JsFuture::from(hs.send_text("not a room".into(), "x".into()))
-            .await
-            .is_err()
-    );
+    let tab = TabFetch(Hyphae::open("page-a".into(), Vec::new()).await.unwrap());
+    let server_name = tab.0.server_name();
+    let alice = register(&tab, "alice", "pw").await;
+    assert!(alice.user_id.ends_with(&server_name));
+    let room = alice.create_room(json!({"name": "Tab room"})).await;
+    let event = alice.send_text(&room, "t1", "hello from the tab").await;
 
-    let data = JsFuture::from(hs.export_profile())
+    // With no bootstrap node the tab is alone, and says so; nothing reached a peer.
+    let status = js_json(JsFuture::from(tab.0.status()).await.unwrap());
+    assert_eq!(status["connections"], json!([]));
+    assert_eq!(status["bootstrap"], json!([]));
+    assert_eq!(status["catch_up"]["active"], 0);
+    assert_eq!(tab.0.delivered(vec![event, "not an id".into()]), vec![0, 0]);
+    assert!(Hyphae::open("page-c".into(), vec!["not a multiaddr".into()])
+        .await
+        .is_err());
+
+    let data = JsFuture::from(tab.0.export_profile())
         .await
         .unwrap()
         .as_string()
         .unwrap();
+    // After a shutdown the tab answers no more requests (another tab owns the profile now).
+    JsFuture::from(tab.0.shutdown()).await.unwrap();
+    let (status, body) = alice
+        .call("GET", "/_matrix/client/v3/account/whoami", None)
+        .await;
+    assert_eq!(status, 503, "{body}");
+
     assert!(import_profile("page-b".into(), data).await.unwrap() > 0);
-    let copy = Hyphae::open("page-b".into(), "alice".into(), Vec::new())
-        .await
-        .unwrap();
-    assert_eq!(copy.server_name(), hs.server_name());
-    let rooms = JsFuture::from(copy.rooms()).await.unwrap();
-    assert_eq!(
-        String::from(js_sys::JSON::stringify(&rooms).unwrap()),
-        format!("[\"{room}\"]")
-    );
+    let copy = TabFetch(Hyphae::open("page-b".into(), Vec::new()).await.unwrap());
+    assert_eq!(copy.0.server_name(), server_name);
+    let (status, login) = copy
+        .call(
+            "POST",
+            "/_matrix/client/v3/login",
+            None,
+            Some(json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "pw"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{login}");
+    let token = login["access_token"].as_str().unwrap();
+    let (status, page) = copy
+        .call(
+            "GET",
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=5", enc(&room)),
+            Some(token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["content"]["body"] == "hello from the tab"));
 }

@@ -738,7 +738,14 @@ export class Chat {
   }
 
   peersPanel(close) {
-    const { connections, bootstrap, catch_up } = this.status;
+    const { bootstrap, catch_up } = this.status;
+    // One line per peer; a peer reached both ways counts as direct.
+    const byPeer = new Map();
+    for (const c of this.status.connections) {
+      const seen = byPeer.get(c.peer_id);
+      if (!seen || (seen.relayed && !c.relayed)) byPeer.set(c.peer_id, c);
+    }
+    const connections = [...byPeer.values()];
     return [
       h("h3", {}, "Peers", close),
       h("label", {}, "This homeserver"),

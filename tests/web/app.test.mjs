@@ -35,12 +35,12 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
   });
   const step = steps(t, node, () => profiles);
   const url = node.webUrl;
-  let a, b, aliceId, link, downloaded;
+  let a, b, aliceId, bobId, link, downloaded;
 
   await step("both people onboard with a display name only", async () => {
     [a, b] = await Promise.all([open("a"), open("b")]);
     aliceId = await onboard(a.page, url, "Alice");
-    const bobId = await onboard(b.page, url, "Bob");
+    bobId = await onboard(b.page, url, "Bob");
     assert.match(aliceId, /^@alice:[0-9a-f]{64}$/);
     assert.match(bobId, /^@bob:[0-9a-f]{64}$/);
     assert.notEqual(aliceId.split(":")[1], bobId.split(":")[1], "two peers, two server names");
@@ -99,6 +99,23 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await a.page.emulateMedia({ colorScheme: "dark" });
     await screenshot(a.page, "chat-dark.png");
     await a.page.emulateMedia({ colorScheme: "light" });
+  });
+
+  await step("Alice invites Bob to a private room by user ID; Bob accepts", async () => {
+    await createRoom(a.page, "Seeds", { visibility: "private" });
+    await a.page.locator("#invite-button").click();
+    await a.page.locator("#invite-user").fill(bobId);
+    await a.page.locator("#invite-user").press("Enter");
+    const invite = b.page.locator(".invite-item", { hasText: "Seeds" });
+    await invite.locator("button", { hasText: "Join" }).click();
+    await b.page.locator("#room-name", { hasText: "Seeds" }).waitFor();
+    await send(b.page, "Thanks for the invite");
+    await waitForMessage(a.page, "Thanks for the invite");
+    // Back to the first room for the steps that follow.
+    for (const p of [a.page, b.page]) {
+      await p.locator(".room-item", { hasText: "Garden" }).click();
+      await p.locator("#room-name", { hasText: "Garden" }).waitFor();
+    }
   });
 
   await step("after a reload both pages come back from IndexedDB and chat goes on", async () => {
