@@ -25,6 +25,7 @@ mod native {
             bootstrap: addrs,
             anti_entropy_every: Duration::from_secs(5),
             mdns: false,
+            start_offline: false,
         };
         P2pNode::start(store, config).await.unwrap()
     }

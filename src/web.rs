@@ -54,8 +54,13 @@ pub struct Hyphae {
 impl Hyphae {
     /// Opens (or creates) the profile `profile` in IndexedDB and starts its peer; `bootstrap`
     /// lists multiaddrs of nodes to dial and keep dialling, which also relay for this tab so
-    /// that other tabs can reach it.
-    pub async fn open(profile: String, bootstrap: Vec<String>) -> Result<Hyphae, JsValue> {
+    /// that other tabs can reach it. With `offline` the peer waits for `setOffline(false)`
+    /// before it dials anyone (a page shows its rooms first, then connects).
+    pub async fn open(
+        profile: String,
+        bootstrap: Vec<String>,
+        offline: Option<bool>,
+    ) -> Result<Hyphae, JsValue> {
         let bootstrap = bootstrap
             .iter()
             .map(|a| a.parse::<Multiaddr>())
@@ -63,7 +68,10 @@ impl Hyphae {
             .map_err(|e| js_err(format!("bad bootstrap address: {e}")))?;
         let relayed = bootstrap
             .iter()
-            .filter(|a| a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))))
+            .filter(|a| {
+                a.iter()
+                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+            })
             .map(|a| a.clone().with(libp2p::multiaddr::Protocol::P2pCircuit))
             .collect();
         let store = Rc::new(IndexedDbStore::open(&profile).await.map_err(js_err)?);
@@ -71,6 +79,7 @@ impl Hyphae {
         let config = NodeConfig {
             listen: relayed,
             bootstrap: bootstrap.clone(),
+            start_offline: offline.unwrap_or(false),
             ..NodeConfig::default()
         };
         let p2p = P2pNode::start(shared, config).await.map_err(js_err)?;
@@ -177,8 +186,8 @@ impl Hyphae {
         event_ids
             .iter()
             .map(|id| {
-                OwnedEventId::try_from(id.as_str())
-                    .is_ok_and(|id| self.node.p2p.delivered(&id)) as u8
+                OwnedEventId::try_from(id.as_str()).is_ok_and(|id| self.node.p2p.delivered(&id))
+                    as u8
             })
             .collect()
     }

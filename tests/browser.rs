@@ -77,7 +77,11 @@ async fn the_page_api_serves_a_client_reports_status_shuts_down_exports_and_impo
     };
     IndexedDbStore::delete("page-a").await.unwrap();
     IndexedDbStore::delete("page-b").await.unwrap();
-    let tab = TabFetch(Hyphae::open("page-a".into(), Vec::new()).await.unwrap());
+    let tab = TabFetch(
+        Hyphae::open("page-a".into(), Vec::new(), None)
+            .await
+            .unwrap(),
+    );
     let server_name = tab.0.server_name();
     let alice = register(&tab, "alice", "pw").await;
     assert!(alice.user_id.ends_with(&server_name));
@@ -90,9 +94,11 @@ async fn the_page_api_serves_a_client_reports_status_shuts_down_exports_and_impo
     assert_eq!(status["bootstrap"], json!([]));
     assert_eq!(status["catch_up"]["active"], 0);
     assert_eq!(tab.0.delivered(vec![event, "not an id".into()]), vec![0, 0]);
-    assert!(Hyphae::open("page-c".into(), vec!["not a multiaddr".into()])
-        .await
-        .is_err());
+    assert!(
+        Hyphae::open("page-c".into(), vec!["not a multiaddr".into()], None)
+            .await
+            .is_err()
+    );
 
     let data = JsFuture::from(tab.0.export_profile())
         .await
@@ -107,7 +113,11 @@ async fn the_page_api_serves_a_client_reports_status_shuts_down_exports_and_impo
     assert_eq!(status, 503, "{body}");
 
     assert!(import_profile("page-b".into(), data).await.unwrap() > 0);
-    let copy = TabFetch(Hyphae::open("page-b".into(), Vec::new()).await.unwrap());
+    let copy = TabFetch(
+        Hyphae::open("page-b".into(), Vec::new(), None)
+            .await
+            .unwrap(),
+    );
     assert_eq!(copy.0.server_name(), server_name);
     let (status, login) = copy
         .call(
@@ -122,7 +132,10 @@ async fn the_page_api_serves_a_client_reports_status_shuts_down_exports_and_impo
     let (status, page) = copy
         .call(
             "GET",
-            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=5", enc(&room)),
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=5",
+                enc(&room)
+            ),
             Some(token),
             None,
         )

@@ -15,7 +15,7 @@ wasm_bindgen_test_configure!(run_in_browser);
 #[wasm_bindgen_test]
 async fn two_users_in_the_tab_through_fetch() {
     IndexedDbStore::delete("client-scenario").await.unwrap();
-    let hs = Hyphae::open("client-scenario".into(), Vec::new())
+    let hs = Hyphae::open("client-scenario".into(), Vec::new(), None)
         .await
         .unwrap();
     let tab = TabFetch(hs);

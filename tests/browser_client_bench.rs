@@ -24,7 +24,7 @@ async fn send(c: &Client<'_, TabFetch>, room: &str, txn: &str) -> String {
 #[wasm_bindgen_test]
 async fn client_api_in_the_tab() {
     IndexedDbStore::delete("client-bench").await.unwrap();
-    let hs = Hyphae::open("client-bench".into(), Vec::new())
+    let hs = Hyphae::open("client-bench".into(), Vec::new(), None)
         .await
         .unwrap();
     let tab = TabFetch(hs);

@@ -61,6 +61,7 @@ async fn peer(bootstrap: Option<&P2pNode>) -> (P2pNode, InProcess) {
         bootstrap: addrs,
         anti_entropy_every: Duration::from_secs(2),
         mdns: false,
+        start_offline: false,
     };
     let node = P2pNode::start(Arc::new(MemoryStore::new()), config)
         .await

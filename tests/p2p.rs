@@ -26,6 +26,7 @@ fn config(bootstrap: Vec<Multiaddr>) -> NodeConfig {
         bootstrap,
         anti_entropy_every: Duration::from_secs(2),
         mdns: false,
+        start_offline: false,
     }
 }
 
@@ -601,4 +602,26 @@ async fn a_room_over_webrtc_direct() {
     text(&a, &room, "alice", "over a data channel").await;
     text(&b, &room, "bob", "and back").await;
     converge(&[&a, &b], &room, 2).await;
+}
+
+/// A page opens its node offline and connects once its chat is on screen: nothing is dialled
+/// before `set_offline(false)`, and the bootstrap peer is reached after it.
+#[tokio::test]
+async fn a_node_started_offline_dials_only_when_brought_online() {
+    let a = node(&[]).await;
+    let mut offline = config(vec![a.listen_addrs().await[0].clone()]);
+    offline.start_offline = true;
+    let b = P2pNode::start(Arc::new(MemoryStore::new()), offline)
+        .await
+        .unwrap();
+    // The bootstrap redial runs every 250 ms: a few rounds without a connection.
+    assert!(
+        !b.wait_for_peers(1, Duration::from_secs(2)).await,
+        "an offline node dialled its bootstrap peer"
+    );
+    b.set_offline(false).unwrap();
+    assert!(
+        b.wait_for_peers(1, Duration::from_secs(30)).await,
+        "once online it reached its bootstrap peer"
+    );
 }

@@ -9,7 +9,7 @@ import { Chat } from "./chat.js";
 import { loadSettings, applyTheme } from "./settings.js";
 
 // The SDK logs every request; warnings and errors are what a person debugging needs.
-sdkLogger.setLevel("warn", false);
+sdkLogger.setLevel(localStorage.getItem("hyphae:sdk-log") ?? "warn", false);
 sdkLogger.rebuild?.();
 
 /** Requests never leave the tab: the base URL only has to parse. */
@@ -144,7 +144,8 @@ async function holdProfile(handedOver) {
   performance.mark("hyphae-wasm-ready");
   let hs;
   try {
-    hs = await Hyphae.open(DB_NAME, await bootstrapAddrs());
+    // Offline until the chat is on screen: the handshakes would compete with the first sync.
+    hs = await Hyphae.open(DB_NAME, await bootstrapAddrs(), true);
   } catch (err) {
     fail("Your homeserver could not start", err);
     return false;

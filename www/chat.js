@@ -91,7 +91,6 @@ export class Chat {
       window.removeEventListener("offline", online);
       window.removeEventListener("hashchange", hash);
     });
-    if (!navigator.onLine) this.setOnline();
     this.hs.onPeersChanged(() => this.refreshStatus());
     this.statusTimer = setInterval(() => this.refreshStatus(), 1000);
 
@@ -117,6 +116,7 @@ export class Chat {
     this.render();
     performance.mark("hyphae-interactive");
     document.body.dataset.ready = "true";
+    this.setOnline();
     this.followJoinLink();
     this.refreshStatus();
   }

@@ -548,6 +548,17 @@ impl ClientApi {
         Ok(format_event(self.node.engine(), ev, txn, now()).await?)
     }
 
+    /// [`ClientApi::client_format`] for many events at once: their store reads (transaction ids,
+    /// relations) overlap instead of queueing one after another — in the tab each is an
+    /// IndexedDB round trip.
+    pub(super) async fn client_format_all(
+        &self,
+        s: &Session,
+        evs: impl IntoIterator<Item = &StoredEvent>,
+    ) -> ApiResult<Vec<Value>> {
+        futures::future::try_join_all(evs.into_iter().map(|ev| self.client_format(s, ev))).await
+    }
+
     pub(super) async fn redact(
         &self,
         req: &ApiRequest,
@@ -711,13 +722,16 @@ impl ClientApi {
                 }
                 cursor = if backward { pos } else { pos + 1 };
                 if filter.matches(&ev) {
-                    chunk.push(self.client_format(s, &ev).await?);
+                    chunk.push(ev);
                     if chunk.len() == limit {
                         break;
                     }
                 }
             }
         }
+        let chunk = self
+            .client_format_all(s, chunk.iter().map(|e| e.as_ref()))
+            .await?;
         let mut out = json!({
             "chunk": chunk,
             "start": format!("t{from}"),

@@ -432,10 +432,9 @@ impl ClientApi {
         {
             return Ok(None);
         }
-        let mut events = Vec::with_capacity(timeline.len());
-        for ev in &timeline {
-            events.push(self.client_format(s, ev).await?);
-        }
+        let events = self
+            .client_format_all(s, timeline.iter().map(|e| e.as_ref()))
+            .await?;
         let prev_batch = format!("t{}", first_pos.unwrap_or(from.events.max(1)));
         Ok(Some(json!({
             "timeline": {"events": events, "limited": limited, "prev_batch": prev_batch},
@@ -496,8 +495,7 @@ impl ClientApi {
             for ev in recent {
                 scanned += 1;
                 cursor = ev.stream;
-                if read.as_deref() == Some(ev.pdu.event_id.as_str()) || ev.pdu.sender == s.user_id
-                {
+                if read.as_deref() == Some(ev.pdu.event_id.as_str()) || ev.pdu.sender == s.user_id {
                     break 'scan;
                 }
                 let kind = ev.pdu.kind.to_string();

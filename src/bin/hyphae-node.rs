@@ -91,6 +91,7 @@ mod native {
             bootstrap: args.bootstrap.clone(),
             anti_entropy_every: std::time::Duration::from_secs(args.anti_entropy_secs.max(1)),
             mdns: !args.no_mdns && !args.print_identity,
+            start_offline: false,
         };
         let node = P2pNode::start(store, config).await?;
         let rooms = node.engine().rooms().await?;

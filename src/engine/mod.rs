@@ -618,13 +618,23 @@ impl Engine {
             .store
             .scan(Table::Timeline, range, direction, limit)
             .await?;
+        let ids = entries
+            .into_iter()
+            .map(|(_, id)| {
+                String::from_utf8(id)
+                    .ok()
+                    .and_then(|s| OwnedEventId::try_from(s).ok())
+                    .ok_or_else(|| StoreError::Corrupt("timeline entry".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut inner = self.inner.lock().await;
-        let mut out = Vec::with_capacity(entries.len());
-        for (_, id) in entries {
-            let id = String::from_utf8(id)
-                .ok()
-                .and_then(|s| OwnedEventId::try_from(s).ok());
-            let id = id.ok_or_else(|| StoreError::Corrupt("timeline entry".into()))?;
+        // One store read for the page rather than one per event (each is a round trip to
+        // IndexedDB in the tab).
+        inner
+            .prefetch(self.store.as_ref(), &ids.iter().collect::<Vec<_>>())
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
             let ev = inner.load_event(self.store.as_ref(), &id).await?;
             out.push(
                 ev.ok_or_else(|| StoreError::Corrupt(format!("timeline names unknown {id}")))?,

@@ -61,6 +61,9 @@ pub struct NodeConfig {
     pub anti_entropy_every: Duration,
     /// Find peers on the local network with mDNS (multicast: off in tests).
     pub mdns: bool,
+    /// Start with the network off until [`P2pNode::set_offline`]`(false)`: a page opens its
+    /// store and answers its client first, and only then spends the CPU on handshakes.
+    pub start_offline: bool,
 }
 
 impl Default for NodeConfig {
@@ -70,6 +73,7 @@ impl Default for NodeConfig {
             bootstrap: Vec::new(),
             anti_entropy_every: Duration::from_secs(30),
             mdns: false,
+            start_offline: false,
         }
     }
 }
@@ -430,7 +434,7 @@ impl P2pNode {
                 .cloned()
                 .map(Bootstrap::new)
                 .collect(),
-            offline: false,
+            offline: config.start_offline,
             unpublished: Vec::new(),
             buckets: HashMap::new(),
             relay_listens: Vec::new(),
@@ -1637,7 +1641,11 @@ impl SwarmDriver {
         {
             Ok(_) => {
                 if let (Some(id), Some(node)) = (event_id, self.node()) {
-                    node.shared.delivered.lock().expect("not poisoned").insert(id);
+                    node.shared
+                        .delivered
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(id);
                     node.changed();
                 }
             }
