@@ -165,6 +165,15 @@ async fn three_in_a_room() -> (P2pNode, P2pNode, P2pNode, OwnedRoomId) {
         let invite = n.invites().into_iter().find(|i| i.room_id == room).unwrap();
         assert_eq!(invite.sender, a.user("alice"));
         assert_eq!(invite.invitee, n.user(who));
+        // The invite carries enough stripped state to show the room before joining it.
+        assert!(
+            invite
+                .room_state
+                .iter()
+                .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "three"),
+            "{:?}",
+            invite.room_state
+        );
         n.join(&room, who, a.peer_id()).await.unwrap();
     }
     (a, b, c, room)

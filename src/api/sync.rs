@@ -279,9 +279,11 @@ impl ClientApi {
                 "content": {"membership": "invite"}, "event_id": inv.event_id,
                 "origin_server_ts": now(),
             });
+            let mut events = inv.room_state.clone();
+            events.push(member);
             invite.insert(
                 inv.room_id.to_string(),
-                json!({"invite_state": {"events": [member]}}),
+                json!({"invite_state": {"events": events}}),
             );
         }
 

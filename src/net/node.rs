@@ -272,6 +272,9 @@ struct InviteRecord {
     sender: OwnedUserId,
     invitee: OwnedUserId,
     from: String,
+    /// Absent in records stored before invites carried room state.
+    #[serde(default)]
+    room_state: Vec<serde_json::Value>,
 }
 
 impl From<&Invite> for InviteRecord {
@@ -283,6 +286,7 @@ impl From<&Invite> for InviteRecord {
             sender: i.sender.clone(),
             invitee: i.invitee.clone(),
             from: i.from.to_string(),
+            room_state: i.room_state.clone(),
         }
     }
 }
@@ -303,6 +307,7 @@ async fn load_invites(store: &dyn crate::store::Store) -> Result<Vec<Invite>, No
             sender: r.sender,
             invitee: r.invitee,
             from,
+            room_state: r.room_state,
         });
     }
     Ok(out)
@@ -317,6 +322,37 @@ pub struct Invite {
     pub sender: OwnedUserId,
     pub invitee: OwnedUserId,
     pub from: PeerId,
+    /// Stripped state the inviter sent: `{type, state_key, sender, content}` objects.
+    pub room_state: Vec<serde_json::Value>,
+}
+
+/// The state an invite carries so the invitee can show the room before joining.
+const STRIPPED_STATE: [&str; 6] = [
+    "m.room.create",
+    "m.room.join_rules",
+    "m.room.name",
+    "m.room.topic",
+    "m.room.avatar",
+    "m.room.canonical_alias",
+];
+
+/// One stripped state event from an inviter, if it is one: an object with a known state type,
+/// an empty state key, a valid sender and object content. Anything else is dropped (and
+/// logged): it is display information, never authority.
+fn stripped_state_event(raw: &str, room_id: &RoomId) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(raw).ok()?;
+    let kind = v["type"].as_str()?;
+    let ok = STRIPPED_STATE.contains(&kind)
+        && v["state_key"] == ""
+        && v["sender"]
+            .as_str()
+            .is_some_and(|s| ruma::UserId::parse(s).is_ok())
+        && v["content"].is_object();
+    if !ok {
+        tracing::warn!(%room_id, "malformed stripped state in an invite dropped");
+        return None;
+    }
+    Some(json!({"type": kind, "state_key": "", "sender": v["sender"], "content": v["content"]}))
 }
 
 /// Where the answer to one `/hyphae/fed/1` request goes.
@@ -805,9 +841,26 @@ impl P2pNode {
             .room(room_id)
             .await?
             .ok_or(NodeError::Stopped)?;
+        let mut room_state = Vec::new();
+        for kind in STRIPPED_STATE {
+            let Some(id) = state.get(&(kind.to_owned(), String::new())) else {
+                continue;
+            };
+            if let Some(e) = self.shared.engine.event(id).await? {
+                let stripped = json!({
+                    "type": kind,
+                    "state_key": "",
+                    "sender": e.pdu.sender,
+                    "content": serde_json::from_str::<serde_json::Value>(e.pdu.content.get())
+                        .unwrap_or_default(),
+                });
+                room_state.push(stripped.to_string());
+            }
+        }
         let request = FedRequest::Invite {
             room_version: room.room_version,
             pdu: ev.pdu.json.get().to_owned(),
+            room_state,
         };
         // The invitee may be offline: the invite is in the room DAG anyway, and reaches them
         // when they next meet a member.
@@ -1140,8 +1193,13 @@ impl P2pNode {
                     }
                     Err(e) => FedResponse::error(BadRequest, e.to_string()),
                 },
-                FedRequest::Invite { room_version, pdu } => {
-                    self.accept_invite(peer, &room_version, &pdu).await?
+                FedRequest::Invite {
+                    room_version,
+                    pdu,
+                    room_state,
+                } => {
+                    self.accept_invite(peer, &room_version, &pdu, &room_state)
+                        .await?
                 }
             })
         }
@@ -1154,6 +1212,7 @@ impl P2pNode {
         peer: PeerId,
         room_version: &RoomVersionId,
         pdu: &str,
+        room_state: &[String],
     ) -> Result<FedResponse, NodeError> {
         use FedErrorCode::*;
         let ev = match verify_standalone(pdu.as_bytes(), room_version) {
@@ -1188,6 +1247,10 @@ impl P2pNode {
             sender: ev.sender.clone(),
             invitee,
             from: peer,
+            room_state: room_state
+                .iter()
+                .filter_map(|e| stripped_state_event(e, &ev.room_id))
+                .collect(),
         };
         // Durable before we say Ok: the invite must survive a restart.
         let record = InviteRecord::from(&invite);

@@ -49,8 +49,15 @@ pub enum FedRequest {
     Invite {
         room_version: RoomVersionId,
         pdu: String,
+        /// Stripped state (`{type, state_key, sender, content}` JSON) that lets the invitee
+        /// show the room (its name, topic, join rule) before joining it.
+        #[serde(default)]
+        room_state: Vec<String>,
     },
 }
+
+/// Stripped state events an invite carries at most.
+pub const MAX_INVITE_STATE: usize = 16;
 
 impl FedRequest {
     /// Rejects requests larger than the protocol allows before any work is done.
@@ -65,6 +72,14 @@ impl FedRequest {
                 if pdu.len() > crate::engine::pdu::MAX_PDU_BYTES =>
             {
                 Err("PDU over the size limit".into())
+            }
+            FedRequest::Invite { room_state, .. }
+                if room_state.len() > MAX_INVITE_STATE
+                    || room_state
+                        .iter()
+                        .any(|e| e.len() > crate::engine::pdu::MAX_PDU_BYTES) =>
+            {
+                Err("too much invite state".into())
             }
             _ => Ok(()),
         }
