@@ -74,6 +74,7 @@ async function resume(hs) {
   } catch (err) {
     if (err.errcode !== "M_UNKNOWN_TOKEN" || !session.password) return null;
   }
+  // The token is gone (say, the profile was restored without it): log in again.
   try {
     const res = await clientFor(hs, null).loginRequest({
       type: "m.login.password",

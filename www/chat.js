@@ -106,9 +106,13 @@ export class Chat {
       };
       c.on(ClientEvent.Sync, onSync);
     });
-    this.displayName = (await c.getProfileInfo(this.me).catch(() => ({}))).displayname;
+    // The profile and the first sync are independent: ask for both at once.
+    const profile = c.getProfileInfo(this.me).then(
+      (p) => (this.displayName = p.displayname),
+      () => {},
+    );
     await c.startClient({ initialSyncLimit: PAGE, lazyLoadMembers: false });
-    await prepared;
+    await Promise.all([prepared, profile]);
     performance.mark("hyphae-first-sync");
     const last = localStorage.getItem(`hyphae:room:${this.me}`);
     const rooms = this.joinedRooms();

@@ -521,15 +521,7 @@ impl ClientApi {
     ) -> ApiResult<Vec<Value>> {
         let engine = self.node.engine();
         let mut out = Vec::new();
-        for kind in [
-            "m.room.create",
-            "m.room.join_rules",
-            "m.room.name",
-            "m.room.topic",
-            "m.room.avatar",
-            "m.room.canonical_alias",
-            "m.room.encryption",
-        ] {
+        for kind in crate::net::node::STRIPPED_STATE {
             if let Some(id) = state.get(&(kind.to_owned(), String::new())) {
                 if let Some(ev) = engine.event(id).await? {
                     out.push(stripped(&ev));

@@ -326,14 +326,16 @@ pub struct Invite {
     pub room_state: Vec<serde_json::Value>,
 }
 
-/// The state an invite carries so the invitee can show the room before joining.
-const STRIPPED_STATE: [&str; 6] = [
+/// The state an invite carries so the invitee can show the room before joining (the spec's
+/// recommended stripped state).
+pub const STRIPPED_STATE: [&str; 7] = [
     "m.room.create",
     "m.room.join_rules",
     "m.room.name",
     "m.room.topic",
     "m.room.avatar",
     "m.room.canonical_alias",
+    "m.room.encryption",
 ];
 
 /// One stripped state event from an inviter, if it is one: an object with a known state type,

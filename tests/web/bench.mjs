@@ -25,6 +25,7 @@ async function sizes() {
   const dist = path.join(ROOT, "dist");
   const out = { wasm: { raw: 0, gzip: 0 }, js: { raw: 0, gzip: 0 }, other: { raw: 0, gzip: 0 } };
   for (const name of await readdir(dist)) {
+    if (name.endsWith(".gz")) continue; // the precompressed copies the node serves
     const data = await readFile(path.join(dist, name));
     const kind = name.endsWith(".wasm") ? "wasm" : name.endsWith(".js") ? "js" : "other";
     out[kind].raw += data.length;
