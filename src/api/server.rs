@@ -63,10 +63,9 @@ async fn handle(
     req: axum::extract::Request,
 ) -> axum::response::Response {
     let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
-        Ok(b) => b.to_vec(),
-        Err(_) => {
-            let e = ApiError::too_large(MAX_BODY_BYTES);
+    let body = match read_body(body).await {
+        Ok(b) => b,
+        Err(e) => {
             let mut resp = super::json_response(e.status, &e.body());
             super::add_cors(&mut resp);
             return resp.map(axum::body::Body::from);
@@ -87,4 +86,31 @@ async fn handle(
         }
     };
     resp.map(axum::body::Body::from)
+}
+
+/// How much of an oversized body is still read (and dropped) before answering `M_TOO_LARGE`:
+/// closing a connection with unread data resets it, and the client may then lose the answer
+/// while it is still sending.
+const DRAIN_BYTES: usize = 16 * MAX_BODY_BYTES;
+
+/// The request body, or `M_TOO_LARGE` past [`MAX_BODY_BYTES`] (after draining up to
+/// [`DRAIN_BYTES`] so the client reads the answer).
+async fn read_body(body: axum::body::Body) -> Result<Vec<u8>, ApiError> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_json(format!("reading the body: {e}")))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= MAX_BODY_BYTES {
+            buf.extend_from_slice(&chunk);
+        } else if seen > DRAIN_BYTES {
+            break;
+        }
+    }
+    if seen > MAX_BODY_BYTES {
+        return Err(ApiError::too_large(MAX_BODY_BYTES));
+    }
+    Ok(buf)
 }
