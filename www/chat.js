@@ -399,14 +399,40 @@ export class Chat {
     let previous = null;
     const shown = events.slice(start);
     const laterFromOthers = laterForeignIndex(shown, this.hs.serverName);
-    shown.forEach((ev, i) => {
+    const hidden = (ev) => {
       const type = ev.getType();
-      const rel = ev.getWireContent()["m.relates_to"];
-      if (type === "m.reaction" || type === "m.room.redaction" || rel?.rel_type === "m.replace") return;
-      if (type === "m.room.message" || (type === "m.room.message" && ev.isRedacted())) {
+      return type === "m.reaction" || type === "m.room.redaction" || ev.getWireContent()["m.relates_to"]?.rel_type === "m.replace";
+    };
+    // Who has read up to each shown message. A receipt on an event that has no row of its own
+    // (a reaction, an edit, a state change) counts for the message shown before it.
+    const readers = new Map();
+    const readHere = shown.map(() => false);
+    let lastMessage = null;
+    shown.forEach((ev, i) => {
+      const isMessage = ev.getType() === "m.room.message" && !hidden(ev);
+      if (isMessage) lastMessage = ev.getId();
+      const target = isMessage ? ev.getId() : lastMessage;
+      const users = room.getUsersReadUpTo(ev).filter((u) => u !== this.me);
+      readHere[i] = users.length > 0;
+      if (target && users.length) readers.set(target, [...(readers.get(target) ?? []), ...users]);
+    });
+    // Someone else's receipt at or after an event means their peer has it.
+    const readLater = [...readHere];
+    for (let i = readLater.length - 2; i >= 0; i--) readLater[i] ||= readLater[i + 1];
+    shown.forEach((ev, i) => {
+      if (hidden(ev)) return;
+      if (ev.getType() === "m.room.message") {
         const edit = edits.get(ev.getId());
         const cont = previous && previous.getSender() === ev.getSender() && ev.getTs() - previous.getTs() < GROUP_MS;
-        rows.push(this.messageRow(room, ev, { edit, reactions: reactions.get(ev.getId()), cont, foreignAfter: laterFromOthers[i] }));
+        rows.push(
+          this.messageRow(room, ev, {
+            edit,
+            reactions: reactions.get(ev.getId()),
+            cont,
+            peerHasIt: laterFromOthers[i] || readLater[i],
+            readBy: readers.get(ev.getId()) ?? [],
+          }),
+        );
         previous = ev;
       } else if (ev.isState()) {
         const text = describeState(room, ev);
@@ -422,7 +448,7 @@ export class Chat {
     if (hasMore && el.scrollHeight <= el.clientHeight + 10) this.maybePaginate(room);
   }
 
-  messageRow(room, ev, { edit, reactions, cont, foreignAfter }) {
+  messageRow(room, ev, { edit, reactions, cont, peerHasIt, readBy }) {
     const mine = ev.getSender() === this.me;
     const sender = room.getMember(ev.getSender())?.name ?? ev.getSender();
     const content = edit ? edit.getWireContent()["m.new_content"] ?? ev.getOriginalContent() : ev.getOriginalContent();
@@ -460,11 +486,8 @@ export class Chat {
       );
     }
     const meta = h("div.meta", {}, h("span.sender", { style: `color:${colourForUser(ev.getSender())}` }, sender), h("span.time", {}, timeOf(ev.getTs())));
-    if (mine) meta.append(this.stateOf(room, ev, foreignAfter));
-    const seenBy = room
-      .getUsersReadUpTo(ev)
-      .filter((u) => u !== this.me)
-      .map((u) => room.getMember(u)?.name ?? u);
+    if (mine) meta.append(this.stateOf(room, ev, peerHasIt));
+    const seenBy = [...new Set(readBy)].map((u) => room.getMember(u)?.name ?? u);
     const row = h(
       "div.msg" + (cont ? ".cont" : ""),
       { dataset: { eventId: ev.getId() ?? "", sender: ev.getSender() } },
@@ -477,7 +500,7 @@ export class Chat {
   }
 
   /** Where one of my messages is: sending, kept here, or on at least one other peer. */
-  stateOf(room, ev, foreignAfter) {
+  stateOf(room, ev, peerHasIt) {
     const status = ev.status;
     if (status === EventStatus.NOT_SENT) {
       return h(
@@ -488,9 +511,7 @@ export class Chat {
       );
     }
     if (status && status !== EventStatus.SENT) return h("span.state.pending", { title: "Being saved in this browser" }, "Sending…");
-    const id = ev.getId();
-    const seen = room.getUsersReadUpTo(ev).some((u) => u !== this.me);
-    if (this.delivered.has(id) || foreignAfter || seen) {
+    if (this.delivered.has(ev.getId()) || peerHasIt) {
       return h("span.state.delivered", { title: "Delivered to at least one other peer" }, "✓✓ Delivered");
     }
     return h("span.state.saved", { title: "Saved in this browser; goes out when a peer in the room is reachable" }, "✓ Saved");
