@@ -185,16 +185,17 @@ impl ClientApi {
         let timeline_filter = EventFilter::from_value(&room_filter["timeline"]);
         let lazy_members = EventFilter::from_value(&room_filter["state"]).lazy_load_members;
         let include_leave = room_filter["include_leave"].as_bool().unwrap_or(false);
-        let account = self
-            .data
-            .account_data_since(&s.user_id, from.client, next.client)
-            .await?;
+        let (account, rooms) = futures::try_join!(
+            self.data
+                .account_data_since(&s.user_id, from.client, next.client),
+            async { Ok(engine.rooms().await?) },
+        )?;
 
         let mut join = serde_json::Map::new();
         let mut invite = serde_json::Map::new();
         let mut leave = serde_json::Map::new();
         let mut known_rooms = HashSet::new();
-        for room in engine.rooms().await? {
+        for room in rooms {
             let Some(state) = engine.current_state(&room).await? else {
                 continue;
             };
@@ -297,11 +298,12 @@ impl ClientApi {
             let rules = ruma::push::Ruleset::server_default(&s.user_id);
             global_account.push(json!({"type": "m.push_rules", "content": {"global": rules}}));
         }
-        let to_device = self.data.to_device(s, from.client, next.client).await?;
-        let otk_counts = self
-            .data
-            .one_time_key_counts(&s.user_id, s.device_id.as_str())
-            .await?;
+        // Independent reads: issued together, so in the tab their IndexedDB round trips overlap.
+        let (to_device, otk_counts) = futures::try_join!(
+            self.data.to_device(s, from.client, next.client),
+            self.data
+                .one_time_key_counts(&s.user_id, s.device_id.as_str()),
+        )?;
         let empty = join.is_empty()
             && invite.is_empty()
             && leave.is_empty()
@@ -434,18 +436,20 @@ impl ClientApi {
         {
             return Ok(None);
         }
-        let events = self
-            .client_format_all(s, timeline.iter().map(|e| e.as_ref()))
-            .await?;
+        let (events, summary, unread) = futures::try_join!(
+            self.client_format_all(s, timeline.iter().map(|e| e.as_ref())),
+            self.summary(state, s),
+            self.unread_count(room, s),
+        )?;
         let prev_batch = format!("t{}", first_pos.unwrap_or(from.events.max(1)));
         Ok(Some(json!({
             "timeline": {"events": events, "limited": limited, "prev_batch": prev_batch},
             "state": {"events": state_events},
             "ephemeral": {"events": ephemeral},
             "account_data": {"events": room_account},
-            "summary": self.summary(state, s).await?,
+            "summary": summary,
             "unread_notifications": {
-                "notification_count": self.unread_count(room, s).await?,
+                "notification_count": unread,
                 "highlight_count": 0,
             },
         })))
