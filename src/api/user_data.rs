@@ -456,14 +456,10 @@ impl UserData {
 
 impl ClientApi {
     /// Adds the user's display name and avatar to a member event's content.
+    /// Adds the user's profile (`displayname`, `avatar_url` when set) to member-event content.
     pub(super) async fn add_profile(&self, user: &UserId, content: &mut Value) -> ApiResult<()> {
-        if let Some(u) = self.accounts.user(user).await? {
-            if let Some(d) = u.displayname {
-                content["displayname"] = d.into();
-            }
-            if let Some(a) = u.avatar_url {
-                content["avatar_url"] = a.into();
-            }
+        for (k, v) in self.profile_content(user).await? {
+            content[k] = v;
         }
         Ok(())
     }
@@ -473,12 +469,16 @@ impl ClientApi {
         &self,
         user: &UserId,
     ) -> ApiResult<serde_json::Map<String, Value>> {
-        let mut content = Value::Object(Default::default());
-        self.add_profile(user, &mut content).await?;
-        match content {
-            Value::Object(map) => Ok(map),
-            _ => unreachable!("built as an object"),
+        let mut content = serde_json::Map::new();
+        if let Some(u) = self.accounts.user(user).await? {
+            if let Some(d) = u.displayname {
+                content.insert("displayname".into(), d.into());
+            }
+            if let Some(a) = u.avatar_url {
+                content.insert("avatar_url".into(), a.into());
+            }
         }
+        Ok(content)
     }
 
     pub(super) async fn get_profile(
