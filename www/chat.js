@@ -9,7 +9,7 @@ import {
   RoomMemberEvent,
   RoomStateEvent,
 } from "matrix-js-sdk";
-import { h, attempt, avatar, copy, dialog, describe, short, timeOf, toast } from "./dom.js";
+import { h, attempt, avatar, colourFor, copy, dialog, describe, short, timeOf, toast } from "./dom.js";
 import { openSettings } from "./settings.js";
 
 const QUICK_REACTIONS = ["👍", "❤️", "😄", "🎉"];
@@ -393,6 +393,9 @@ export class Chat {
         reactions.set(rel.event_id, byKey);
       }
     }
+    // Kept for the actions on the rows just rendered (edit, react).
+    this.edits = edits;
+    this.reactions = reactions;
     const rows = [];
     const hasMore = start > 0 || !!oldestTimeline(room).getPaginationToken(EventTimeline.BACKWARDS);
     rows.push(h("div.start", { id: "timeline-start" }, hasMore ? (this.paginating ? "Loading earlier messages…" : "") : "This is the start of the room."));
@@ -485,7 +488,7 @@ export class Chat {
         ),
       );
     }
-    const meta = h("div.meta", {}, h("span.sender", { style: `color:${colourForUser(ev.getSender())}` }, sender), h("span.time", {}, timeOf(ev.getTs())));
+    const meta = h("div.meta", {}, h("span.sender", { style: `color:${colourFor(ev.getSender())}` }, sender), h("span.time", {}, timeOf(ev.getTs())));
     if (mine) meta.append(this.stateOf(room, ev, peerHasIt));
     const seenBy = [...new Set(readBy)].map((u) => room.getMember(u)?.name ?? u);
     const row = h(
@@ -631,10 +634,7 @@ export class Chat {
   startEdit(ev) {
     this.replyTo = null;
     this.editing = ev;
-    const room = this.client.getRoom(ev.getRoomId());
-    const edits = loadedEvents(room)
-      .filter((e) => e.getWireContent()["m.relates_to"]?.rel_type === "m.replace" && e.getWireContent()["m.relates_to"].event_id === ev.getId());
-    const current = edits.at(-1)?.getWireContent()["m.new_content"]?.body ?? ev.getOriginalContent().body ?? "";
+    const current = this.edits?.get(ev.getId())?.getWireContent()["m.new_content"]?.body ?? ev.getOriginalContent().body ?? "";
     this.composer.value = stripReplyFallback(current);
     this.renderComposerContext();
     this.composer.focus();
@@ -712,11 +712,10 @@ export class Chat {
   }
 
   react(room, ev, key) {
-    const own = loadedEvents(room)
-      .find((r) => {
-        const rel = r.getWireContent()["m.relates_to"];
-        return r.getType() === "m.reaction" && !r.isRedacted() && r.getSender() === this.me && rel?.event_id === ev.getId() && rel.key === key;
-      });
+    const own = this.reactions
+      ?.get(ev.getId())
+      ?.get(key)
+      ?.find((r) => r.getSender() === this.me);
     if (own) {
       attempt("Removing the reaction", () => this.client.redactEvent(room.roomId, own.getId()));
     } else {
@@ -1053,12 +1052,6 @@ function laterForeignIndex(events, myServer) {
     if (!events[i].status && serverOf(events[i].getSender()) !== myServer) seen = true;
   }
   return result;
-}
-
-function colourForUser(userId) {
-  let hash = 0;
-  for (const c of userId) hash = (hash * 31 + c.charCodeAt(0)) | 0;
-  return `hsl(${Math.abs(hash) % 360} 55% 42%)`;
 }
 
 /** Words for a state change: membership, name, topic, creation. */

@@ -515,10 +515,9 @@ impl ClientApi {
         let after = engine
             .timeline(&room, Some(stream), Direction::Forward, after_n)
             .await?;
-        let mut fmt = Vec::new();
-        for e in before.iter().chain(after.iter()) {
-            fmt.push(self.client_format(s, e).await?);
-        }
+        let fmt = self
+            .client_format_all(s, before.iter().chain(after.iter()).map(|e| e.as_ref()))
+            .await?;
         let (before_fmt, after_fmt) = fmt.split_at(before.len());
         let start = before.last().and_then(|e| e.stream).unwrap_or(stream);
         let end = after
