@@ -383,8 +383,10 @@ export class Chat {
       const rel = ev.getWireContent()["m.relates_to"];
       if (!rel?.event_id) continue;
       if (rel.rel_type === "m.replace" && ev.getType() === "m.room.message") {
-        const prev = edits.get(rel.event_id);
-        if (!prev || prev.getTs() <= ev.getTs()) edits.set(rel.event_id, ev);
+        // Keyed by target and editor: only the original sender's edits count (editKey).
+        const key = editKey(rel.event_id, ev.getSender());
+        const prev = edits.get(key);
+        if (!prev || prev.getTs() <= ev.getTs()) edits.set(key, ev);
       } else if (rel.rel_type === "m.annotation" && ev.getType() === "m.reaction") {
         const byKey = reactions.get(rel.event_id) ?? new Map();
         const list = byKey.get(rel.key) ?? [];
@@ -425,7 +427,7 @@ export class Chat {
     shown.forEach((ev, i) => {
       if (hidden(ev)) return;
       if (ev.getType() === "m.room.message") {
-        const edit = edits.get(ev.getId());
+        const edit = edits.get(editKey(ev.getId(), ev.getSender()));
         const cont = previous && previous.getSender() === ev.getSender() && ev.getTs() - previous.getTs() < GROUP_MS;
         rows.push(
           this.messageRow(room, ev, {
@@ -634,7 +636,7 @@ export class Chat {
   startEdit(ev) {
     this.replyTo = null;
     this.editing = ev;
-    const current = this.edits?.get(ev.getId())?.getWireContent()["m.new_content"]?.body ?? ev.getOriginalContent().body ?? "";
+    const current = this.edits?.get(editKey(ev.getId(), ev.getSender()))?.getWireContent()["m.new_content"]?.body ?? ev.getOriginalContent().body ?? "";
     this.composer.value = stripReplyFallback(current);
     this.renderComposerContext();
     this.composer.focus();
@@ -1011,6 +1013,11 @@ function oldestTimeline(room) {
   let timeline = room.getLiveTimeline();
   for (let before; (before = timeline.getNeighbouringTimeline(EventTimeline.BACKWARDS)); ) timeline = before;
   return timeline;
+}
+
+/** An edit applies only when its sender sent the original: the key pairs the two. */
+function editKey(eventId, sender) {
+  return `${eventId} ${sender}`;
 }
 
 /** Every event loaded for the room's live timeline chain, oldest first. */

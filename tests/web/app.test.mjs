@@ -101,6 +101,25 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await a.page.emulateMedia({ colorScheme: "dark" });
     await screenshot(a.page, "chat-dark.png");
     await a.page.emulateMedia({ colorScheme: "light" });
+    // Only the sender's own edits count: Bob's client forging an edit of Alice's message
+    // changes nothing on either screen.
+    await b.page.evaluate(async (text) => {
+      const client = window.hyphaeClient;
+      const room = client.getRoom(document.getElementById("timeline").dataset.roomId);
+      const target = room.getLiveTimeline().getEvents().find((e) => e.getContent().body === text);
+      await client.sendEvent(room.roomId, "m.room.message", {
+        msgtype: "m.text",
+        body: "* forged",
+        "m.new_content": { msgtype: "m.text", body: "forged by Bob" },
+        "m.relates_to": { rel_type: "m.replace", event_id: target.getId() },
+      });
+      await client.sendMessage(room.roomId, { msgtype: "m.text", body: "after the forgery" });
+    }, "Hi Bob, the tomatoes are in");
+    for (const p of [a.page, b.page]) {
+      await waitForMessage(p, "after the forgery");
+      assert.equal(await p.locator(".msg .text", { hasText: "forged by Bob" }).count(), 0);
+      await waitForMessage(p, "Hi Bob, the tomatoes are in");
+    }
   });
 
   await step("Alice invites Bob to a private room by user ID; Bob accepts", async () => {
