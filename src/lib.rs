@@ -9,6 +9,7 @@ pub mod api;
 pub mod engine;
 pub mod identity;
 pub mod net;
+pub mod rooms;
 pub mod store;
 
 #[cfg(target_arch = "wasm32")]

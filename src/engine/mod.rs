@@ -563,6 +563,38 @@ impl Engine {
         Ok(Some(sorted(&inner.load_group(store, g).await?.map)))
     }
 
+    /// The states before and after `event_id` as shared maps (no copy: for lookups of a few
+    /// keys per event, as visibility checks make). `None` for unknown events and outliers.
+    pub async fn states_at(
+        &self,
+        event_id: &EventId,
+    ) -> Result<Option<(Arc<StateMap>, Arc<StateMap>)>, StoreError> {
+        let mut inner = self.inner.lock().await;
+        let store = self.store.as_ref();
+        let Some(ev) = inner.load_event(store, event_id).await? else {
+            return Ok(None);
+        };
+        let (Some(before), Some(after)) = (ev.state_before, ev.state_after) else {
+            return Ok(None);
+        };
+        let before = inner.load_group(store, before).await?.map;
+        let after = inner.load_group(store, after).await?.map;
+        Ok(Some((before, after)))
+    }
+
+    /// A room's current state as a shared map (no copy).
+    pub async fn current_state_map(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Option<Arc<StateMap>>, StoreError> {
+        let mut inner = self.inner.lock().await;
+        let store = self.store.as_ref();
+        let Some(room) = inner.load_room(store, room_id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(inner.load_group(store, room.current_state).await?.map))
+    }
+
     /// Accepted events that redact or relate to `target`, in stream order.
     pub async fn relations(&self, target: &EventId) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
         let mut prefix = target.as_bytes().to_vec();
