@@ -9,7 +9,7 @@ mod native {
     use std::time::{Duration, Instant};
 
     use hyphae::engine::create_room::{CreateRoom, Preset};
-    use hyphae::net::node::{NodeConfig, P2pNode};
+    use hyphae::rooms::{NodeConfig, P2pNode};
     use hyphae::store::redb::RedbStore;
     use hyphae::store::{Direction, SharedStore};
     use ruma::OwnedRoomId;

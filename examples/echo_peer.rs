@@ -10,7 +10,7 @@ async fn main() {
     use std::time::Duration;
 
     use hyphae::engine::create_room::{CreateRoom, Preset};
-    use hyphae::net::node::{NodeConfig, P2pNode};
+    use hyphae::rooms::{NodeConfig, P2pNode};
     use hyphae::store::memory::MemoryStore;
     use hyphae::store::Direction;
 

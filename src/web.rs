@@ -22,7 +22,7 @@ use wasm_bindgen_futures::future_to_promise;
 use crate::api::error::ApiError;
 use crate::api::{ApiRequest, Caller, ClientApi, Registration};
 use crate::identity::ServerName;
-use crate::net::node::{NodeConfig, P2pNode};
+use crate::rooms::{NodeConfig, P2pNode};
 use crate::store::indexeddb::IndexedDbStore;
 use crate::store::SharedStore;
 

@@ -6,8 +6,8 @@
 
 use std::rc::Rc;
 
-use hyphae::net::node::{NodeConfig, P2pNode};
 use hyphae::net::rt::Duration;
+use hyphae::rooms::{NodeConfig, P2pNode};
 use hyphae::store::indexeddb::IndexedDbStore;
 use hyphae::store::Direction;
 use libp2p::multiaddr::Protocol;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::client::{register, scenario, Transport};
 use hyphae::api::{Caller, ClientApi, Registration};
-use hyphae::net::node::{NodeConfig, P2pNode};
+use hyphae::rooms::{NodeConfig, P2pNode};
 use hyphae::store::memory::MemoryStore;
 use hyphae::store::{scan_all, Table};
 use serde_json::{json, Value};

@@ -4,7 +4,7 @@ use http::StatusCode;
 use serde_json::json;
 
 use crate::engine::IngestError;
-use crate::net::node::NodeError;
+use crate::rooms::NodeError;
 use crate::store::StoreError;
 
 /// A Client-Server API error, rendered as `{"errcode": ..., "error": ...}`.

@@ -24,8 +24,8 @@ use ruma::api::{IncomingRequest, IncomingRequestExt};
 use ruma::{MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, UserId};
 use serde_json::{json, Value};
 
-use crate::net::node::P2pNode;
 use crate::net::rt::{Duration, Instant};
+use crate::rooms::P2pNode;
 use accounts::{check_localpart, Accounts, Session};
 use error::{ApiError, ApiResult};
 use user_data::UserData;

@@ -525,7 +525,7 @@ impl ClientApi {
     ) -> ApiResult<Vec<Value>> {
         let engine = self.node.engine();
         let mut out = Vec::new();
-        for kind in crate::net::node::STRIPPED_STATE {
+        for kind in crate::rooms::STRIPPED_STATE {
             if let Some(id) = state.get(&(kind.to_owned(), String::new())) {
                 if let Some(ev) = engine.event(id).await? {
                     out.push(stripped(&ev));

@@ -9,7 +9,7 @@ mod native {
     use clap::Parser;
     use hyphae::api::server::WebApp;
     use hyphae::api::{ClientApi, Registration};
-    use hyphae::net::node::{NodeConfig, P2pNode};
+    use hyphae::rooms::{NodeConfig, P2pNode};
     use hyphae::store::redb::RedbStore;
     use hyphae::store::SharedStore;
     use libp2p::Multiaddr;

@@ -1,10 +1,13 @@
-//! Peer-to-peer exchange of rooms over libp2p: the wire protocol (gossip topics and the
-//! `/hyphae/fed/1` request-response protocol) and, natively, the node that runs the swarm.
-//!
-//! The net layer never decides anything about events: every PDU that arrives, by any path, goes
-//! through the engine's receipt checks. It only moves bytes, asks for what the engine reports
-//! missing, and rate-limits peers.
+//! The network: the libp2p swarm and nothing else — transports, discovery, relay, the wire
+//! protocol — behind a typed handle ([`driver::NetHandle`]) and a stream of inbound events
+//! ([`driver::NetEvent`]). It decides nothing about rooms: what to answer, push or fetch is the
+//! room service's ([`crate::rooms`]).
 
-pub mod node;
+pub mod driver;
 pub mod protocol;
 pub mod rt;
+mod swarm;
+
+pub use driver::{
+    Backoff, Connection, NetConfig, NetEvent, NetHandle, ReplyTo, Stopped, RENDEZVOUS_NAMESPACE,
+};

@@ -1,7 +1,10 @@
 //! The wire protocol between peers.
 //!
-//! - Push: one gossipsub topic per room, `hyphae/room/<room id>`, carrying PDUs (canonical JSON).
-//! - Pull: `/hyphae/fed/1`, a CBOR request-response protocol with federation-shaped requests.
+//! One authenticated request-response protocol, `/hyphae/fed/1` (CBOR over noise-encrypted
+//! streams), carries everything: pushes of new PDUs and EDUs to a room's member servers, and
+//! federation-shaped pulls. There is no gossip topic: a topic anyone can subscribe to is not a
+//! private channel. The asking peer's PeerId is its server name, so every request is
+//! authorised by who asks.
 
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId};
 use serde::{Deserialize, Serialize};
@@ -14,16 +17,12 @@ pub const MAX_MISSING_EVENTS: u32 = 500;
 /// Most ids one request may name.
 pub const MAX_IDS_PER_REQUEST: usize = 100;
 
-pub fn room_topic(room_id: &RoomId) -> String {
-    format!("hyphae/room/{room_id}")
-}
-
-/// The room id of a gossip topic, if it is one of ours.
-pub fn topic_room(topic: &str) -> Option<OwnedRoomId> {
-    topic
-        .strip_prefix("hyphae/room/")
-        .and_then(|r| OwnedRoomId::try_from(r).ok())
-}
+/// Largest request a peer may send (a push of PDUs, an invite with its state).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Largest answer a peer may send; answers are built to stay under it.
+pub const MAX_RESPONSE_BYTES: usize = 8 << 20;
+/// Most PDUs one push carries.
+pub const MAX_PUSH_PDUS: usize = 100;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum FedRequest {
@@ -54,6 +53,13 @@ pub enum FedRequest {
         #[serde(default)]
         room_state: Vec<String>,
     },
+    /// New PDUs of a room, pushed by a server in it to the room's other member servers.
+    Push {
+        room_id: OwnedRoomId,
+        pdus: Vec<String>,
+    },
+    /// A signed EDU (typing, receipt; see [`Edu`]) pushed to the room's member servers.
+    Edu { edu: String },
 }
 
 /// Stripped state events an invite carries at most.
@@ -73,6 +79,17 @@ impl FedRequest {
             {
                 Err("PDU over the size limit".into())
             }
+            FedRequest::Push { pdus, .. } if pdus.len() > MAX_PUSH_PDUS => {
+                Err(format!("at most {MAX_PUSH_PDUS} PDUs per push"))
+            }
+            FedRequest::Push { pdus, .. }
+                if pdus
+                    .iter()
+                    .any(|p| p.len() > crate::engine::pdu::MAX_PDU_BYTES) =>
+            {
+                Err("PDU over the size limit".into())
+            }
+            FedRequest::Edu { edu } if edu.len() > MAX_EDU_BYTES => Err("EDU too large".into()),
             FedRequest::Invite { room_state, .. }
                 if room_state.len() > MAX_INVITE_STATE
                     || room_state
@@ -128,17 +145,8 @@ impl FedResponse {
     }
 }
 
-/// Gossip topic for a room's ephemeral events (typing, read receipts).
-pub fn edu_topic(room_id: &RoomId) -> String {
-    format!("hyphae/edu/{room_id}")
-}
-
-/// The room id of an EDU gossip topic.
-pub fn edu_topic_room(topic: &str) -> Option<OwnedRoomId> {
-    topic
-        .strip_prefix("hyphae/edu/")
-        .and_then(|r| OwnedRoomId::try_from(r).ok())
-}
+/// Largest signed EDU.
+pub const MAX_EDU_BYTES: usize = 4096;
 
 /// An ephemeral event about one user, signed by that user's server: peers act on it only if
 /// the signature verifies against the key that is the user's server name.
@@ -180,8 +188,7 @@ impl Edu {
         else {
             unreachable!("EDUs are objects of strings and booleans");
         };
-        // Gossip ids are content hashes: the time keeps "typing" twice in a minute from
-        // looking like a duplicate.
+        // When it was said: receivers can tell a fresh notice from a replayed one.
         let ms: u64 = ruma::MilliSecondsSinceUnixEpoch::now().get().into();
         object.insert(
             "ts".into(),
@@ -198,7 +205,7 @@ impl Edu {
 
     /// Parses and checks a signed EDU: well-formed, and signed by the user's own server.
     pub fn verify(bytes: &[u8]) -> Result<Self, String> {
-        if bytes.len() > 4096 {
+        if bytes.len() > MAX_EDU_BYTES {
             return Err(format!("EDU of {} bytes is too large", bytes.len()));
         }
         let object: ruma::CanonicalJsonObject =

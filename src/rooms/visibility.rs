@@ -31,7 +31,7 @@ pub enum HistoryVisibility {
 impl HistoryVisibility {
     /// The value of a content's `history_visibility`; unknown values count as `shared`, as the
     /// spec says.
-    fn parse(content: &Value) -> Self {
+    pub(crate) fn parse(content: &Value) -> Self {
         match content["history_visibility"].as_str() {
             Some("world_readable") => Self::WorldReadable,
             Some("invited") => Self::Invited,
@@ -52,7 +52,7 @@ pub enum Membership {
 }
 
 impl Membership {
-    fn parse(content: &Value) -> Self {
+    pub(crate) fn parse(content: &Value) -> Self {
         match content["membership"].as_str() {
             Some("join") => Self::Join,
             Some("invite") => Self::Invite,
@@ -154,7 +154,11 @@ pub struct UserView<'e> {
 }
 
 impl<'e> UserView<'e> {
-    pub async fn new(engine: &'e Engine, room_id: &RoomId, user: &UserId) -> Result<Self, StoreError> {
+    pub async fn new(
+        engine: &'e Engine,
+        room_id: &RoomId,
+        user: &UserId,
+    ) -> Result<Self, StoreError> {
         let joined_now = match engine.current_state_map(room_id).await? {
             Some(state) => membership_in(engine, &state, user).await? == Membership::Join,
             None => false,
@@ -325,4 +329,34 @@ pub fn redacted_pdu(ev: &StoredEvent, version: &RoomVersionId) -> Option<String>
     let redacted =
         ruma::canonical_json::redact(ev.pdu.canonical_object(), &rules.redaction, None).ok()?;
     serde_json::to_string(&redacted).ok()
+}
+
+/// The servers with a user joined in `state`: where a room's new events and EDUs go.
+pub async fn joined_servers(
+    engine: &Engine,
+    state: &StateMap,
+) -> Result<std::collections::BTreeSet<ServerName>, StoreError> {
+    let mut servers = std::collections::BTreeSet::new();
+    for ((kind, key), id) in state.iter() {
+        if *kind != StateEventType::RoomMember {
+            continue;
+        }
+        let Ok(user) = UserId::parse(key.as_str()) else {
+            continue;
+        };
+        let Ok(server) = ServerName::try_from(user.server_name()) else {
+            continue;
+        };
+        if servers.contains(&server) {
+            continue;
+        }
+        let joined = engine
+            .event(id)
+            .await?
+            .is_some_and(|ev| Membership::parse(&content(&ev)) == Membership::Join);
+        if joined {
+            servers.insert(server);
+        }
+    }
+    Ok(servers)
 }

@@ -4,6 +4,8 @@
 
 pub mod client;
 pub mod conformance;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod outsider;
 #[cfg(target_arch = "wasm32")]
 pub mod tab_fetch;
 #[cfg(target_arch = "wasm32")]

@@ -3,8 +3,8 @@
 use std::rc::Rc;
 
 use hyphae::engine::create_room::CreateRoom;
-use hyphae::net::node::{NodeConfig, P2pNode};
 use hyphae::net::rt::{self, Duration};
+use hyphae::rooms::{NodeConfig, P2pNode};
 use hyphae::store::indexeddb::IndexedDbStore;
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;

@@ -1,0 +1,333 @@
+//! Answers to peers' requests, each authorised by who asks: the asking PeerId is a server name,
+//! and a server is told only what [`ServerView`] lets it see. A room it may not see answers
+//! exactly like a room unknown here, and an event in such a room like an unknown event, so no
+//! answer is an oracle for what exists.
+
+use libp2p::PeerId;
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde_json::{json, Value};
+
+use super::visibility::{Membership, ServerView};
+use super::{NodeError, P2pNode};
+use crate::engine::{IngestError, Outcome, Received};
+use crate::identity::ServerName;
+use crate::net::protocol::{
+    FedErrorCode, FedRequest, FedResponse, MAX_MISSING_EVENTS, MAX_RESPONSE_BYTES,
+};
+use crate::net::ReplyTo;
+
+/// What a room the asker may not see, or does not exist, answers.
+fn unknown_room() -> FedResponse {
+    FedResponse::error(FedErrorCode::NotFound, "room unknown here")
+}
+
+/// What an event the asker may not see, or does not exist, answers.
+fn unknown_event() -> FedResponse {
+    FedResponse::error(FedErrorCode::NotFound, "no such event")
+}
+
+/// Room for the CBOR framing of an `Events` answer beside its PDUs.
+const ANSWER_OVERHEAD: usize = 64 * 1024;
+
+impl P2pNode {
+    /// Takes one request from the swarm and sees it answered: pushes go to the ingest task
+    /// (answered once stored), everything else is answered here.
+    pub(super) async fn handle_request(&self, peer: PeerId, request: FedRequest, reply: ReplyTo) {
+        if let Err(e) = request.check_bounds() {
+            tracing::warn!(%peer, reason = %e, "oversized request refused");
+            let response = FedResponse::error(FedErrorCode::BadRequest, e);
+            return self.shared.net.respond(reply, response);
+        }
+        let response = match request {
+            FedRequest::Push { room_id, pdus } => {
+                match self.take_push(peer, room_id, pdus, reply) {
+                    Ok(()) => return,
+                    Err((reply, response)) => {
+                        return self.shared.net.respond(reply, response);
+                    }
+                }
+            }
+            request => self.answer(peer, request).await,
+        };
+        self.shared.net.respond(reply, response);
+    }
+
+    /// Answers a pull, an invite or a join from `peer`.
+    pub(super) async fn answer(&self, peer: PeerId, request: FedRequest) -> FedResponse {
+        let Some(asker) = ServerName::from_peer_id(&peer) else {
+            tracing::warn!(%peer, "request from a peer whose id is not a server key");
+            return FedResponse::error(FedErrorCode::Forbidden, "not a Hyphae peer");
+        };
+        let result: Result<FedResponse, NodeError> = async {
+            Ok(match request {
+                FedRequest::GetEvent { event_id } => {
+                    self.answer_get_event(&asker, &event_id).await?
+                }
+                FedRequest::GetMissingEvents {
+                    room_id,
+                    earliest,
+                    latest,
+                    limit,
+                } => {
+                    self.answer_missing_events(&asker, &room_id, &earliest, &latest, limit)
+                        .await?
+                }
+                FedRequest::Extremities { room_id } => {
+                    match ServerView::new(&self.shared.engine, &room_id, &asker).await? {
+                        Some(view) if view.in_room() => {
+                            match self.shared.engine.room(&room_id).await? {
+                                Some(room) => FedResponse::Extremities {
+                                    event_ids: room.forward_extremities,
+                                },
+                                None => unknown_room(),
+                            }
+                        }
+                        _ => unknown_room(),
+                    }
+                }
+                FedRequest::MakeJoin { room_id, user_id } => {
+                    self.answer_make_join(peer, &asker, room_id, user_id)
+                        .await?
+                }
+                FedRequest::SendJoin { pdu } => self.answer_send_join(peer, &asker, pdu).await?,
+                FedRequest::Invite {
+                    room_version,
+                    pdu,
+                    room_state,
+                } => {
+                    self.accept_invite(peer, &room_version, &pdu, &room_state)
+                        .await?
+                }
+                FedRequest::Edu { edu } => self.take_edu(peer, &edu).await?,
+                FedRequest::Push { .. } => unreachable!("pushes are taken by handle_request"),
+            })
+        }
+        .await;
+        result.unwrap_or_else(|e| FedResponse::error(FedErrorCode::Internal, e.to_string()))
+    }
+
+    async fn answer_get_event(
+        &self,
+        asker: &ServerName,
+        event_id: &ruma::EventId,
+    ) -> Result<FedResponse, NodeError> {
+        let engine = &self.shared.engine;
+        let Some(ev) = engine.event(event_id).await? else {
+            return Ok(unknown_event());
+        };
+        let Some(view) = ServerView::new(engine, &ev.pdu.room_id, asker).await? else {
+            return Ok(unknown_event());
+        };
+        if !view.may_read_room() {
+            tracing::info!(server = %asker, %event_id, "event refused: server not in its room");
+            return Ok(unknown_event());
+        }
+        Ok(match view.pdu_for(&ev).await? {
+            Some(pdu) => FedResponse::Event { pdu },
+            None => unknown_event(),
+        })
+    }
+
+    async fn answer_missing_events(
+        &self,
+        asker: &ServerName,
+        room_id: &RoomId,
+        earliest: &[OwnedEventId],
+        latest: &[OwnedEventId],
+        limit: u32,
+    ) -> Result<FedResponse, NodeError> {
+        let engine = &self.shared.engine;
+        let Some(view) = ServerView::new(engine, room_id, asker).await? else {
+            return Ok(unknown_room());
+        };
+        if !view.may_read_room() {
+            tracing::info!(server = %asker, %room_id, "missing events refused: server not in the room");
+            return Ok(unknown_room());
+        }
+        let limit = limit.min(MAX_MISSING_EVENTS) as usize;
+        let events = engine
+            .missing_events(room_id, earliest, latest, limit)
+            .await?;
+        let mut pdus = Vec::with_capacity(events.len());
+        let mut event_ids = Vec::with_capacity(events.len());
+        let mut bytes = ANSWER_OVERHEAD;
+        for ev in events {
+            let Some(pdu) = view.pdu_for(&ev).await? else {
+                continue;
+            };
+            // Depth order: a cut answer is a prefix the asker can ingest, then ask again.
+            bytes += pdu.len() + ev.pdu.event_id.as_str().len() + 16;
+            if bytes > MAX_RESPONSE_BYTES {
+                break;
+            }
+            pdus.push(pdu);
+            event_ids.push(ev.pdu.event_id.clone());
+        }
+        Ok(FedResponse::Events { pdus, event_ids })
+    }
+
+    /// A join template, only for the asking server's own user and only when the room's join
+    /// rules would let that user in; otherwise the room does not exist for the asker.
+    async fn answer_make_join(
+        &self,
+        peer: PeerId,
+        asker: &ServerName,
+        room_id: OwnedRoomId,
+        user_id: OwnedUserId,
+    ) -> Result<FedResponse, NodeError> {
+        if ServerName::try_from(user_id.server_name()).ok().as_ref() != Some(asker) {
+            tracing::warn!(%peer, %user_id, "make_join for another server's user refused");
+            return Ok(FedResponse::error(
+                FedErrorCode::Forbidden,
+                "a peer asks to join only for its own users",
+            ));
+        }
+        if !self.may_join(&room_id, &user_id).await? {
+            tracing::info!(%peer, %room_id, %user_id, "make_join refused: join rules");
+            return Ok(unknown_room());
+        }
+        let content = json!({"membership": "join"});
+        Ok(
+            match self
+                .shared
+                .engine
+                .template(
+                    &room_id,
+                    &user_id,
+                    "m.room.member",
+                    Some(user_id.as_str()),
+                    &content,
+                )
+                .await
+            {
+                Ok(template) => FedResponse::JoinTemplate { room_id, template },
+                Err(IngestError::UnknownRoom(_)) => unknown_room(),
+                Err(e) => FedResponse::error(FedErrorCode::BadRequest, e.to_string()),
+            },
+        )
+    }
+
+    /// Whether the room's join rules let `user` join now: joined or invited already, a public
+    /// room, or a restricted rule naming a room the user is joined to here. Banned: never.
+    async fn may_join(&self, room_id: &RoomId, user: &UserId) -> Result<bool, NodeError> {
+        let engine = &self.shared.engine;
+        let Some(state) = engine.current_state(room_id).await? else {
+            return Ok(false);
+        };
+        let content_of = |kind: &str, key: &str| {
+            let id = state.get(&(kind.to_owned(), key.to_owned())).cloned();
+            async move {
+                match id {
+                    Some(id) => Ok::<_, NodeError>(
+                        engine
+                            .event(&id)
+                            .await?
+                            .and_then(|e| serde_json::from_str::<Value>(e.pdu.content.get()).ok()),
+                    ),
+                    None => Ok(None),
+                }
+            }
+        };
+        let membership = content_of("m.room.member", user.as_str())
+            .await?
+            .map(|c| Membership::parse(&c));
+        match membership {
+            Some(Membership::Ban) => return Ok(false),
+            Some(Membership::Join | Membership::Invite) => return Ok(true),
+            _ => {}
+        }
+        let rules = content_of("m.room.join_rules", "")
+            .await?
+            .unwrap_or_default();
+        match rules["join_rule"].as_str() {
+            Some("public") => Ok(true),
+            Some("restricted" | "knock_restricted") => {
+                let allow = rules["allow"].as_array().cloned().unwrap_or_default();
+                for rule in allow {
+                    if rule["type"] != "m.room_membership" {
+                        continue;
+                    }
+                    let Some(other) = rule["room_id"]
+                        .as_str()
+                        .and_then(|r| ruma::OwnedRoomId::try_from(r).ok())
+                    else {
+                        continue;
+                    };
+                    let Some(other_state) = engine.current_state(&other).await? else {
+                        continue;
+                    };
+                    if let Some(id) =
+                        other_state.get(&("m.room.member".to_owned(), user.to_string()))
+                    {
+                        let joined = engine.event(id).await?.is_some_and(|e| {
+                            serde_json::from_str::<Value>(e.pdu.content.get())
+                                .map(|c| Membership::parse(&c) == Membership::Join)
+                                .unwrap_or(false)
+                        });
+                        if joined {
+                            return Ok(true);
+                        }
+                    }
+                }
+                Ok(false)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// A join built from our template: only the asking server's own user's join, then pushed
+    /// to the room's other servers.
+    async fn answer_send_join(
+        &self,
+        peer: PeerId,
+        asker: &ServerName,
+        pdu: String,
+    ) -> Result<FedResponse, NodeError> {
+        #[derive(serde::Deserialize)]
+        struct JoinShape {
+            #[serde(rename = "type")]
+            kind: String,
+            sender: OwnedUserId,
+            state_key: Option<String>,
+            room_id: Option<OwnedRoomId>,
+            content: Value,
+        }
+        let Ok(shape) = serde_json::from_str::<JoinShape>(&pdu) else {
+            return Ok(FedResponse::error(FedErrorCode::BadRequest, "not an event"));
+        };
+        let own_join = shape.kind == "m.room.member"
+            && shape.state_key.as_deref() == Some(shape.sender.as_str())
+            && shape.content["membership"] == "join"
+            && ServerName::try_from(shape.sender.server_name())
+                .ok()
+                .as_ref()
+                == Some(asker);
+        let Some(room_id) = shape.room_id.filter(|_| own_join) else {
+            tracing::warn!(%peer, "send_join that is not the asker's own join refused");
+            return Ok(FedResponse::error(
+                FedErrorCode::Forbidden,
+                "send_join takes the asking server's own user's join",
+            ));
+        };
+        if !self.may_join(&room_id, &shape.sender).await? {
+            return Ok(unknown_room());
+        }
+        Ok(match self.shared.engine.receive(pdu.as_bytes()).await {
+            Ok(Received {
+                outcome: Outcome::Accepted { .. } | Outcome::Duplicate,
+                room_id,
+                event_id,
+            }) => {
+                tracing::info!(%peer, %event_id, "remote join accepted");
+                self.push_events(&room_id, std::slice::from_ref(&event_id))
+                    .await;
+                self.changed();
+                FedResponse::Ok
+            }
+            Ok(Received { outcome, .. }) => {
+                FedResponse::error(FedErrorCode::Forbidden, format!("{outcome:?}"))
+            }
+            Err(e) => FedResponse::error(FedErrorCode::BadRequest, e.to_string()),
+        })
+    }
+}

@@ -1,0 +1,100 @@
+//! Joining a room held by other peers: a template from a peer in the room, our signed join
+//! handed back, then the room's history caught up.
+
+use libp2p::PeerId;
+use ruma::{OwnedEventId, RoomId};
+use serde_json::json;
+
+use super::{now, NodeError, P2pNode};
+use crate::engine::pdu::{build_signed, rules_for, NewEvent};
+use crate::engine::IngestError;
+use crate::net::protocol::{FedRequest, FedResponse};
+use crate::store::{Table, WriteBatch};
+
+impl P2pNode {
+    /// Joins `room_id` as `localpart` through `via`, a peer already in the room: asks it for a
+    /// join template, signs it, hands it back, then catches up on the room's history.
+    pub async fn join(
+        &self,
+        room_id: &RoomId,
+        localpart: &str,
+        via: PeerId,
+    ) -> Result<OwnedEventId, NodeError> {
+        self.join_with_profile(room_id, localpart, via, Default::default())
+            .await
+    }
+
+    /// [`P2pNode::join`] with the user's profile (`displayname`, `avatar_url`) in the join event.
+    pub async fn join_with_profile(
+        &self,
+        room_id: &RoomId,
+        localpart: &str,
+        via: PeerId,
+        profile: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<OwnedEventId, NodeError> {
+        let user = self.user(localpart);
+        let FedResponse::JoinTemplate {
+            room_id: tpl_room,
+            template,
+        } = self
+            .request(
+                via,
+                FedRequest::MakeJoin {
+                    room_id: room_id.to_owned(),
+                    user_id: user.clone(),
+                },
+            )
+            .await?
+        else {
+            return Err(NodeError::Network("unexpected answer to make_join".into()));
+        };
+        if tpl_room != room_id {
+            return Err(NodeError::Network(
+                "make_join answered for another room".into(),
+            ));
+        }
+        let mut content = serde_json::Value::Object(profile);
+        content["membership"] = json!("join");
+        let rules = rules_for(&template.room_version).ok_or_else(|| {
+            IngestError::UnsupportedRoomVersion(template.room_version.to_string())
+        })?;
+        let (event_id, pdu) = build_signed(
+            &self.shared.identity,
+            &rules,
+            NewEvent {
+                room_id: Some(room_id),
+                sender: &user,
+                kind: "m.room.member",
+                state_key: Some(user.as_str()),
+                content,
+                prev_events: template.prev_events,
+                auth_events: template.auth_events,
+                depth: template.depth,
+                origin_server_ts: now(),
+                redacts: None,
+            },
+        )
+        .map_err(IngestError::BadFormat)?;
+        let pdu = String::from_utf8(pdu).expect("canonical JSON is UTF-8");
+        self.request(via, FedRequest::SendJoin { pdu }).await?;
+        self.catch_up(via, room_id, vec![event_id.clone()]).await?;
+        let answered: Vec<OwnedEventId> = {
+            let mut invites = self.shared.invites.lock().expect("invites lock");
+            let ids = invites
+                .iter()
+                .filter(|i| i.room_id == room_id)
+                .map(|i| i.event_id.clone())
+                .collect();
+            invites.retain(|i| i.room_id != room_id);
+            ids
+        };
+        if !answered.is_empty() {
+            let mut batch = WriteBatch::new();
+            for id in answered {
+                batch.delete(Table::Invites, id.as_bytes());
+            }
+            self.shared.engine.store().write(batch).await?;
+        }
+        Ok(event_id)
+    }
+}

@@ -1,0 +1,118 @@
+//! Local sends: creating rooms, and group commit — queued sends share one durable write, then
+//! go out to the room's servers.
+
+use ruma::{OwnedRoomId, RoomId};
+use tokio::sync::oneshot;
+
+use super::{now, NodeError, P2pNode};
+use crate::engine::create_room::CreateRoom;
+use crate::engine::{LocalEvent, Received};
+use crate::net::rt;
+
+impl P2pNode {
+    /// Creates a room as `localpart` and announces it.
+    pub async fn create_room(
+        &self,
+        localpart: &str,
+        opts: &CreateRoom,
+    ) -> Result<OwnedRoomId, NodeError> {
+        let (room_id, ids) = self
+            .shared
+            .engine
+            .create_room(&self.shared.identity, &self.user(localpart), opts, now())
+            .await?;
+        self.push_events(&room_id, &ids).await;
+        for invitee in &opts.invite {
+            self.deliver_invite(&room_id, invitee).await?;
+        }
+        self.changed();
+        Ok(room_id)
+    }
+
+    /// Sends an event as `localpart`; returns once it is durable here (delivery is in the background).
+    pub async fn send(
+        &self,
+        room_id: &RoomId,
+        localpart: &str,
+        kind: &str,
+        state_key: Option<&str>,
+        content: serde_json::Value,
+    ) -> Result<Received, NodeError> {
+        self.send_with(room_id, localpart, kind, state_key, content, None)
+            .await
+    }
+
+    /// [`P2pNode::send`], plus writes made durable in the same commit as the event.
+    pub async fn send_with(
+        &self,
+        room_id: &RoomId,
+        localpart: &str,
+        kind: &str,
+        state_key: Option<&str>,
+        content: serde_json::Value,
+        also_write: Option<crate::engine::AlsoWrite>,
+    ) -> Result<Received, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        let event = LocalEvent {
+            room_id: room_id.to_owned(),
+            sender: self.user(localpart),
+            kind: kind.to_owned(),
+            state_key: state_key.map(str::to_owned),
+            content,
+            also_write,
+        };
+        self.shared
+            .send_queue
+            .lock()
+            .expect("send queue lock")
+            .push((event, reply));
+        // The commit runs in its own task so that a caller that gives up (a client that hangs
+        // up) cannot strand the other senders whose events share the commit.
+        let node = self.clone();
+        rt::spawn(async move { node.commit_queued_sends().await });
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Group commit: whoever gets the turn signs and stores every queued send in one durable
+    /// write, then answers each sender. Under load one commit carries many events; alone, a send
+    /// commits at once.
+    async fn commit_queued_sends(&self) {
+        let _turn = self.shared.send_turn.lock().await;
+        let jobs = std::mem::take(&mut *self.shared.send_queue.lock().expect("send queue lock"));
+        if jobs.is_empty() {
+            return;
+        }
+        let (events, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
+        match self
+            .shared
+            .engine
+            .send_many(&self.shared.identity, events, now())
+            .await
+        {
+            Err(e) => {
+                tracing::error!(error = %e, "storing local events failed");
+                for reply in replies {
+                    let e = crate::store::StoreError::Backend(e.to_string());
+                    let _ = reply.send(Err(NodeError::Store(e)));
+                }
+            }
+            Ok(results) => {
+                // Pushed per room, in commit order, before anyone is answered.
+                let mut by_room: Vec<(ruma::OwnedRoomId, Vec<ruma::OwnedEventId>)> = Vec::new();
+                for r in results.iter().flatten() {
+                    match by_room.iter_mut().find(|(room, _)| *room == r.room_id) {
+                        Some((_, ids)) => ids.push(r.event_id.clone()),
+                        None => by_room.push((r.room_id.clone(), vec![r.event_id.clone()])),
+                    }
+                }
+                for (room_id, ids) in &by_room {
+                    self.push_events(room_id, ids).await;
+                }
+                for (result, reply) in results.into_iter().zip(replies) {
+                    let _ = reply.send(result.map_err(NodeError::from));
+                }
+                self.changed();
+            }
+        }
+    }
+}
