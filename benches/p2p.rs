@@ -196,6 +196,87 @@ mod native {
         println!("== memory (process RSS, three nodes in one process)");
         println!("before any node: {} MiB; after one idle node: +{} KiB; now, holding a {}-event room on each of three nodes: {} MiB",
             rss_start / 1024, rss_idle.saturating_sub(rss_start), messages(&a, &room).await, rss_kib() / 1024);
+        drop((a, b, c));
+
+        for servers in [2, 10, 100] {
+            fan_out(servers).await;
+        }
+    }
+
+    /// One message from the origin to `servers` other member servers (memory stores, all in
+    /// this process): time to the last durable copy, and the PDU bytes the origin sends.
+    async fn fan_out(servers: usize) {
+        let origin = node(Arc::new(hyphae::store::memory::MemoryStore::new()), &[]).await;
+        let opts = CreateRoom {
+            preset: Preset::PublicChat,
+            ..Default::default()
+        };
+        let room = origin.create_room("alice", &opts).await.unwrap();
+        let mut members = Vec::new();
+        for _ in 0..servers {
+            let m = node(
+                Arc::new(hyphae::store::memory::MemoryStore::new()),
+                &[&origin],
+            )
+            .await;
+            connected(&m, 1).await;
+            m.join(&room, "member", origin.peer_id()).await.unwrap();
+            members.push(m);
+        }
+        let rounds = 20;
+        let mut times = Vec::new();
+        let mut bytes = 0;
+        for i in 0..rounds {
+            let start = Instant::now();
+            let r = origin
+                .send(
+                    &room,
+                    "alice",
+                    "m.room.message",
+                    None,
+                    json!({"msgtype": "m.text", "body": format!("fan-out {i}")}),
+                )
+                .await
+                .unwrap();
+            let pdu_len = origin
+                .engine()
+                .event(&r.event_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .pdu
+                .json
+                .get()
+                .len();
+            bytes += pdu_len * servers;
+            for m in &members {
+                let id = r.event_id.clone();
+                let m2 = m.clone();
+                assert!(
+                    m.wait_until(Duration::from_secs(30), || {
+                        let m2 = m2.clone();
+                        let id = id.clone();
+                        async move { m2.engine().event(&id).await.unwrap().is_some() }
+                    })
+                    .await
+                );
+            }
+            times.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        println!(
+            "== fan-out of one message to {servers} member servers (memory stores, one process)"
+        );
+        println!(
+            "time to the last durable copy p50 {:.2} ms  p99 {:.2} ms; PDU bytes sent by the origin per message {}",
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+            bytes / rounds
+        );
+        for m in &members {
+            m.shutdown().await;
+        }
+        origin.shutdown().await;
     }
 }
 
