@@ -977,3 +977,289 @@ async fn history_visibility_matrix() {
         }
     }
 }
+
+/// Waits until `node` holds `event`.
+async fn holds(node: &P2pNode, event: &str) {
+    let id = ruma::OwnedEventId::try_from(event).unwrap();
+    let found = node
+        .wait_until(Duration::from_secs(30), || {
+            let id = id.clone();
+            async move { node.engine().event(&id).await.ok().flatten().is_some() }
+        })
+        .await;
+    assert!(found, "{} never received {event}", node.server_name());
+}
+
+/// `joined` history across two peers: users of the second peer who joined late see nothing of
+/// what came before; one who left sees nothing after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_history_on_two_peers() {
+    let (a, api_a) = peer(None).await;
+    let (b, api_b) = peer(Some(&a)).await;
+    assert!(b.wait_for_peers(1, Duration::from_secs(10)).await);
+    let alice = register(&api_a, "alice", "pw").await;
+    let bob = register(&api_b, "bob", "pw").await;
+    let carol = register(&api_b, "carol", "pw").await;
+    let room = alice
+        .create_room(json!({
+            "preset": "public_chat",
+            "initial_state": [{
+                "type": "m.room.history_visibility", "state_key": "",
+                "content": {"history_visibility": "joined"},
+            }],
+        }))
+        .await;
+    let m0 = alice.send_text(&room, "t0", "m0").await;
+    let join = format!(
+        "/_matrix/client/v3/join/{}?via={}",
+        common::client::enc(&room),
+        a.server_name()
+    );
+    bob.ok("POST", &join, Some(json!({}))).await;
+    carol.ok("POST", &join, Some(json!({}))).await;
+    let m1 = alice.send_text(&room, "t1", "m1").await;
+    holds(&b, &m1).await;
+    carol
+        .ok("POST", &rooms_path(&room, "leave"), Some(json!({})))
+        .await;
+    let room_id = ruma::OwnedRoomId::try_from(room.as_str()).unwrap();
+    let state = b.engine().current_state(&room_id).await.unwrap().unwrap();
+    let leave = state
+        .get(&("m.room.member".to_owned(), carol.user_id.clone()))
+        .unwrap()
+        .to_string();
+    holds(&a, &leave).await;
+    let m2 = alice.send_text(&room, "t2", "m2").await;
+    holds(&b, &m2).await;
+
+    for (u, want, section) in [(&bob, vec![1, 2], "join"), (&carol, vec![1], "leave")] {
+        let who = &u.user_id;
+        let v = u
+            .ok("GET", &rooms_path(&room, "messages?dir=b&limit=100"), None)
+            .await;
+        assert_eq!(phases_of(&bodies(&v["chunk"])), want, "{who}: /messages");
+        for (phase, id) in [&m0, &m1, &m2].into_iter().enumerate() {
+            let enc_id = common::client::enc(id);
+            let (status, v) = u
+                .call("GET", &rooms_path(&room, &format!("event/{enc_id}")), None)
+                .await;
+            let visible = want.contains(&phase);
+            assert_eq!(
+                status,
+                if visible { 200 } else { 404 },
+                "{who}: /event m{phase}: {v}"
+            );
+            let (status, v) = u
+                .call(
+                    "GET",
+                    &rooms_path(&room, &format!("context/{enc_id}")),
+                    None,
+                )
+                .await;
+            if visible {
+                let mut all = bodies(&v["events_before"]);
+                all.extend(bodies(&json!([v["event"]])));
+                all.extend(bodies(&v["events_after"]));
+                assert_eq!(phases_of(&all), want, "{who}: /context m{phase}");
+            } else {
+                assert_eq!(status, 404, "{who}: /context m{phase}: {v}");
+            }
+        }
+        let v = sync_once(u, None).await;
+        let entry = &v["rooms"][section][&room];
+        assert_eq!(
+            phases_of(&bodies(&entry["timeline"]["events"])),
+            want,
+            "{who}: initial /sync: {v}"
+        );
+    }
+}
+
+/// `m.read.private` receipts reach only their owner: not another user of the same peer, and
+/// never another peer (whose users see the owner's public receipt sent after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_receipt_reaches_only_its_owner() {
+    let (a, api_a) = peer(None).await;
+    let (b, api_b) = peer(Some(&a)).await;
+    assert!(b.wait_for_peers(1, Duration::from_secs(10)).await);
+    let mut alice = register(&api_a, "alice", "pw").await;
+    let mut bob = register(&api_b, "bob", "pw").await;
+    let mut dave = register(&api_b, "dave", "pw").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let join = format!(
+        "/_matrix/client/v3/join/{}?via={}",
+        common::client::enc(&room),
+        a.server_name()
+    );
+    bob.ok("POST", &join, Some(json!({}))).await;
+    dave.ok("POST", &join, Some(json!({}))).await;
+    let m1 = alice.send_text(&room, "t1", "m1").await;
+    let m2 = alice.send_text(&room, "t2", "m2").await;
+    holds(&b, &m2).await;
+    let receipt = |kind: &str, event: &str| {
+        rooms_path(
+            &room,
+            &format!("receipt/{kind}/{}", common::client::enc(event)),
+        )
+    };
+    bob.ok("POST", &receipt("m.read.private", &m1), Some(json!({})))
+        .await;
+    // Then a public one: once another user sees it, they would have seen the private one.
+    bob.ok("POST", &receipt("m.read", &m2), Some(json!({})))
+        .await;
+    let receipts_in = |s: &Value, room: &str| -> Vec<Value> {
+        s["rooms"]["join"][room]["ephemeral"]["events"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|e| e["type"] == "m.receipt")
+                    .map(|e| e["content"].clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let bob_id = bob.user_id.clone();
+    for other in [&mut alice, &mut dave] {
+        let r = room.clone();
+        let mut seen = Vec::new();
+        other
+            .sync_until("bob's public receipt", |s| {
+                let found = receipts_in(s, &r);
+                seen.extend(found.iter().cloned());
+                found
+                    .iter()
+                    .any(|c| c[&m2]["m.read"].get(&bob_id).is_some())
+                    .then_some(())
+            })
+            .await;
+        for c in &seen {
+            assert!(
+                !c.to_string().contains("m.read.private"),
+                "{} saw a private receipt: {c}",
+                other.user_id
+            );
+        }
+        // A fresh sync shows it none either.
+        let fresh = sync_once(other, None).await;
+        assert!(
+            !receipts_in(&fresh, &room)
+                .iter()
+                .any(|c| c.to_string().contains("m.read.private")),
+            "{}: {fresh}",
+            other.user_id
+        );
+    }
+    let r = room.clone();
+    let own = bob
+        .sync_until("bob's own private receipt", |s| {
+            receipts_in(s, &r)
+                .into_iter()
+                .find(|c| c[&m1]["m.read.private"].get(&bob_id).is_some())
+        })
+        .await;
+    assert!(own[&m1]["m.read.private"][&bob_id]["ts"].is_u64());
+}
+
+/// A user's `m.ignored_user_list` hides the ignored users' events, invites and typing from
+/// them, and from nobody else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignored_users_are_hidden() {
+    let (_node, api) = peer(None).await;
+    let alice = register(&api, "alice", "pw").await;
+    let bob = register(&api, "bob", "pw").await;
+    let carol = register(&api, "carol", "pw").await;
+    let room = carol.create_room(json!({"preset": "public_chat"})).await;
+    let join = format!("/_matrix/client/v3/join/{}", common::client::enc(&room));
+    alice.ok("POST", &join, Some(json!({}))).await;
+    bob.ok("POST", &join, Some(json!({}))).await;
+    alice
+        .ok(
+            "PUT",
+            &format!(
+                "/_matrix/client/v3/user/{}/account_data/m.ignored_user_list",
+                common::client::enc(&alice.user_id)
+            ),
+            Some(json!({"ignored_users": {bob.user_id.clone(): {}}})),
+        )
+        .await;
+    let m0 = carol.send_text(&room, "c0", "m0").await;
+    let from_bob = bob.send_text(&room, "b1", "m1").await;
+    let m2 = carol.send_text(&room, "c2", "m2").await;
+    for u in [&bob, &carol] {
+        let typing = rooms_path(
+            &room,
+            &format!("typing/{}", common::client::enc(&u.user_id)),
+        );
+        u.ok(
+            "PUT",
+            &typing,
+            Some(json!({"typing": true, "timeout": 60000})),
+        )
+        .await;
+    }
+    let bobs_room = bob
+        .create_room(json!({"preset": "private_chat", "invite": [alice.user_id]}))
+        .await;
+
+    for (u, want) in [(&alice, vec![0, 2]), (&carol, vec![0, 1, 2])] {
+        let who = &u.user_id;
+        let v = u
+            .ok("GET", &rooms_path(&room, "messages?dir=b&limit=100"), None)
+            .await;
+        assert_eq!(phases_of(&bodies(&v["chunk"])), want, "{who}: /messages");
+        let v = u
+            .ok(
+                "GET",
+                &rooms_path(&room, &format!("context/{}", common::client::enc(&m2))),
+                None,
+            )
+            .await;
+        let mut all = bodies(&v["events_before"]);
+        all.extend(bodies(&json!([v["event"]])));
+        assert_eq!(phases_of(&all), want, "{who}: /context");
+        let (status, _) = u
+            .call(
+                "GET",
+                &rooms_path(&room, &format!("event/{}", common::client::enc(&from_bob))),
+                None,
+            )
+            .await;
+        assert_eq!(
+            status,
+            if want.contains(&1) { 200 } else { 404 },
+            "{who}: /event"
+        );
+        let s = sync_once(u, None).await;
+        let entry = &s["rooms"]["join"][&room];
+        assert_eq!(
+            phases_of(&bodies(&entry["timeline"]["events"])),
+            want,
+            "{who}: /sync"
+        );
+        let typing: Vec<String> = entry["ephemeral"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["type"] == "m.typing")
+            .map(|e| {
+                e["content"]["user_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|u| u.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut typing_want = vec![carol.user_id.clone()];
+        if u.user_id == carol.user_id {
+            typing_want.insert(0, bob.user_id.clone());
+        }
+        assert_eq!(typing, typing_want, "{who}: typing");
+    }
+    let s = sync_once(&alice, None).await;
+    assert!(
+        s["rooms"]["invite"].get(&bobs_room).is_none(),
+        "an invite from an ignored user: {s}"
+    );
+    let _ = m0;
+}
