@@ -221,7 +221,8 @@ impl ClientApi {
             match membership.as_deref() {
                 Some("join" | "leave" | "ban") => {
                     let joined = membership.as_deref() == Some("join");
-                    if !joined && !(changed_membership || (since.is_none() && include_leave)) {
+                    let show_left = changed_membership || (since.is_none() && include_leave);
+                    if !joined && !show_left {
                         continue;
                     }
                     // One reader per room and pass: it reads the user's membership once.
