@@ -494,3 +494,772 @@ async fn concurrent_senders_reach_a_syncing_reader_exactly_once() {
     );
     assert_eq!(seen.len(), 200);
 }
+
+// ---- history visibility ----------------------------------------------------------------------
+
+type Api = InProcess;
+type User<'a> = common::client::Client<'a, Api>;
+
+fn rooms_path(room: &str, rest: &str) -> String {
+    format!(
+        "/_matrix/client/v3/rooms/{}/{rest}",
+        common::client::enc(room)
+    )
+}
+
+/// The `m.room.message` bodies among `events`.
+fn bodies(events: &Value) -> Vec<String> {
+    events
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["type"] == "m.room.message")
+                .map(|e| e["content"]["body"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The phases whose message (`m<phase>`) is among `bodies`, in order.
+fn phases_of(bodies: &[String]) -> Vec<usize> {
+    let mut out: Vec<usize> = bodies
+        .iter()
+        .filter_map(|b| b.strip_prefix('m')?.parse().ok())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The position a token-less backward `/messages` starts at: every event so far is below it.
+async fn position_now(alice: &User<'_>, room: &str) -> String {
+    let v = alice
+        .ok("GET", &rooms_path(room, "messages?dir=b&limit=1"), None)
+        .await;
+    v["start"].as_str().unwrap().to_owned()
+}
+
+const SYNC_FILTER: &str = r#"{"room":{"include_leave":true,"timeline":{"limit":100}}}"#;
+
+/// One `/sync` (initial or since `since`) with room for every event and left rooms included.
+async fn sync_once(user: &User<'_>, since: Option<&str>) -> Value {
+    let mut path = format!(
+        "/_matrix/client/v3/sync?timeout=0&filter={}",
+        common::client::enc(SYNC_FILTER)
+    );
+    if let Some(s) = since {
+        path.push_str(&format!("&since={s}"));
+    }
+    user.ok("GET", &path, None).await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    /// Joined before anything was said.
+    Early,
+    /// Invited in phase 1, joined at the start of phase 2.
+    InvitedThenJoined,
+    /// Joined at the start of phase 2, never invited.
+    Late,
+    /// Joined at the start of phase 2, left at the start of phase 3.
+    Left,
+    /// Joined at the start of phase 2, banned at the start of phase 3.
+    Banned,
+    /// Never had a membership in the room.
+    Never,
+}
+
+const EVERYONE: [Who; 6] = [
+    Who::Early,
+    Who::InvitedThenJoined,
+    Who::Late,
+    Who::Left,
+    Who::Banned,
+    Who::Never,
+];
+
+/// The phases (0: before the invite, 1: between invite and join, 2: after the join, 3: after
+/// the leave or ban) whose events `who` may read under `visibility`.
+fn expected(visibility: &str, who: Who) -> Vec<usize> {
+    use Who::*;
+    match (visibility, who) {
+        (_, Early) => vec![0, 1, 2, 3],
+        ("world_readable" | "shared", InvitedThenJoined | Late | Never) => vec![0, 1, 2, 3],
+        ("world_readable" | "shared", Left | Banned) => vec![0, 1, 2],
+        ("invited", InvitedThenJoined) => vec![1, 2, 3],
+        ("invited" | "joined", InvitedThenJoined | Late)
+            if who == Late || visibility == "joined" =>
+        {
+            vec![2, 3]
+        }
+        ("invited" | "joined", Left | Banned) => vec![2],
+        _ => vec![],
+    }
+}
+
+/// May `who` read the room at all (else every read is `M_FORBIDDEN`)?
+fn may_read(visibility: &str, who: Who) -> bool {
+    who != Who::Never || visibility == "world_readable"
+}
+
+/// The room one visibility value is tested in, with what was sent in each phase.
+struct History {
+    room: String,
+    /// `m<phase>`'s event id, per phase.
+    messages: Vec<String>,
+    /// Reactions: (target phase, phase sent in, key).
+    reactions: Vec<(usize, usize, String)>,
+    /// A `/messages` token at the end of each phase.
+    ends: Vec<String>,
+    /// Each user's sync tokens: before phase 0, and before phase 2 (after the joins).
+    tokens: Vec<(Who, String, String)>,
+}
+
+async fn live_history(alice: &User<'_>, users: &[(Who, &User<'_>)], visibility: &str) -> History {
+    let user = |w: Who| users.iter().find(|(x, _)| *x == w).unwrap().1;
+    let room = alice
+        .create_room(json!({
+            "preset": "public_chat",
+            "initial_state": [{
+                "type": "m.room.history_visibility", "state_key": "",
+                "content": {"history_visibility": visibility},
+            }],
+        }))
+        .await;
+    let join = format!("/_matrix/client/v3/join/{}", common::client::enc(&room));
+    user(Who::Early).ok("POST", &join, Some(json!({}))).await;
+    let mut t0 = Vec::new();
+    for (who, u) in users {
+        t0.push((
+            *who,
+            sync_once(u, None).await["next_batch"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        ));
+    }
+    let mut h = History {
+        room: room.clone(),
+        messages: Vec::new(),
+        reactions: Vec::new(),
+        ends: Vec::new(),
+        tokens: Vec::new(),
+    };
+    let mut txn = 0;
+    let mut t1 = Vec::new();
+    for phase in 0..4 {
+        match phase {
+            1 => {
+                alice
+                    .ok(
+                        "POST",
+                        &rooms_path(&room, "invite"),
+                        Some(json!({"user_id": user(Who::InvitedThenJoined).user_id})),
+                    )
+                    .await;
+            }
+            2 => {
+                for w in [Who::InvitedThenJoined, Who::Late, Who::Left, Who::Banned] {
+                    user(w).ok("POST", &join, Some(json!({}))).await;
+                }
+                for (who, u) in users {
+                    let since = &t0.iter().find(|(w, _)| w == who).unwrap().1;
+                    let v = sync_once(u, Some(since)).await;
+                    t1.push((*who, v["next_batch"].as_str().unwrap().to_owned()));
+                }
+            }
+            3 => {
+                user(Who::Left)
+                    .ok("POST", &rooms_path(&room, "leave"), Some(json!({})))
+                    .await;
+                alice
+                    .ok(
+                        "POST",
+                        &rooms_path(&room, "ban"),
+                        Some(json!({"user_id": user(Who::Banned).user_id})),
+                    )
+                    .await;
+            }
+            _ => {}
+        }
+        txn += 1;
+        let id = alice
+            .send_text(&room, &format!("{visibility}-{txn}"), &format!("m{phase}"))
+            .await;
+        h.messages.push(id);
+        for target in 0..=phase {
+            txn += 1;
+            let key = format!("r{target}{phase}");
+            let path = rooms_path(&room, &format!("send/m.reaction/{visibility}-{txn}"));
+            let content = json!({"m.relates_to": {
+                "rel_type": "m.annotation", "event_id": h.messages[target], "key": key,
+            }});
+            alice.ok("PUT", &path, Some(content)).await;
+            h.reactions.push((target, phase, key));
+        }
+        if phase == 3 {
+            alice
+                .ok(
+                    "PUT",
+                    &rooms_path(&room, "state/m.room.topic"),
+                    Some(json!({"topic": "after the leave"})),
+                )
+                .await;
+        }
+        h.ends.push(position_now(alice, &room).await);
+    }
+    for (who, t) in t0 {
+        let t1 = t1.iter().find(|(w, _)| *w == who).unwrap().1.clone();
+        h.tokens.push((who, t, t1));
+    }
+    h
+}
+
+/// Everything `who` reads of `h`'s room through each endpoint matches `expected`.
+async fn check_reads(h: &History, visibility: &str, who: Who, u: &User<'_>, alice: &User<'_>) {
+    let cell = format!("{visibility} × {who:?}");
+    let want = expected(visibility, who);
+    let room = &h.room;
+    let readable = may_read(visibility, who);
+    let refused = |v: &Value| v["errcode"] == "M_FORBIDDEN";
+
+    // /messages, back from the end.
+    let (status, v) = u
+        .call("GET", &rooms_path(room, "messages?dir=b&limit=100"), None)
+        .await;
+    if readable {
+        assert_eq!(status, 200, "{cell}: /messages {v}");
+        assert_eq!(phases_of(&bodies(&v["chunk"])), want, "{cell}: /messages");
+    } else {
+        assert!(status == 403 && refused(&v), "{cell}: /messages {v}");
+    }
+    // /messages forward from the start.
+    let (status, v) = u
+        .call("GET", &rooms_path(room, "messages?dir=f&limit=100"), None)
+        .await;
+    if readable {
+        assert_eq!(
+            phases_of(&bodies(&v["chunk"])),
+            want,
+            "{cell}: /messages dir=f"
+        );
+    } else {
+        assert_eq!(status, 403, "{cell}: /messages dir=f {v}");
+    }
+
+    for (phase, id) in h.messages.iter().enumerate() {
+        let visible = want.contains(&phase);
+        let enc_id = common::client::enc(id);
+        // /event
+        let (status, v) = u
+            .call("GET", &rooms_path(room, &format!("event/{enc_id}")), None)
+            .await;
+        match (readable, visible) {
+            (false, _) => assert!(status == 403 && refused(&v), "{cell}: /event m{phase} {v}"),
+            (true, true) => {
+                assert_eq!(status, 200, "{cell}: /event m{phase} {v}");
+                assert_eq!(v["content"]["body"], format!("m{phase}"), "{cell}");
+            }
+            (true, false) => assert!(
+                status == 404 && v["errcode"] == "M_NOT_FOUND",
+                "{cell}: /event m{phase} should be hidden: {v}"
+            ),
+        }
+        // /context
+        let (status, v) = u
+            .call(
+                "GET",
+                &rooms_path(room, &format!("context/{enc_id}?limit=100")),
+                None,
+            )
+            .await;
+        match (readable, visible) {
+            (false, _) => assert_eq!(status, 403, "{cell}: /context m{phase} {v}"),
+            (true, true) => {
+                assert_eq!(status, 200, "{cell}: /context m{phase} {v}");
+                let mut all = bodies(&v["events_before"]);
+                all.extend(bodies(&json!([v["event"]])));
+                all.extend(bodies(&v["events_after"]));
+                assert_eq!(phases_of(&all), want, "{cell}: /context around m{phase}");
+                // The state at the last event returned: the topic only if that came after it.
+                let topic_after_leave = v["state"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e["type"] == "m.room.topic");
+                assert_eq!(
+                    topic_after_leave,
+                    want.contains(&3),
+                    "{cell}: /context m{phase} state"
+                );
+            }
+            (true, false) => assert_eq!(status, 404, "{cell}: /context m{phase} {v}"),
+        }
+        // /relations
+        let (status, v) = u
+            .call(
+                "GET",
+                &rooms_path(room, &format!("relations/{enc_id}?limit=100")),
+                None,
+            )
+            .await;
+        match (readable, visible) {
+            (false, _) => assert_eq!(status, 403, "{cell}: /relations m{phase} {v}"),
+            (true, true) => {
+                assert_eq!(status, 200, "{cell}: /relations m{phase} {v}");
+                let mut got: Vec<String> = v["chunk"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| {
+                        e["content"]["m.relates_to"]["key"]
+                            .as_str()
+                            .unwrap()
+                            .to_owned()
+                    })
+                    .collect();
+                got.sort();
+                let mut wanted: Vec<String> = h
+                    .reactions
+                    .iter()
+                    .filter(|(t, sent, _)| *t == phase && want.contains(sent))
+                    .map(|(_, _, k)| k.clone())
+                    .collect();
+                wanted.sort();
+                assert_eq!(got, wanted, "{cell}: /relations of m{phase}");
+            }
+            (true, false) => assert_eq!(status, 404, "{cell}: /relations m{phase} {v}"),
+        }
+    }
+
+    // /members?at= the end of each phase: the state there, if the user may see that point; a
+    // user who left reads the members as of their leave at the latest.
+    let invitee = u.user_id.clone();
+    for (phase, at) in h.ends.iter().enumerate() {
+        let (status, v) = u
+            .call("GET", &rooms_path(room, &format!("members?at={at}")), None)
+            .await;
+        let departed = matches!(who, Who::Left | Who::Banned) && phase == 3;
+        if !readable || !(want.contains(&phase) || departed) {
+            assert!(
+                status == 403 && refused(&v),
+                "{cell}: /members at end of {phase}: {v}"
+            );
+            continue;
+        }
+        assert_eq!(status, 200, "{cell}: /members at end of {phase}: {v}");
+        let membership_of = |user: &str| {
+            v["chunk"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["state_key"] == user)
+                .map(|e| e["content"]["membership"].as_str().unwrap().to_owned())
+        };
+        let own = membership_of(&invitee);
+        let own_want = match (who, phase) {
+            (Who::Never, _) => None,
+            (Who::Early, _) => Some("join"),
+            (Who::InvitedThenJoined, 0) | (Who::Late | Who::Left | Who::Banned, 0 | 1) => None,
+            (Who::InvitedThenJoined, 1) => Some("invite"),
+            (Who::Left, 3) => Some("leave"),
+            (Who::Banned, 3) => Some("ban"),
+            _ => Some("join"),
+        };
+        assert_eq!(
+            own.as_deref(),
+            own_want,
+            "{cell}: own membership at end of {phase}"
+        );
+    }
+
+    // /state: a user who left reads it as of their leave (the topic came after).
+    let (status, v) = u
+        .call("GET", &rooms_path(room, "state/m.room.topic"), None)
+        .await;
+    match (readable, who) {
+        (false, _) => assert_eq!(status, 403, "{cell}: /state {v}"),
+        (true, Who::Left | Who::Banned) => assert_eq!(status, 404, "{cell}: /state {v}"),
+        (true, _) => assert_eq!(v["topic"], "after the leave", "{cell}: /state"),
+    }
+
+    // /sync: initial, and incremental from before phase 0 and from after the joins. A user who
+    // left finds the room under `leave`, up to their leave.
+    let section = if matches!(who, Who::Left | Who::Banned) {
+        "leave"
+    } else {
+        "join"
+    };
+    let other = if section == "join" { "leave" } else { "join" };
+    let (_, t0, t1) = h.tokens.iter().find(|(w, _, _)| *w == who).unwrap();
+    for (what, since, phases) in [
+        ("initial /sync", None, want.clone()),
+        ("/sync since phase 0", Some(t0.as_str()), want.clone()),
+        (
+            "/sync since the joins",
+            Some(t1.as_str()),
+            want.iter().copied().filter(|p| *p >= 2).collect(),
+        ),
+    ] {
+        let v = sync_once(u, since).await;
+        assert!(
+            v["rooms"][other].get(room).is_none(),
+            "{cell}: {what} has the room under {other}: {v}"
+        );
+        let entry = &v["rooms"][section][room];
+        if who == Who::Never {
+            assert!(entry.is_null(), "{cell}: {what} shows the room: {v}");
+            assert!(v["rooms"]["join"].get(room).is_none());
+            continue;
+        }
+        if phases.is_empty() && since.is_some() {
+            // Nothing new the user may see: the room may be left out.
+            if entry.is_null() {
+                continue;
+            }
+        }
+        let timeline = &entry["timeline"]["events"];
+        assert_eq!(
+            phases_of(&bodies(timeline)),
+            phases,
+            "{cell}: {what} timeline"
+        );
+        let topic = timeline
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(entry["state"]["events"].as_array().unwrap())
+            .any(|e| e["type"] == "m.room.topic");
+        assert_eq!(
+            topic,
+            phases.contains(&3),
+            "{cell}: {what}: the topic set after the leave"
+        );
+        if since.is_none() {
+            // Paging back from the timeline finds nothing more of what is hidden.
+            let prev = entry["timeline"]["prev_batch"].as_str().unwrap();
+            let back = u
+                .ok(
+                    "GET",
+                    &rooms_path(room, &format!("messages?dir=b&limit=100&from={prev}")),
+                    None,
+                )
+                .await;
+            let mut all = bodies(&back["chunk"]);
+            all.extend(bodies(timeline));
+            assert_eq!(
+                phases_of(&all),
+                want,
+                "{cell}: timeline and /messages from prev_batch"
+            );
+        }
+    }
+    let _ = alice;
+}
+
+/// Every `history_visibility` value × every kind of user × every reading endpoint, on one peer:
+/// exactly the messages each user may see come back, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_visibility_matrix() {
+    let (_node, api) = peer(None).await;
+    let alice = register(&api, "alice", "pw").await;
+    let mut clients = Vec::new();
+    for who in EVERYONE {
+        clients.push((
+            who,
+            register(&api, &format!("{who:?}").to_lowercase(), "pw").await,
+        ));
+    }
+    let users: Vec<(Who, &User<'_>)> = clients.iter().map(|(w, c)| (*w, c)).collect();
+    for visibility in ["world_readable", "shared", "invited", "joined"] {
+        let h = live_history(&alice, &users, visibility).await;
+        for (who, u) in &users {
+            check_reads(&h, visibility, *who, u, &alice).await;
+        }
+    }
+}
+
+/// Waits until `node` holds `event`.
+async fn holds(node: &P2pNode, event: &str) {
+    let id = ruma::OwnedEventId::try_from(event).unwrap();
+    let found = node
+        .wait_until(Duration::from_secs(30), || {
+            let id = id.clone();
+            async move { node.engine().event(&id).await.ok().flatten().is_some() }
+        })
+        .await;
+    assert!(found, "{} never received {event}", node.server_name());
+}
+
+/// `joined` history across two peers: users of the second peer who joined late see nothing of
+/// what came before; one who left sees nothing after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_history_on_two_peers() {
+    let (a, api_a) = peer(None).await;
+    let (b, api_b) = peer(Some(&a)).await;
+    assert!(b.wait_for_peers(1, Duration::from_secs(10)).await);
+    let alice = register(&api_a, "alice", "pw").await;
+    let bob = register(&api_b, "bob", "pw").await;
+    let carol = register(&api_b, "carol", "pw").await;
+    let room = alice
+        .create_room(json!({
+            "preset": "public_chat",
+            "initial_state": [{
+                "type": "m.room.history_visibility", "state_key": "",
+                "content": {"history_visibility": "joined"},
+            }],
+        }))
+        .await;
+    let m0 = alice.send_text(&room, "t0", "m0").await;
+    let join = format!(
+        "/_matrix/client/v3/join/{}?via={}",
+        common::client::enc(&room),
+        a.server_name()
+    );
+    bob.ok("POST", &join, Some(json!({}))).await;
+    carol.ok("POST", &join, Some(json!({}))).await;
+    let m1 = alice.send_text(&room, "t1", "m1").await;
+    holds(&b, &m1).await;
+    carol
+        .ok("POST", &rooms_path(&room, "leave"), Some(json!({})))
+        .await;
+    let room_id = ruma::OwnedRoomId::try_from(room.as_str()).unwrap();
+    let state = b.engine().current_state(&room_id).await.unwrap().unwrap();
+    let leave = state
+        .get(&("m.room.member".to_owned(), carol.user_id.clone()))
+        .unwrap()
+        .to_string();
+    holds(&a, &leave).await;
+    let m2 = alice.send_text(&room, "t2", "m2").await;
+    holds(&b, &m2).await;
+
+    for (u, want, section) in [(&bob, vec![1, 2], "join"), (&carol, vec![1], "leave")] {
+        let who = &u.user_id;
+        let v = u
+            .ok("GET", &rooms_path(&room, "messages?dir=b&limit=100"), None)
+            .await;
+        assert_eq!(phases_of(&bodies(&v["chunk"])), want, "{who}: /messages");
+        for (phase, id) in [&m0, &m1, &m2].into_iter().enumerate() {
+            let enc_id = common::client::enc(id);
+            let (status, v) = u
+                .call("GET", &rooms_path(&room, &format!("event/{enc_id}")), None)
+                .await;
+            let visible = want.contains(&phase);
+            assert_eq!(
+                status,
+                if visible { 200 } else { 404 },
+                "{who}: /event m{phase}: {v}"
+            );
+            let (status, v) = u
+                .call(
+                    "GET",
+                    &rooms_path(&room, &format!("context/{enc_id}")),
+                    None,
+                )
+                .await;
+            if visible {
+                let mut all = bodies(&v["events_before"]);
+                all.extend(bodies(&json!([v["event"]])));
+                all.extend(bodies(&v["events_after"]));
+                assert_eq!(phases_of(&all), want, "{who}: /context m{phase}");
+            } else {
+                assert_eq!(status, 404, "{who}: /context m{phase}: {v}");
+            }
+        }
+        let v = sync_once(u, None).await;
+        let entry = &v["rooms"][section][&room];
+        assert_eq!(
+            phases_of(&bodies(&entry["timeline"]["events"])),
+            want,
+            "{who}: initial /sync: {v}"
+        );
+    }
+}
+
+/// `m.read.private` receipts reach only their owner: not another user of the same peer, and
+/// never another peer (whose users see the owner's public receipt sent after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_receipt_reaches_only_its_owner() {
+    let (a, api_a) = peer(None).await;
+    let (b, api_b) = peer(Some(&a)).await;
+    assert!(b.wait_for_peers(1, Duration::from_secs(10)).await);
+    let mut alice = register(&api_a, "alice", "pw").await;
+    let mut bob = register(&api_b, "bob", "pw").await;
+    let mut dave = register(&api_b, "dave", "pw").await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+    let join = format!(
+        "/_matrix/client/v3/join/{}?via={}",
+        common::client::enc(&room),
+        a.server_name()
+    );
+    bob.ok("POST", &join, Some(json!({}))).await;
+    dave.ok("POST", &join, Some(json!({}))).await;
+    let m1 = alice.send_text(&room, "t1", "m1").await;
+    let m2 = alice.send_text(&room, "t2", "m2").await;
+    holds(&b, &m2).await;
+    let receipt = |kind: &str, event: &str| {
+        rooms_path(
+            &room,
+            &format!("receipt/{kind}/{}", common::client::enc(event)),
+        )
+    };
+    bob.ok("POST", &receipt("m.read.private", &m1), Some(json!({})))
+        .await;
+    // Then a public one: once another user sees it, they would have seen the private one.
+    bob.ok("POST", &receipt("m.read", &m2), Some(json!({})))
+        .await;
+    let receipts_in = |s: &Value, room: &str| -> Vec<Value> {
+        s["rooms"]["join"][room]["ephemeral"]["events"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|e| e["type"] == "m.receipt")
+                    .map(|e| e["content"].clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let bob_id = bob.user_id.clone();
+    for other in [&mut alice, &mut dave] {
+        let r = room.clone();
+        let mut seen = Vec::new();
+        other
+            .sync_until("bob's public receipt", |s| {
+                let found = receipts_in(s, &r);
+                seen.extend(found.iter().cloned());
+                found
+                    .iter()
+                    .any(|c| c[&m2]["m.read"].get(&bob_id).is_some())
+                    .then_some(())
+            })
+            .await;
+        for c in &seen {
+            assert!(
+                !c.to_string().contains("m.read.private"),
+                "{} saw a private receipt: {c}",
+                other.user_id
+            );
+        }
+        // A fresh sync shows it none either.
+        let fresh = sync_once(other, None).await;
+        assert!(
+            !receipts_in(&fresh, &room)
+                .iter()
+                .any(|c| c.to_string().contains("m.read.private")),
+            "{}: {fresh}",
+            other.user_id
+        );
+    }
+    let r = room.clone();
+    let own = bob
+        .sync_until("bob's own private receipt", |s| {
+            receipts_in(s, &r)
+                .into_iter()
+                .find(|c| c[&m1]["m.read.private"].get(&bob_id).is_some())
+        })
+        .await;
+    assert!(own[&m1]["m.read.private"][&bob_id]["ts"].is_u64());
+}
+
+/// A user's `m.ignored_user_list` hides the ignored users' events, invites and typing from
+/// them, and from nobody else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignored_users_are_hidden() {
+    let (_node, api) = peer(None).await;
+    let alice = register(&api, "alice", "pw").await;
+    let bob = register(&api, "bob", "pw").await;
+    let carol = register(&api, "carol", "pw").await;
+    let room = carol.create_room(json!({"preset": "public_chat"})).await;
+    let join = format!("/_matrix/client/v3/join/{}", common::client::enc(&room));
+    alice.ok("POST", &join, Some(json!({}))).await;
+    bob.ok("POST", &join, Some(json!({}))).await;
+    alice
+        .ok(
+            "PUT",
+            &format!(
+                "/_matrix/client/v3/user/{}/account_data/m.ignored_user_list",
+                common::client::enc(&alice.user_id)
+            ),
+            Some(json!({"ignored_users": {bob.user_id.clone(): {}}})),
+        )
+        .await;
+    let m0 = carol.send_text(&room, "c0", "m0").await;
+    let from_bob = bob.send_text(&room, "b1", "m1").await;
+    let m2 = carol.send_text(&room, "c2", "m2").await;
+    for u in [&bob, &carol] {
+        let typing = rooms_path(
+            &room,
+            &format!("typing/{}", common::client::enc(&u.user_id)),
+        );
+        u.ok(
+            "PUT",
+            &typing,
+            Some(json!({"typing": true, "timeout": 60000})),
+        )
+        .await;
+    }
+    let bobs_room = bob
+        .create_room(json!({"preset": "private_chat", "invite": [alice.user_id]}))
+        .await;
+
+    for (u, want) in [(&alice, vec![0, 2]), (&carol, vec![0, 1, 2])] {
+        let who = &u.user_id;
+        let v = u
+            .ok("GET", &rooms_path(&room, "messages?dir=b&limit=100"), None)
+            .await;
+        assert_eq!(phases_of(&bodies(&v["chunk"])), want, "{who}: /messages");
+        let v = u
+            .ok(
+                "GET",
+                &rooms_path(&room, &format!("context/{}", common::client::enc(&m2))),
+                None,
+            )
+            .await;
+        let mut all = bodies(&v["events_before"]);
+        all.extend(bodies(&json!([v["event"]])));
+        assert_eq!(phases_of(&all), want, "{who}: /context");
+        let (status, _) = u
+            .call(
+                "GET",
+                &rooms_path(&room, &format!("event/{}", common::client::enc(&from_bob))),
+                None,
+            )
+            .await;
+        assert_eq!(
+            status,
+            if want.contains(&1) { 200 } else { 404 },
+            "{who}: /event"
+        );
+        let s = sync_once(u, None).await;
+        let entry = &s["rooms"]["join"][&room];
+        assert_eq!(
+            phases_of(&bodies(&entry["timeline"]["events"])),
+            want,
+            "{who}: /sync"
+        );
+        let typing: Vec<String> = entry["ephemeral"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["type"] == "m.typing")
+            .map(|e| {
+                e["content"]["user_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|u| u.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut typing_want = vec![carol.user_id.clone()];
+        if u.user_id == carol.user_id {
+            typing_want.insert(0, bob.user_id.clone());
+        }
+        assert_eq!(typing, typing_want, "{who}: typing");
+    }
+    let s = sync_once(&alice, None).await;
+    assert!(
+        s["rooms"]["invite"].get(&bobs_room).is_none(),
+        "an invite from an ignored user: {s}"
+    );
+    let _ = m0;
+}

@@ -367,7 +367,7 @@ async fn a_killed_node_restarts_from_its_data_dir_and_catches_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malicious_peer_is_refused_and_throttled_while_honest_traffic_flows() {
-    use hyphae::net::protocol::{FedErrorCode, FedRequest, FedResponse};
+    use hyphae::net::protocol::{FedErrorCode, FedRequest};
     let a = node(&[]).await;
     let b = node(&[&a]).await;
     let m = node(&[&a]).await;

@@ -14,6 +14,7 @@ mod rooms;
 pub mod server;
 mod sync;
 mod user_data;
+mod visibility;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

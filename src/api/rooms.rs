@@ -9,12 +9,22 @@ use super::accounts::Session;
 use super::error::{ApiError, ApiResult};
 use super::events::{format_event, membership_of};
 use super::sync::{parse_position, EventFilter};
+use super::visibility::Reader;
 use super::{body_object, now, ok, parse, required_str, ApiRequest, ApiResponse, ClientApi};
 use crate::engine::create_room::{CreateRoom, Preset};
 use crate::engine::pdu::StoredEvent;
 use crate::engine::SortedState;
 use crate::identity::ServerName;
 use crate::store::Direction;
+
+/// A run of timeline events a reader may see, and where reading stopped.
+struct VisiblePage {
+    events: Vec<std::sync::Arc<StoredEvent>>,
+    /// The token position to read on from.
+    cursor: u64,
+    /// The timeline (or the reader's part of it) ends here.
+    exhausted: bool,
+}
 
 pub fn room_id(s: &str) -> ApiResult<OwnedRoomId> {
     OwnedRoomId::try_from(s).map_err(|e| ApiError::invalid_param(format!("bad room id: {e}")))
@@ -72,15 +82,11 @@ impl ClientApi {
         }
     }
 
-    /// Refuses unless `user` is or was in `room` (members keep reading what they saw).
-    async fn require_member_once(&self, room: &RoomId, user: &UserId) -> ApiResult<SortedState> {
-        let state = self
-            .state_of(room)
-            .await
-            .map_err(|_| ApiError::forbidden("you are not in that room"))?;
-        match self.membership(&state, user).await?.as_deref() {
-            Some("join" | "leave" | "ban") => Ok(state),
-            _ => Err(ApiError::forbidden("you are not in that room")),
+    /// The room's state as `reader` may read it now (for a user who left: as of their leave).
+    async fn reader_state(&self, reader: &Reader<'_>, room: &RoomId) -> ApiResult<SortedState> {
+        match reader.state(room).await? {
+            Some(state) => Ok(state),
+            None => self.state_of(room).await,
         }
     }
 
@@ -435,7 +441,8 @@ impl ClientApi {
         which: Option<(&str, &str)>,
     ) -> ApiResult<ApiResponse> {
         let room = room_id(room)?;
-        let state = self.require_member_once(&room, &s.user_id).await?;
+        let reader = self.room_reader(&room, &s.user_id).await?;
+        let state = self.reader_state(&reader, &room).await?;
         let engine = self.node.engine();
         match which {
             Some((kind, key)) => {
@@ -470,13 +477,14 @@ impl ClientApi {
     ) -> ApiResult<ApiResponse> {
         let room = room_id(room)?;
         let event = event_id(event)?;
-        self.require_member_once(&room, &s.user_id).await?;
-        let ev = self.visible_event(&room, &event).await?;
+        let reader = self.room_reader(&room, &s.user_id).await?;
+        let ev = self.visible_event(&reader, &room, &event).await?;
         let txn = self.data.txn_of(s, &ev).await?;
         ok(format_event(self.node.engine(), &ev, txn, now()).await?)
     }
 
-    async fn visible_event(
+    /// `event` if it is in `room`'s timeline, else `M_NOT_FOUND`.
+    async fn timeline_event(
         &self,
         room: &RoomId,
         event: &ruma::EventId,
@@ -485,6 +493,21 @@ impl ClientApi {
             Some(ev) if ev.pdu.room_id == room && ev.stream.is_some() => Ok(ev),
             _ => Err(ApiError::not_found("no such event in that room")),
         }
+    }
+
+    /// `event` if `reader` may see it, else `M_NOT_FOUND` (as for an unknown event: a user is
+    /// not told what exists where they may not look).
+    async fn visible_event(
+        &self,
+        reader: &Reader<'_>,
+        room: &RoomId,
+        event: &ruma::EventId,
+    ) -> ApiResult<std::sync::Arc<StoredEvent>> {
+        let ev = self.timeline_event(room, event).await?;
+        if !reader.may_see(&ev).await? {
+            return Err(ApiError::not_found("no such event in that room"));
+        }
+        Ok(ev)
     }
 
     pub(super) async fn context(
@@ -503,28 +526,29 @@ impl ClientApi {
             .map_err(|_| ApiError::invalid_param("limit must be a number"))?
             .unwrap_or(10)
             .min(100);
-        let state = self.require_member_once(&room, &s.user_id).await?;
-        let ev = self.visible_event(&room, &event).await?;
+        let reader = self.room_reader(&room, &s.user_id).await?;
+        let ev = self.visible_event(&reader, &room, &event).await?;
         let stream = ev.stream.expect("visible events are in the timeline");
         let engine = self.node.engine();
         let before_n = limit / 2;
         let after_n = limit - before_n;
-        let before = engine
-            .timeline(&room, Some(stream), Direction::Backward, before_n)
-            .await?;
-        let after = engine
-            .timeline(&room, Some(stream), Direction::Forward, after_n)
-            .await?;
+        let all = EventFilter::default();
+        let (before, after) = futures::try_join!(
+            self.read_visible(&reader, &room, stream, true, before_n, None, &all),
+            self.read_visible(&reader, &room, stream + 1, false, after_n, None, &all),
+        )?;
+        let (start, end) = (before.cursor, after.cursor);
+        let (before, after) = (before.events, after.events);
         let fmt = self
             .client_format_all(s, before.iter().chain(after.iter()).map(|e| e.as_ref()))
             .await?;
         let (before_fmt, after_fmt) = fmt.split_at(before.len());
-        let start = before.last().and_then(|e| e.stream).unwrap_or(stream);
-        let end = after
-            .last()
-            .and_then(|e| e.stream)
-            .map(|s| s + 1)
-            .unwrap_or(stream + 1);
+        // The state at the last event returned, as the spec says.
+        let last = after.last().unwrap_or(&ev);
+        let state = engine
+            .state_after(&last.pdu.event_id)
+            .await?
+            .unwrap_or_default();
         let mut state_events = Vec::new();
         for id in state.values() {
             if let Some(e) = engine.event(id).await? {
@@ -572,7 +596,7 @@ impl ClientApi {
             return ok(json!({ "event_id": id }));
         }
         self.require_joined(&r.room_id, &s.user_id).await?;
-        let target = self.visible_event(&r.room_id, &r.event_id).await?;
+        let target = self.timeline_event(&r.room_id, &r.event_id).await?;
         if target.pdu.sender != s.user_id {
             let state = self.state_of(&r.room_id).await?;
             let engine = self.node.engine();
@@ -603,7 +627,29 @@ impl ClientApi {
     ) -> ApiResult<ApiResponse> {
         let room = room_id(room)?;
         let q = super::url_query(req.uri().query().unwrap_or(""));
-        let state = self.require_member_once(&room, &s.user_id).await?;
+        let reader = self.room_reader(&room, &s.user_id).await?;
+        let state = match q.get("at") {
+            Some(at) => {
+                // The members as of a token: refused if the user may not see the room there; a
+                // user who left reads them as of their leave at the latest.
+                let pos = reader.bound(parse_position(at)?);
+                let last = reader
+                    .last_below(&room, pos)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("the room has no events before that"))?;
+                if !reader.may_see_history(&last).await? {
+                    return Err(ApiError::forbidden(
+                        "you may not see the room's members at that point",
+                    ));
+                }
+                self.node
+                    .engine()
+                    .state_after(&last.pdu.event_id)
+                    .await?
+                    .unwrap_or_default()
+            }
+            None => self.reader_state(&reader, &room).await?,
+        };
         let engine = self.node.engine();
         let mut out = Vec::new();
         for ((kind, _), id) in &state {
@@ -674,7 +720,7 @@ impl ClientApi {
     ) -> ApiResult<ApiResponse> {
         use ruma::api::client::message::get_message_events::v3::Request;
         let r: Request = parse(req, &[room])?;
-        self.require_member_once(&r.room_id, &s.user_id).await?;
+        let reader = self.room_reader(&r.room_id, &s.user_id).await?;
         let filter = EventFilter::from_value(
             &serde_json::to_value(&r.filter).map_err(|e| ApiError::bad_json(e.to_string()))?,
         );
@@ -688,19 +734,51 @@ impl ClientApi {
             None => 0,
         };
         let to = r.to.as_deref().map(parse_position).transpose()?;
-        let mut chunk = Vec::new();
-        let mut cursor = from;
+        let page = self
+            .read_visible(&reader, &r.room_id, from, backward, limit, to, &filter)
+            .await?;
+        let chunk = self
+            .client_format_all(s, page.events.iter().map(|e| e.as_ref()))
+            .await?;
+        let mut out = json!({
+            "chunk": chunk,
+            "start": format!("t{from}"),
+        });
+        if !page.exhausted {
+            out["end"] = format!("t{}", page.cursor).into();
+        }
+        ok(out)
+    }
+
+    /// Up to `limit` events of the room's timeline that match `filter` and that `reader` may
+    /// see, from position `from` (exclusive bounds: backward reads below it, forward from it)
+    /// towards `to`. Hidden and filtered-out events still advance the cursor.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_visible(
+        &self,
+        reader: &Reader<'_>,
+        room: &RoomId,
+        from: u64,
+        backward: bool,
+        limit: usize,
+        to: Option<u64>,
+        filter: &EventFilter,
+    ) -> ApiResult<VisiblePage> {
+        let engine = self.node.engine();
+        // A user who left reads nothing after their leave.
+        let upper = reader.bound(u64::MAX);
+        let mut cursor = if backward { reader.bound(from) } else { from };
+        let mut events = Vec::new();
         let mut exhausted = false;
-        // Filtered-out events still advance the cursor; read in pages until the chunk is full.
-        while chunk.len() < limit && !exhausted {
+        while events.len() < limit && !exhausted {
             let page = if backward {
                 engine
-                    .timeline(&r.room_id, Some(cursor), Direction::Backward, limit)
+                    .timeline(room, Some(cursor), Direction::Backward, limit)
                     .await?
             } else {
                 engine
                     .timeline(
-                        &r.room_id,
+                        room,
                         Some(cursor.saturating_sub(1)),
                         Direction::Forward,
                         limit,
@@ -715,30 +793,24 @@ impl ClientApi {
                     (Some(t), false) => pos >= t,
                     _ => false,
                 };
-                if past_to {
+                if past_to || (!backward && pos >= upper) {
                     exhausted = true;
                     break;
                 }
                 cursor = if backward { pos } else { pos + 1 };
-                if filter.matches(&ev) {
-                    chunk.push(ev);
-                    if chunk.len() == limit {
+                if filter.matches(&ev) && reader.may_see(&ev).await? {
+                    events.push(ev);
+                    if events.len() == limit {
                         break;
                     }
                 }
             }
         }
-        let chunk = self
-            .client_format_all(s, chunk.iter().map(|e| e.as_ref()))
-            .await?;
-        let mut out = json!({
-            "chunk": chunk,
-            "start": format!("t{from}"),
-        });
-        if !exhausted {
-            out["end"] = format!("t{cursor}").into();
-        }
-        ok(out)
+        Ok(VisiblePage {
+            events,
+            cursor,
+            exhausted,
+        })
     }
 
     pub(super) async fn relations(
@@ -751,8 +823,8 @@ impl ClientApi {
     ) -> ApiResult<ApiResponse> {
         let room = room_id(room)?;
         let event = event_id(event)?;
-        self.require_member_once(&room, &s.user_id).await?;
-        self.visible_event(&room, &event).await?;
+        let reader = self.room_reader(&room, &s.user_id).await?;
+        self.visible_event(&reader, &room, &event).await?;
         let q = super::url_query(req.uri().query().unwrap_or(""));
         let limit = q
             .get("limit")
@@ -772,6 +844,7 @@ impl ClientApi {
             let rel = &c["m.relates_to"];
             if rel_type.is_some_and(|t| rel["rel_type"].as_str() != Some(t))
                 || event_type.is_some_and(|t| ev.pdu.kind.to_string() != t)
+                || !reader.may_see(&ev).await?
             {
                 continue;
             }

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use super::accounts::Session;
 use super::error::{ApiError, ApiResult};
 use super::events::{membership_of, stripped};
+use super::visibility::Reader;
 use super::{
     now, ok, parse, ApiRequest, ApiResponse, ClientApi, Duration, Instant, MAX_SYNC_TIMEOUT,
 };
@@ -27,6 +28,9 @@ use crate::store::Direction;
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
 /// How far back unread counts look.
 const UNREAD_SCAN_LIMIT: usize = 100;
+/// Timeline events a user may not see that one room's sync timeline skips before it stops
+/// looking further back (and marks the timeline limited).
+const MAX_HIDDEN_SCAN: usize = 200;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct SyncToken {
@@ -185,10 +189,11 @@ impl ClientApi {
         let timeline_filter = EventFilter::from_value(&room_filter["timeline"]);
         let lazy_members = EventFilter::from_value(&room_filter["state"]).lazy_load_members;
         let include_leave = room_filter["include_leave"].as_bool().unwrap_or(false);
-        let (account, rooms) = futures::try_join!(
+        let (account, rooms, ignored) = futures::try_join!(
             self.data
                 .account_data_since(&s.user_id, from.client, next.client),
             async { Ok(engine.rooms().await?) },
+            self.ignored_users(&s.user_id),
         )?;
 
         let mut join = serde_json::Map::new();
@@ -212,14 +217,25 @@ impl ClientApi {
                 continue;
             }
             let changed_membership = since.is_some() && member_pos >= from.events;
-            match membership_of(&member).as_deref() {
-                Some("join") => {
-                    let fresh = since.is_none() || full_state || changed_membership;
+            let membership = membership_of(&member);
+            match membership.as_deref() {
+                Some("join" | "leave" | "ban") => {
+                    let joined = membership.as_deref() == Some("join");
+                    let show_left = changed_membership || (since.is_none() && include_leave);
+                    if !joined && !show_left {
+                        continue;
+                    }
+                    // One reader per room and pass: it reads the user's membership once.
+                    let reader =
+                        Reader::new(engine, &room, &s.user_id, Some(&member), ignored.clone())
+                            .await?;
+                    let fresh = since.is_none() || full_state || (joined && changed_membership);
                     let entry = self
-                        .joined_room(
+                        .room_entry(
                             s,
                             &room,
                             &state,
+                            &reader,
                             (from, next),
                             fresh,
                             &timeline_filter,
@@ -227,23 +243,23 @@ impl ClientApi {
                             &account,
                         )
                         .await?;
-                    if let Some(entry) = entry {
-                        join.insert(room.to_string(), entry);
+                    match entry {
+                        Some(entry) if joined => {
+                            join.insert(room.to_string(), entry);
+                        }
+                        Some(entry) => {
+                            leave.insert(room.to_string(), entry);
+                        }
+                        None => {}
                     }
                 }
-                Some("invite") if since.is_none() || changed_membership => {
+                Some("invite")
+                    if (since.is_none() || changed_membership)
+                        && !ignored.contains(&member.pdu.sender) =>
+                {
                     invite.insert(
                         room.to_string(),
                         json!({"invite_state": {"events": self.invite_state(&state, &member).await?}}),
-                    );
-                }
-                Some("leave" | "ban")
-                    if changed_membership || (since.is_none() && include_leave) =>
-                {
-                    let event = self.client_format(s, &member).await?;
-                    leave.insert(
-                        room.to_string(),
-                        json!({"timeline": {"events": [event], "limited": false}, "state": {"events": []}}),
                     );
                 }
                 _ => {}
@@ -251,7 +267,10 @@ impl ClientApi {
         }
         // Invites to rooms this peer does not hold yet, handed over by the inviter's peer.
         for inv in self.node.invites() {
-            if inv.invitee != s.user_id || known_rooms.contains(&inv.room_id) {
+            if inv.invitee != s.user_id
+                || known_rooms.contains(&inv.room_id)
+                || ignored.contains(&inv.sender)
+            {
                 continue;
             }
             let seen = self
@@ -321,13 +340,15 @@ impl ClientApi {
         Ok(Delta { body, empty })
     }
 
-    /// A joined room's part of a sync response, or `None` if nothing changed in it.
+    /// A room's part of a sync response — joined, or left (then up to the user's leave, with no
+    /// ephemeral events or counts) — or `None` if nothing changed in it.
     #[allow(clippy::too_many_arguments)]
-    async fn joined_room(
+    async fn room_entry(
         &self,
         s: &Session,
         room: &RoomId,
         state: &SortedState,
+        reader: &Reader<'_>,
         (from, next): (SyncToken, SyncToken),
         fresh: bool,
         filter: &EventFilter,
@@ -335,22 +356,25 @@ impl ClientApi {
         account: &[(Option<String>, String, Value)],
     ) -> ApiResult<Option<Value>> {
         let engine = self.node.engine();
+        let joined = reader.until().is_none();
         let limit = filter
             .limit
             .unwrap_or(DEFAULT_TIMELINE_LIMIT)
             .clamp(1, 1000);
         let lower = if fresh { 0 } else { from.events };
-        // Newest first (below this pass's position), until the limit or the previous sync's
-        // position.
+        let upper = reader.bound(next.events);
+        // Newest first (below this pass's position, and a left user's leave), until the limit
+        // or the previous sync's position; only what the user may see.
         let mut timeline: Vec<Arc<StoredEvent>> = Vec::new();
-        let mut cursor = Some(next.events);
+        let mut cursor = Some(upper);
         let mut limited = false;
+        let mut hidden = 0;
         // An incremental pass rarely has more than a few new events: reading `limit` index
         // entries each time would cost an IndexedDB cursor step apiece in the tab.
         let page_size = if fresh {
             limit
         } else {
-            let in_range = usize::try_from(next.events.saturating_sub(lower)).unwrap_or(usize::MAX);
+            let in_range = usize::try_from(upper.saturating_sub(lower)).unwrap_or(usize::MAX);
             limit.min(in_range.saturating_add(1)).max(1)
         };
         'pages: loop {
@@ -364,32 +388,49 @@ impl ClientApi {
                     break 'pages;
                 }
                 cursor = Some(pos);
-                if filter.matches(&ev) {
-                    if timeline.len() == limit {
+                if !filter.matches(&ev) {
+                    continue;
+                }
+                if !reader.may_see(&ev).await? {
+                    // Much history the user may not see (they joined late): stop looking; the
+                    // client pages on with `/messages`, which filters the same way.
+                    hidden += 1;
+                    if hidden > MAX_HIDDEN_SCAN {
                         limited = true;
                         break 'pages;
                     }
-                    timeline.push(ev);
+                    continue;
                 }
+                if timeline.len() == limit {
+                    limited = true;
+                    break 'pages;
+                }
+                timeline.push(ev);
             }
             if exhausted {
                 break;
             }
         }
         timeline.reverse();
-        let first_pos = timeline.first().and_then(|e| e.stream);
+        let first_pos = timeline.first().and_then(|e| e.stream).or(cursor);
 
         // State up to the start of the timeline: all of it for a fresh room, else what changed
         // in the gap a limited timeline skipped.
         let mut state_events = Vec::new();
         if fresh || limited {
             let at_start = match timeline.first() {
-                Some(first) => engine
-                    .state_before(&first.pdu.event_id)
-                    .await?
-                    .unwrap_or_else(|| state.clone()),
-                None => state.clone(),
-            };
+                Some(first) => engine.state_before(&first.pdu.event_id).await?,
+                None if joined => None,
+                None => reader.state(room).await?,
+            }
+            // A left user is never handed the room's current state.
+            .unwrap_or_else(|| {
+                if joined {
+                    state.clone()
+                } else {
+                    SortedState::new()
+                }
+            });
             let senders: HashSet<String> = timeline
                 .iter()
                 .map(|e| e.pdu.sender.to_string())
@@ -409,24 +450,37 @@ impl ClientApi {
             }
         }
 
+        let room_account: Vec<Value> = account
+            .iter()
+            .filter(|(r, _, _)| r.as_deref() == Some(room.as_str()))
+            .map(|(_, kind, content)| json!({"type": kind, "content": content}))
+            .collect();
+        let prev_batch = format!("t{}", first_pos.unwrap_or(from.events.max(1)));
+        if !joined {
+            let events = self
+                .client_format_all(s, timeline.iter().map(|e| e.as_ref()))
+                .await?;
+            return Ok(Some(json!({
+                "timeline": {"events": events, "limited": limited, "prev_batch": prev_batch},
+                "state": {"events": state_events},
+                "account_data": {"events": room_account},
+            })));
+        }
+
         let mut ephemeral = Vec::new();
-        let (typing_serial, typing_users) = self.typing_in(room);
+        let (typing_serial, mut typing_users) = self.typing_in(room);
+        typing_users.retain(|u| !reader.ignores(u));
         if typing_serial > from.typing || (fresh && !typing_users.is_empty()) {
             ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": typing_users}}));
         }
         let receipts_from = if fresh { 0 } else { from.client };
         if let Some(content) = self
             .data
-            .receipts_since(room, receipts_from, next.client)
+            .receipts_since(room, receipts_from, next.client, &s.user_id)
             .await?
         {
             ephemeral.push(json!({"type": "m.receipt", "content": content}));
         }
-        let room_account: Vec<Value> = account
-            .iter()
-            .filter(|(r, _, _)| r.as_deref() == Some(room.as_str()))
-            .map(|(_, kind, content)| json!({"type": kind, "content": content}))
-            .collect();
 
         if timeline.is_empty()
             && state_events.is_empty()
@@ -439,9 +493,8 @@ impl ClientApi {
         let (events, summary, unread) = futures::try_join!(
             self.client_format_all(s, timeline.iter().map(|e| e.as_ref())),
             self.summary(state, s),
-            self.unread_count(room, s),
+            self.unread_count(room, s, reader),
         )?;
-        let prev_batch = format!("t{}", first_pos.unwrap_or(from.events.max(1)));
         Ok(Some(json!({
             "timeline": {"events": events, "limited": limited, "prev_batch": prev_batch},
             "state": {"events": state_events},
@@ -483,7 +536,12 @@ impl ClientApi {
     }
 
     /// Messages from others after the user's read receipt (looking back a bounded distance).
-    async fn unread_count(&self, room: &RoomId, s: &Session) -> ApiResult<u64> {
+    async fn unread_count(
+        &self,
+        room: &RoomId,
+        s: &Session,
+        reader: &Reader<'_>,
+    ) -> ApiResult<u64> {
         let read = self.data.receipt_of(room, &s.user_id).await?;
         let mut n = 0;
         let mut scanned = 0;
@@ -505,7 +563,9 @@ impl ClientApi {
                     break 'scan;
                 }
                 let kind = ev.pdu.kind.to_string();
-                if kind == "m.room.message" || kind == "m.room.encrypted" {
+                if (kind == "m.room.message" || kind == "m.room.encrypted")
+                    && reader.may_see(&ev).await?
+                {
                     n += 1;
                 }
             }

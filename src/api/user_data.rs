@@ -24,6 +24,8 @@ use crate::engine::pdu::StoredEvent;
 use crate::store::{Direction, Entry, KeyRange, SharedStore, Table, WriteBatch};
 
 const CLIENT_STREAM_KEY: &[u8] = b"client_stream";
+/// The receipt type only its owner is shown.
+const PRIVATE_READ: &str = "m.read.private";
 
 pub struct UserData {
     store: SharedStore,
@@ -286,12 +288,14 @@ impl UserData {
         Ok(())
     }
 
-    /// The receipts of a room changed in `since..until`, as an `m.receipt` event content.
+    /// The receipts of a room changed in `since..until`, as an `m.receipt` event content for
+    /// `viewer` (private receipts are for their owner only).
     pub async fn receipts_since(
         &self,
         room: &RoomId,
         since: u64,
         until: u64,
+        viewer: &UserId,
     ) -> ApiResult<Option<Value>> {
         let p = prefix(&["receipt", room.as_str()]);
         let mut content = serde_json::Map::new();
@@ -304,6 +308,9 @@ impl UserData {
             let Some((user, kind)) = rest.split_once('\0') else {
                 continue;
             };
+            if kind == PRIVATE_READ && user != viewer.as_str() {
+                continue;
+            }
             let Some(event) = v["event_id"].as_str() else {
                 continue;
             };
@@ -650,6 +657,7 @@ impl ClientApi {
             self.data
                 .put_receipt(room, &s.user_id, kind, event, thread.as_deref())
                 .await?;
+            // Only public receipts go to peers: a private one is for the user's own clients.
             if kind == "m.read" {
                 self.node.send_receipt(room, &s.user_id, event);
             }

@@ -151,6 +151,8 @@ pub struct UserView<'e> {
     engine: &'e Engine,
     user: OwnedUserId,
     joined_now: bool,
+    /// Stream position of the user's latest join, for `shared` history before it.
+    last_join: Option<u64>,
 }
 
 impl<'e> UserView<'e> {
@@ -159,14 +161,18 @@ impl<'e> UserView<'e> {
         room_id: &RoomId,
         user: &UserId,
     ) -> Result<Self, StoreError> {
-        let joined_now = match engine.current_state_map(room_id).await? {
-            Some(state) => membership_in(engine, &state, user).await? == Membership::Join,
-            None => false,
+        let (joined_now, last_join) = match engine.current_state_map(room_id).await? {
+            Some(state) => (
+                membership_in(engine, &state, user).await? == Membership::Join,
+                latest_join(engine, &state, user).await?,
+            ),
+            None => (false, None),
         };
         Ok(Self {
             engine,
             user: user.to_owned(),
             joined_now,
+            last_join,
         })
     }
 
@@ -182,9 +188,17 @@ impl<'e> UserView<'e> {
         Ok(match membership {
             Membership::Join => true,
             Membership::Invite => at.visibility <= HistoryVisibility::Invited,
-            // `shared` history is for the room's members: a user who left (or was banned) sees
-            // nothing of it any more; one who joined late sees what came before.
-            _ => at.visibility == HistoryVisibility::Shared && self.joined_now,
+            // `shared` history is for whoever joined the room at any point after the event (the
+            // spec's rule 3): one who joined late sees what came before, and keeps it after
+            // leaving; one who never joined sees none of it.
+            _ => {
+                at.visibility == HistoryVisibility::Shared
+                    && (self.joined_now
+                        || self
+                            .last_join
+                            .zip(ev.stream)
+                            .is_some_and(|(join, pos)| pos < join))
+            }
         })
     }
 
@@ -359,4 +373,34 @@ pub async fn joined_servers(
         }
     }
     Ok(servers)
+}
+
+/// Most membership events followed back from a user's current one to find their latest join.
+const MAX_MEMBERSHIP_HOPS: usize = 64;
+
+/// The stream position of `user`'s latest join to the room whose current state is `state`,
+/// following the user's membership events back (each one's state before names the previous).
+async fn latest_join(
+    engine: &Engine,
+    state: &StateMap,
+    user: &UserId,
+) -> Result<Option<u64>, StoreError> {
+    let key = (StateEventType::RoomMember, user.as_str().to_owned());
+    let mut next = state.get(&key).cloned();
+    for _ in 0..MAX_MEMBERSHIP_HOPS {
+        let Some(id) = next else {
+            return Ok(None);
+        };
+        let Some(ev) = engine.event(&id).await? else {
+            return Ok(None);
+        };
+        if Membership::parse(&content(&ev)) == Membership::Join {
+            return Ok(ev.stream);
+        }
+        let Some((before, _)) = engine.states_at(&id).await? else {
+            return Ok(None);
+        };
+        next = before.get(&key).cloned();
+    }
+    Ok(None)
 }
