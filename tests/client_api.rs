@@ -1017,21 +1017,31 @@ async fn joined_history_on_two_peers() {
     );
     bob.ok("POST", &join, Some(json!({}))).await;
     carol.ok("POST", &join, Some(json!({}))).await;
+    let room_id = ruma::OwnedRoomId::try_from(room.as_str()).unwrap();
+    let member_on_b = |user: String| {
+        let (b, room_id) = (&b, &room_id);
+        async move {
+            let state = b.engine().current_state(room_id).await.unwrap().unwrap();
+            state
+                .get(&("m.room.member".to_owned(), user))
+                .unwrap()
+                .to_string()
+        }
+    };
+    // The history after the joins is what follows them in the room's graph: alice's peer
+    // must hold them before she speaks.
+    for user in [&bob.user_id, &carol.user_id] {
+        holds(&a, &member_on_b(user.clone()).await).await;
+    }
     let m1 = alice.send_text(&room, "t1", "m1").await;
     holds(&b, &m1).await;
     carol
         .ok("POST", &rooms_path(&room, "leave"), Some(json!({})))
         .await;
-    let room_id = ruma::OwnedRoomId::try_from(room.as_str()).unwrap();
-    let state = b.engine().current_state(&room_id).await.unwrap().unwrap();
-    let leave = state
-        .get(&("m.room.member".to_owned(), carol.user_id.clone()))
-        .unwrap()
-        .to_string();
+    let leave = member_on_b(carol.user_id.clone()).await;
     holds(&a, &leave).await;
     let m2 = alice.send_text(&room, "t2", "m2").await;
     holds(&b, &m2).await;
-
     for (u, want, section) in [(&bob, vec![1, 2], "join"), (&carol, vec![1], "leave")] {
         let who = &u.user_id;
         let v = u
@@ -1093,6 +1103,14 @@ async fn a_private_receipt_reaches_only_its_owner() {
     );
     bob.ok("POST", &join, Some(json!({}))).await;
     dave.ok("POST", &join, Some(json!({}))).await;
+    // Alice's peer takes bob's receipts once it holds his join.
+    let room_id = ruma::OwnedRoomId::try_from(room.as_str()).unwrap();
+    let state = b.engine().current_state(&room_id).await.unwrap().unwrap();
+    let bobs_join = state
+        .get(&("m.room.member".to_owned(), bob.user_id.clone()))
+        .unwrap()
+        .to_string();
+    holds(&a, &bobs_join).await;
     let m1 = alice.send_text(&room, "t1", "m1").await;
     let m2 = alice.send_text(&room, "t2", "m2").await;
     holds(&b, &m2).await;

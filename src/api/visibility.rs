@@ -40,9 +40,11 @@ impl<'e> Reader<'e> {
         member: Option<&StoredEvent>,
         ignored: Ignored,
     ) -> Result<Self, StoreError> {
+        // (A membership in the current state is always in the timeline; were it not, the
+        // user would read nothing.)
         let until = member
             .filter(|m| matches!(membership_of(m).as_deref(), Some("leave" | "ban")))
-            .and_then(|m| m.stream);
+            .map(|m| m.stream.unwrap_or(0));
         Ok(Self {
             engine,
             view: UserView::new(engine, room, user).await?,
