@@ -14,46 +14,10 @@ use hyphae::rooms::{NodeConfig, P2pNode};
 use hyphae::store::memory::MemoryStore;
 use hyphae::store::redb::RedbStore;
 use hyphae::store::{Direction, SharedStore};
-use libp2p::Multiaddr;
 use ruma::{OwnedEventId, OwnedRoomId};
 use serde_json::json;
 
-const PATIENCE: Duration = Duration::from_secs(60);
-
-fn config(bootstrap: Vec<Multiaddr>) -> NodeConfig {
-    NodeConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap,
-        anti_entropy_every: Duration::from_secs(2),
-        mdns: false,
-        start_offline: false,
-    }
-}
-
-async fn node(bootstrap: &[&P2pNode]) -> P2pNode {
-    node_on(Arc::new(MemoryStore::new()), bootstrap).await
-}
-
-async fn node_on(store: SharedStore, bootstrap: &[&P2pNode]) -> P2pNode {
-    // RUST_LOG=hyphae=debug shows what the nodes do, per test thread.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_thread_names(true)
-        .with_test_writer()
-        .try_init();
-    let mut addrs = Vec::new();
-    for b in bootstrap {
-        addrs.push(b.listen_addrs().await[0].clone());
-    }
-    P2pNode::start(store, config(addrs)).await.unwrap()
-}
-
-async fn wait_connected(n: &P2pNode, peers: usize) {
-    assert!(
-        n.wait_for_peers(peers, PATIENCE).await,
-        "peers never connected"
-    );
-}
+use common::peers::{config, node, node_on, wait_connected, wait_for_an_invite, PATIENCE};
 
 /// What must agree across peers: current state, forward extremities, the set of timeline events.
 #[derive(Debug, PartialEq, Eq)]
@@ -541,15 +505,8 @@ async fn invites_survive_a_restart_until_answered() {
         ..Default::default()
     };
     let room = a.create_room("alice", &opts).await.unwrap();
-    let b2 = b.clone();
-    assert!(
-        b.wait_until(PATIENCE, || {
-            let b2 = b2.clone();
-            async move { !b2.invites().is_empty() }
-        })
-        .await
-    );
-    drop((b, b2));
+    wait_for_an_invite(&b).await;
+    drop(b);
 
     let b = node_on(reopen().await, &[&a]).await;
     let invites = b.invites();

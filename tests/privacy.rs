@@ -5,36 +5,14 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use common::outsider::Outsider;
+use common::peers::{node, wait_for_an_invite, PATIENCE};
 use hyphae::engine::create_room::{CreateRoom, Preset};
 use hyphae::net::protocol::{FedErrorCode, FedRequest, FedResponse};
-use hyphae::rooms::{NodeConfig, P2pNode};
-use hyphae::store::memory::MemoryStore;
+use hyphae::rooms::P2pNode;
 use hyphae::store::Direction;
 use ruma::{OwnedEventId, OwnedRoomId};
 use serde_json::json;
-
-const PATIENCE: Duration = Duration::from_secs(60);
-
-async fn node(bootstrap: &[&P2pNode]) -> P2pNode {
-    let mut addrs = Vec::new();
-    for b in bootstrap {
-        addrs.push(b.listen_addrs().await[0].clone());
-    }
-    let config = NodeConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap: addrs,
-        anti_entropy_every: Duration::from_secs(1),
-        mdns: false,
-        start_offline: false,
-    };
-    P2pNode::start(Arc::new(MemoryStore::new()), config)
-        .await
-        .unwrap()
-}
 
 async fn text(n: &P2pNode, room: &OwnedRoomId, who: &str, body: &str) -> OwnedEventId {
     n.send(
@@ -60,11 +38,6 @@ async fn has(n: &P2pNode, event: &OwnedEventId) {
         })
         .await;
     assert!(ok, "{event} never arrived");
-}
-
-/// A joins `room` on `b`'s invite... the other way: `joiner`'s user joins a room held by `host`.
-async fn join(joiner: &P2pNode, who: &str, host: &P2pNode, room: &OwnedRoomId) {
-    joiner.join(room, who, host.peer_id()).await.unwrap();
 }
 
 /// Body of an event as `n` stores it (`None` if redacted or absent).
@@ -96,15 +69,8 @@ async fn an_outsider_gets_nothing_of_a_private_room() {
         ..Default::default()
     };
     let room = a.create_room("alice", &opts).await.unwrap();
-    let b2 = b.clone();
-    assert!(
-        b.wait_until(PATIENCE, || {
-            let b2 = b2.clone();
-            async move { !b2.invites().is_empty() }
-        })
-        .await
-    );
-    join(&b, "bob", &a, &room).await;
+    wait_for_an_invite(&b).await;
+    b.join(&room, "bob", a.peer_id()).await.unwrap();
     let first = text(&a, &room, "alice", "the vault code is 1234").await;
     has(&b, &first).await;
 
@@ -224,8 +190,8 @@ async fn a_server_whose_member_left_stops_receiving_the_room() {
         ..Default::default()
     };
     let room = a.create_room("alice", &opts).await.unwrap();
-    join(&b, "bob", &a, &room).await;
-    join(&c, "carol", &a, &room).await;
+    b.join(&room, "bob", a.peer_id()).await.unwrap();
+    c.join(&room, "carol", a.peer_id()).await.unwrap();
     let hello = text(&a, &room, "alice", "hello both").await;
     has(&b, &hello).await;
     has(&c, &hello).await;
@@ -308,7 +274,7 @@ async fn a_late_joiner_to_a_joined_room_gets_no_earlier_event_in_the_clear() {
     for i in 0..5 {
         before.push(text(&a, &room, "alice", &format!("before bob {i}")).await);
     }
-    join(&b, "bob", &a, &room).await;
+    b.join(&room, "bob", a.peer_id()).await.unwrap();
     let later = text(&a, &room, "alice", "welcome bob").await;
     has(&b, &later).await;
     for id in &before {

@@ -5,7 +5,7 @@ use ruma::canonical_json::CanonicalJsonValue;
 use ruma::{MilliSecondsSinceUnixEpoch, RoomVersionId, UserId};
 use serde_json::{json, Value};
 
-use crate::engine::pdu::{rules_for, StoredEvent};
+use crate::engine::pdu::StoredEvent;
 use crate::engine::Engine;
 use crate::store::StoreError;
 
@@ -61,9 +61,7 @@ pub fn client_event(
 
 /// The content `ev` keeps once redacted, under its room version's rules.
 fn redacted_content(ev: &StoredEvent, version: &RoomVersionId) -> Option<Value> {
-    let rules = rules_for(version)?;
-    let redacted =
-        ruma::canonical_json::redact(ev.pdu.canonical_object(), &rules.redaction, None).ok()?;
+    let redacted = ev.pdu.redacted(version)?;
     match redacted.get("content") {
         Some(CanonicalJsonValue::Object(c)) => serde_json::to_value(c).ok(),
         _ => Some(json!({})),

@@ -134,6 +134,12 @@ impl Pdu {
     pub fn canonical_object(&self) -> CanonicalJsonObject {
         serde_json::from_str(self.json.get()).expect("stored canonical JSON parses")
     }
+
+    /// The event as its room version's redaction rules prune it.
+    pub fn redacted(&self, version: &RoomVersionId) -> Option<CanonicalJsonObject> {
+        let rules = rules_for(version)?;
+        ruma::canonical_json::redact(self.canonical_object(), &rules.redaction, None).ok()
+    }
 }
 
 /// Room version 12: the room id is the create event's reference hash with a `!` sigil.

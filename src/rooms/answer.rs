@@ -4,10 +4,11 @@
 //! answer is an oracle for what exists.
 
 use libp2p::PeerId;
+use ruma::events::StateEventType;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{json, Value};
 
-use super::visibility::{Membership, ServerView};
+use super::visibility::{entry_content, membership_in, Membership, ServerView};
 use super::{NodeError, P2pNode};
 use crate::engine::{IngestError, Outcome, Received};
 use crate::identity::ServerName;
@@ -211,60 +212,30 @@ impl P2pNode {
     /// room, or a restricted rule naming a room the user is joined to here. Banned: never.
     async fn may_join(&self, room_id: &RoomId, user: &UserId) -> Result<bool, NodeError> {
         let engine = &self.shared.engine;
-        let Some(state) = engine.current_state(room_id).await? else {
+        let Some(state) = engine.current_state_map(room_id).await? else {
             return Ok(false);
         };
-        let content_of = |kind: &str, key: &str| {
-            let id = state.get(&(kind.to_owned(), key.to_owned())).cloned();
-            async move {
-                match id {
-                    Some(id) => Ok::<_, NodeError>(
-                        engine
-                            .event(&id)
-                            .await?
-                            .and_then(|e| serde_json::from_str::<Value>(e.pdu.content.get()).ok()),
-                    ),
-                    None => Ok(None),
-                }
-            }
-        };
-        let membership = content_of("m.room.member", user.as_str())
-            .await?
-            .map(|c| Membership::parse(&c));
-        match membership {
-            Some(Membership::Ban) => return Ok(false),
-            Some(Membership::Join | Membership::Invite) => return Ok(true),
+        match membership_in(engine, &state, user).await? {
+            Membership::Ban => return Ok(false),
+            Membership::Join | Membership::Invite => return Ok(true),
             _ => {}
         }
-        let rules = content_of("m.room.join_rules", "")
+        let rules = entry_content(engine, &state, StateEventType::RoomJoinRules, "")
             .await?
             .unwrap_or_default();
         match rules["join_rule"].as_str() {
             Some("public") => Ok(true),
             Some("restricted" | "knock_restricted") => {
-                let allow = rules["allow"].as_array().cloned().unwrap_or_default();
-                for rule in allow {
-                    if rule["type"] != "m.room_membership" {
-                        continue;
-                    }
-                    let Some(other) = rule["room_id"]
-                        .as_str()
-                        .and_then(|r| ruma::OwnedRoomId::try_from(r).ok())
-                    else {
-                        continue;
-                    };
-                    let Some(other_state) = engine.current_state(&other).await? else {
-                        continue;
-                    };
-                    if let Some(id) =
-                        other_state.get(&("m.room.member".to_owned(), user.to_string()))
-                    {
-                        let joined = engine.event(id).await?.is_some_and(|e| {
-                            serde_json::from_str::<Value>(e.pdu.content.get())
-                                .map(|c| Membership::parse(&c) == Membership::Join)
-                                .unwrap_or(false)
-                        });
-                        if joined {
+                let allowed_rooms = rules["allow"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|rule| rule["type"] == "m.room_membership")
+                    .filter_map(|rule| rule["room_id"].as_str())
+                    .filter_map(|r| OwnedRoomId::try_from(r).ok());
+                for other in allowed_rooms {
+                    if let Some(other_state) = engine.current_state_map(&other).await? {
+                        if membership_in(engine, &other_state, user).await? == Membership::Join {
                             return Ok(true);
                         }
                     }

@@ -4,7 +4,7 @@
 use libp2p::PeerId;
 use ruma::{RoomId, UserId};
 
-use super::visibility::Membership;
+use super::visibility::{membership_in, Membership};
 use super::{NodeError, P2pNode};
 use crate::net::protocol::{Edu, FedErrorCode, FedResponse};
 
@@ -46,20 +46,7 @@ impl P2pNode {
         };
         let engine = &self.shared.engine;
         let joined = match engine.current_state_map(edu.room_id()).await? {
-            Some(state) => {
-                let key = (
-                    ruma::events::StateEventType::RoomMember,
-                    edu.user_id().to_string(),
-                );
-                match state.get(&key) {
-                    Some(id) => engine.event(id).await?.is_some_and(|ev| {
-                        serde_json::from_str(ev.pdu.content.get())
-                            .map(|c| Membership::parse(&c) == Membership::Join)
-                            .unwrap_or(false)
-                    }),
-                    None => false,
-                }
-            }
+            Some(state) => membership_in(engine, &state, edu.user_id()).await? == Membership::Join,
             None => false,
         };
         if !joined {

@@ -75,12 +75,11 @@ impl P2pNode {
                 "room unknown here",
             ));
         }
-        if let Some(bad) = item
+        let foreign = item
             .pdus
             .iter()
-            .find(|p| named_room(p).as_deref() != Some(item.room_id.as_ref() as &RoomId))
-        {
-            let _ = bad;
+            .any(|p| named_room(p).as_deref() != Some(item.room_id.as_ref() as &RoomId));
+        if foreign {
             tracing::warn!(peer = %item.from, room_id = %item.room_id, "push carries a PDU of another room; refused");
             return Err(FedResponse::error(
                 FedErrorCode::BadRequest,

@@ -13,7 +13,7 @@ use ruma::events::StateEventType;
 use ruma::{OwnedUserId, RoomId, RoomVersionId, UserId};
 use serde_json::Value;
 
-use crate::engine::pdu::{rules_for, StoredEvent};
+use crate::engine::pdu::StoredEvent;
 use crate::engine::state::StateMap;
 use crate::engine::Engine;
 use crate::identity::ServerName;
@@ -67,7 +67,8 @@ fn content(ev: &StoredEvent) -> Value {
     serde_json::from_str(ev.pdu.content.get()).unwrap_or(Value::Null)
 }
 
-async fn entry_content(
+/// The content of the state event at `(kind, state_key)` in `state`, if there is one.
+pub(crate) async fn entry_content(
     engine: &Engine,
     state: &StateMap,
     kind: StateEventType,
@@ -89,7 +90,7 @@ async fn visibility_in(engine: &Engine, state: &StateMap) -> Result<HistoryVisib
 }
 
 /// `user`'s membership in `state` (absent: leave).
-async fn membership_in(
+pub(crate) async fn membership_in(
     engine: &Engine,
     state: &StateMap,
     user: &UserId,
@@ -238,6 +239,8 @@ pub struct ServerView<'e> {
     in_room: bool,
     world_readable: bool,
     room_version: RoomVersionId,
+    /// The room's current state when the view was made.
+    current: Arc<StateMap>,
 }
 
 impl<'e> ServerView<'e> {
@@ -269,6 +272,7 @@ impl<'e> ServerView<'e> {
             in_room,
             world_readable,
             room_version: room.room_version,
+            current: state,
         }))
     }
 
@@ -300,7 +304,7 @@ impl<'e> ServerView<'e> {
         if at.visibility == HistoryVisibility::Shared {
             return Ok(true);
         }
-        if ev.pdu.state_key.is_some() && self.is_current_state(ev).await? {
+        if self.is_current_state(ev) {
             return Ok(true);
         }
         for user in &self.users {
@@ -315,15 +319,15 @@ impl<'e> ServerView<'e> {
         Ok(false)
     }
 
-    async fn is_current_state(&self, ev: &StoredEvent) -> Result<bool, StoreError> {
-        let Some(state) = self.engine.current_state_map(&ev.pdu.room_id).await? else {
-            return Ok(false);
+    fn is_current_state(&self, ev: &StoredEvent) -> bool {
+        let Some(state_key) = &ev.pdu.state_key else {
+            return false;
         };
         let key = (
             StateEventType::from(ev.pdu.kind.to_string()),
-            ev.pdu.state_key.clone().unwrap_or_default(),
+            state_key.clone(),
         );
-        Ok(state.get(&key) == Some(&ev.pdu.event_id))
+        self.current.get(&key) == Some(&ev.pdu.event_id)
     }
 
     /// The PDU to hand this server for `ev`: in full if it may see it, else redacted (the DAG
@@ -333,16 +337,9 @@ impl<'e> ServerView<'e> {
         if self.may_see(ev).await? {
             return Ok(Some(ev.pdu.json.get().to_owned()));
         }
-        Ok(redacted_pdu(ev, &self.room_version))
+        let redacted = ev.pdu.redacted(&self.room_version);
+        Ok(redacted.and_then(|object| serde_json::to_string(&object).ok()))
     }
-}
-
-/// `ev` with its content pruned by its room version's redaction rules.
-pub fn redacted_pdu(ev: &StoredEvent, version: &RoomVersionId) -> Option<String> {
-    let rules = rules_for(version)?;
-    let redacted =
-        ruma::canonical_json::redact(ev.pdu.canonical_object(), &rules.redaction, None).ok()?;
-    serde_json::to_string(&redacted).ok()
 }
 
 /// The servers with a user joined in `state`: where a room's new events and EDUs go.

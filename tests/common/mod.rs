@@ -6,6 +6,8 @@ pub mod client;
 pub mod conformance;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod outsider;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod peers;
 #[cfg(target_arch = "wasm32")]
 pub mod tab_fetch;
 #[cfg(target_arch = "wasm32")]
