@@ -100,7 +100,10 @@ impl P2pNode {
                         .await?
                 }
                 FedRequest::Edu { edu } => self.take_edu(peer, &edu).await?,
-                FedRequest::Push { .. } => unreachable!("pushes are taken by handle_request"),
+                // Pushes are queued for ingest by `handle_request`, never answered here.
+                FedRequest::Push { .. } => {
+                    FedResponse::error(FedErrorCode::BadRequest, "a push is not a pull")
+                }
             })
         }
         .await;
