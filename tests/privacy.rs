@@ -295,3 +295,81 @@ async fn a_late_joiner_to_a_joined_room_gets_no_earlier_event_in_the_clear() {
     let create = b.engine().room(&room).await.unwrap().unwrap().create_event;
     assert_eq!(timeline[0].pdu.event_id, create);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outsider_gets_nothing_from_a_running_hyphae_node() {
+    let hs = common::node_process::NodeProcess::start(env!("CARGO_BIN_EXE_hyphae-node"));
+    let alice = common::client::register(&hs, "alice", "correct horse").await;
+    let room = alice
+        .ok(
+            "POST",
+            "/_matrix/client/v3/createRoom",
+            Some(json!({"preset": "private_chat", "name": "secret plans"})),
+        )
+        .await["room_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/send/m.room.message/t1",
+        common::client::enc(&room)
+    );
+    let sent = alice
+        .ok(
+            "PUT",
+            &path,
+            Some(json!({"msgtype": "m.text", "body": "the vault code is 1234"})),
+        )
+        .await;
+    let event: OwnedEventId = sent["event_id"].as_str().unwrap().try_into().unwrap();
+    let room: OwnedRoomId = room.try_into().unwrap();
+
+    let m = Outsider::dial(
+        hs.tcp.clone(),
+        hs.peer_id,
+        vec![format!("hyphae/room/{room}")],
+    )
+    .await;
+    let nowhere: OwnedRoomId = "!nowhere:example.org".try_into().unwrap();
+    let unknown_room = not_found(&m.ask(FedRequest::Extremities { room_id: nowhere }).await)
+        .expect("an unknown room is not found");
+    let nothing: OwnedEventId = "$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+        .try_into()
+        .unwrap();
+    let unknown_event = not_found(&m.ask(FedRequest::GetEvent { event_id: nothing }).await)
+        .expect("an unknown event is not found");
+    let r = m
+        .ask(FedRequest::GetEvent {
+            event_id: event.clone(),
+        })
+        .await;
+    assert_eq!(not_found(&r).as_ref(), Some(&unknown_event), "{r:?}");
+    for request in [
+        FedRequest::Extremities {
+            room_id: room.clone(),
+        },
+        FedRequest::GetMissingEvents {
+            room_id: room.clone(),
+            earliest: vec![],
+            latest: vec![event.clone()],
+            limit: 500,
+        },
+    ] {
+        let r = m.ask(request.clone()).await;
+        assert_eq!(
+            not_found(&r).as_ref(),
+            Some(&unknown_room),
+            "{request:?}: {r:?}"
+        );
+    }
+    // Alice goes on talking; nothing reaches the outsider.
+    alice
+        .ok(
+            "PUT",
+            &path.replace("/t1", "/t2"),
+            Some(json!({"msgtype": "m.text", "body": "and again"})),
+        )
+        .await;
+    let _ = m.ask(FedRequest::Extremities { room_id: room }).await;
+    assert!(m.received().await.is_empty());
+}

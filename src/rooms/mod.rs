@@ -344,14 +344,20 @@ impl P2pNode {
     }
 }
 
-/// Hands what the swarm hears to the room service: each request answered in its own task,
-/// anti-entropy with a peer on connection and with every connected peer periodically.
+/// Requests the room service answers at once; past this the swarm's bounded queue fills and
+/// peers are told `LimitExceeded` there.
+const CONCURRENT_ANSWERS: usize = 64;
+
+/// Hands what the swarm hears to the room service: each request answered in its own task (at
+/// most [`CONCURRENT_ANSWERS`] at a time), anti-entropy with a peer on connection and with every
+/// connected peer periodically.
 async fn serve(
     node: std::sync::Weak<Shared>,
     mut events: mpsc::Receiver<NetEvent>,
     anti_entropy_every: Duration,
 ) {
     let mut anti_entropy = Interval::new(anti_entropy_every);
+    let answers = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_ANSWERS));
     loop {
         tokio::select! {
             event = events.recv() => {
@@ -360,7 +366,11 @@ async fn serve(
                 let node = P2pNode { shared };
                 match event {
                     NetEvent::Request { peer, request, reply } => {
-                        rt::spawn(async move { node.handle_request(peer, request, reply).await });
+                        let Ok(permit) = answers.clone().acquire_owned().await else { return };
+                        rt::spawn(async move {
+                            node.handle_request(peer, request, reply).await;
+                            drop(permit);
+                        });
                     }
                     NetEvent::Connected(peer) => {
                         rt::spawn(async move { node.anti_entropy_logged(peer).await });
