@@ -582,6 +582,43 @@ impl Engine {
         Ok(Some((before, after)))
     }
 
+    /// Events by id, read under one lock with one store round trip for those not cached
+    /// (absent ids are left out).
+    pub async fn events(&self, ids: &[&OwnedEventId]) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
+        let mut inner = self.inner.lock().await;
+        let store = self.store.as_ref();
+        inner.prefetch(store, ids).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(ev) = inner.load_event(store, id).await? {
+                out.push(ev);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events with the state after each (shared maps), under one lock: what a push needs.
+    /// Unknown events and outliers are left out.
+    pub async fn events_with_state_after(
+        &self,
+        ids: &[OwnedEventId],
+    ) -> Result<Vec<(Arc<StoredEvent>, Arc<StateMap>)>, StoreError> {
+        let mut inner = self.inner.lock().await;
+        let store = self.store.as_ref();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(ev) = inner.load_event(store, id).await? else {
+                continue;
+            };
+            let Some(group) = ev.state_after else {
+                continue;
+            };
+            let after = inner.load_group(store, group).await?.map;
+            out.push((ev, after));
+        }
+        Ok(out)
+    }
+
     /// A room's current state as a shared map (no copy).
     pub async fn current_state_map(
         &self,

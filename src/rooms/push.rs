@@ -5,8 +5,7 @@
 //! user who leaves or is kicked learns of it). Nobody else ever receives it. A server that is
 //! not reachable now gets it through anti-entropy when it next connects.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ruma::{OwnedEventId, RoomId, UserId};
 
@@ -26,24 +25,25 @@ impl P2pNode {
     pub(super) async fn push_events(&self, room_id: &RoomId, event_ids: &[OwnedEventId]) {
         let engine = &self.shared.engine;
         let me = self.server_name();
+        let events = match engine.events_with_state_after(event_ids).await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read events to push; anti-entropy will deliver them");
+                return;
+            }
+        };
         let mut per_server: BTreeMap<ServerName, Vec<(OwnedEventId, String)>> = BTreeMap::new();
-        // Consecutive events mostly share the state after them: work out its servers once.
-        let mut last: Option<(usize, BTreeSet<ServerName>)> = None;
-        for id in event_ids {
-            let Ok(Some(ev)) = engine.event(id).await else {
+        // Consecutive events mostly share the state after them: work out its servers once
+        // per state group.
+        let mut servers_at: HashMap<u64, BTreeSet<ServerName>> = HashMap::new();
+        for (ev, after) in events {
+            let Some(group) = ev.state_after else {
                 continue;
             };
-            let Ok(Some((_, after))) = engine.states_at(id).await else {
-                continue;
-            };
-            let key = Arc::as_ptr(&after) as usize;
-            let mut servers = match &last {
-                Some((k, s)) if *k == key => s.clone(),
-                _ => match joined_servers(engine, &after).await {
-                    Ok(s) => {
-                        last = Some((key, s.clone()));
-                        s
-                    }
+            let mut servers = match servers_at.get(&group) {
+                Some(s) => s.clone(),
+                None => match joined_servers(engine, &after).await {
+                    Ok(s) => servers_at.entry(group).or_insert(s).clone(),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot read the room's servers; not pushed");
                         continue;
@@ -66,7 +66,7 @@ impl P2pNode {
                 per_server
                     .entry(server)
                     .or_default()
-                    .push((id.clone(), ev.pdu.json.get().to_owned()));
+                    .push((ev.pdu.event_id.clone(), ev.pdu.json.get().to_owned()));
             }
         }
         for (server, events) in per_server {

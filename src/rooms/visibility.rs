@@ -347,29 +347,27 @@ pub async fn joined_servers(
     engine: &Engine,
     state: &StateMap,
 ) -> Result<std::collections::BTreeSet<ServerName>, StoreError> {
-    let mut servers = std::collections::BTreeSet::new();
-    for ((kind, key), id) in state.iter() {
-        if *kind != StateEventType::RoomMember {
-            continue;
-        }
-        let Ok(user) = UserId::parse(key.as_str()) else {
-            continue;
-        };
-        let Ok(server) = ServerName::try_from(user.server_name()) else {
-            continue;
-        };
-        if servers.contains(&server) {
-            continue;
-        }
-        let joined = engine
-            .event(id)
-            .await?
-            .is_some_and(|ev| Membership::parse(&content(&ev)) == Membership::Join);
-        if joined {
-            servers.insert(server);
-        }
-    }
-    Ok(servers)
+    let members: Vec<(ServerName, &ruma::OwnedEventId)> = state
+        .iter()
+        .filter(|((kind, _), _)| *kind == StateEventType::RoomMember)
+        .filter_map(|((_, key), id)| {
+            let user = UserId::parse(key.as_str()).ok()?;
+            Some((ServerName::try_from(user.server_name()).ok()?, id))
+        })
+        .collect();
+    let ids: Vec<&ruma::OwnedEventId> = members.iter().map(|(_, id)| *id).collect();
+    let joined: std::collections::HashSet<ruma::OwnedEventId> = engine
+        .events(&ids)
+        .await?
+        .into_iter()
+        .filter(|ev| Membership::parse(&content(ev)) == Membership::Join)
+        .map(|ev| ev.pdu.event_id.clone())
+        .collect();
+    Ok(members
+        .into_iter()
+        .filter(|(_, id)| joined.contains(*id))
+        .map(|(server, _)| server)
+        .collect())
 }
 
 /// Most membership events followed back from a user's current one to find their latest join.
