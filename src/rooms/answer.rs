@@ -31,26 +31,28 @@ fn unknown_event() -> FedResponse {
 const ANSWER_OVERHEAD: usize = 64 * 1024;
 
 impl P2pNode {
-    /// Takes one request from the swarm and sees it answered: pushes go to the ingest task
-    /// (answered once stored), everything else is answered here.
-    pub(super) async fn handle_request(&self, peer: PeerId, request: FedRequest, reply: ReplyTo) {
+    /// Takes one request from the swarm: refuses it if oversized, queues a push for the
+    /// ingest task (answered once stored), and hands back anything else, to be answered by
+    /// [`P2pNode::answer`].
+    pub(super) fn take_request(
+        &self,
+        peer: PeerId,
+        request: FedRequest,
+        reply: ReplyTo,
+    ) -> Option<(FedRequest, ReplyTo)> {
         if let Err(e) = request.check_bounds() {
             tracing::warn!(%peer, reason = %e, "oversized request refused");
             let response = FedResponse::error(FedErrorCode::BadRequest, e);
-            return self.shared.net.respond(reply, response);
+            self.shared.net.respond(reply, response);
+            return None;
         }
-        let response = match request {
+        match request {
             FedRequest::Push { room_id, pdus } => {
-                match self.take_push(peer, room_id, pdus, reply) {
-                    Ok(()) => return,
-                    Err((reply, response)) => {
-                        return self.shared.net.respond(reply, response);
-                    }
-                }
+                self.take_push(peer, room_id, pdus, reply);
+                None
             }
-            request => self.answer(peer, request).await,
-        };
-        self.shared.net.respond(reply, response);
+            request => Some((request, reply)),
+        }
     }
 
     /// Answers a pull, an invite or a join from `peer`.
@@ -100,7 +102,7 @@ impl P2pNode {
                         .await?
                 }
                 FedRequest::Edu { edu } => self.take_edu(peer, &edu).await?,
-                // Pushes are queued for ingest by `handle_request`, never answered here.
+                // Pushes are queued for ingest by `take_request`, never answered here.
                 FedRequest::Push { .. } => {
                     FedResponse::error(FedErrorCode::BadRequest, "a push is not a pull")
                 }

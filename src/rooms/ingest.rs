@@ -37,14 +37,14 @@ fn named_room(pdu: &str) -> Option<OwnedRoomId> {
 }
 
 impl P2pNode {
-    /// Queues a push for the ingest task, or says why not.
+    /// Queues a push for the ingest task, or answers why not.
     pub(super) fn take_push(
         &self,
         peer: PeerId,
         room_id: OwnedRoomId,
         pdus: Vec<String>,
         reply: ReplyTo,
-    ) -> Result<(), (ReplyTo, FedResponse)> {
+    ) {
         let inbound = Inbound {
             from: peer,
             room_id,
@@ -52,15 +52,11 @@ impl P2pNode {
             reply: Some(reply),
             attempts: 0,
         };
-        match self.shared.inbound.try_send(inbound) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                tracing::warn!(%peer, "push queue full; push refused");
-                let reply = e.into_inner().reply.expect("set above");
-                Err((
-                    reply,
-                    FedResponse::error(FedErrorCode::LimitExceeded, "busy"),
-                ))
+        if let Err(e) = self.shared.inbound.try_send(inbound) {
+            tracing::warn!(%peer, "push queue full; push refused");
+            if let Some(reply) = e.into_inner().reply {
+                let response = FedResponse::error(FedErrorCode::LimitExceeded, "busy");
+                self.shared.net.respond(reply, response);
             }
         }
     }

@@ -95,15 +95,18 @@ pub(crate) struct Delivered {
 impl Delivered {
     const MAX: usize = 10_000;
 
-    pub(crate) fn insert(&mut self, id: OwnedEventId) {
-        if self.set.insert(id.clone()) {
-            self.order.push_back(id);
-            if self.order.len() > Self::MAX {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
-                }
+    /// Records `id` as delivered; whether it was not already.
+    pub(crate) fn insert(&mut self, id: OwnedEventId) -> bool {
+        if !self.set.insert(id.clone()) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > Self::MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
             }
         }
+        true
     }
 }
 
@@ -348,9 +351,9 @@ impl P2pNode {
 /// peers are told `LimitExceeded` there.
 const CONCURRENT_ANSWERS: usize = 64;
 
-/// Hands what the swarm hears to the room service: each request answered in its own task (at
-/// most [`CONCURRENT_ANSWERS`] at a time), anti-entropy with a peer on connection and with every
-/// connected peer periodically.
+/// Hands what the swarm hears to the room service: pushes queued for ingest, other requests
+/// answered each in its own task (at most [`CONCURRENT_ANSWERS`] at a time), anti-entropy with
+/// a peer on connection and with every connected peer periodically.
 async fn serve(
     node: std::sync::Weak<Shared>,
     mut events: mpsc::Receiver<NetEvent>,
@@ -366,9 +369,15 @@ async fn serve(
                 let node = P2pNode { shared };
                 match event {
                     NetEvent::Request { peer, request, reply } => {
+                        // Pushes go straight to the ingest queue; the rest is answered in
+                        // tasks, a bounded number at a time.
+                        let Some((request, reply)) = node.take_request(peer, request, reply) else {
+                            continue;
+                        };
                         let Ok(permit) = answers.clone().acquire_owned().await else { return };
                         rt::spawn(async move {
-                            node.handle_request(peer, request, reply).await;
+                            let response = node.answer(peer, request).await;
+                            node.shared.net.respond(reply, response);
                             drop(permit);
                         });
                     }

@@ -80,11 +80,16 @@ impl P2pNode {
                     match node.request_with(peer, request, true).await {
                         Ok(_) => {
                             let mut delivered = node.shared.delivered.lock().expect("not poisoned");
+                            let mut news = false;
                             for id in ids {
-                                delivered.insert(id);
+                                news |= delivered.insert(id);
                             }
                             drop(delivered);
-                            node.changed();
+                            // The first member server to store an event is news for the
+                            // page ("delivered"); the others are not worth waking anyone.
+                            if news {
+                                node.changed();
+                            }
                         }
                         Err(e) => {
                             tracing::debug!(%peer, error = %e, "push not delivered (anti-entropy will)")
