@@ -180,7 +180,7 @@ impl Hyphae {
         })
     }
 
-    /// For each event id, whether gossip has handed it to at least one other peer in its room
+    /// For each event id, whether another server in its room has acknowledged storing it
     /// (known for events sent since this tab opened the profile).
     pub fn delivered(&self, event_ids: Vec<String>) -> Vec<u8> {
         event_ids
