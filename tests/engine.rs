@@ -1044,3 +1044,95 @@ async fn a_reopened_engine_authorises_with_a_cold_cache() {
     let e = Engine::open(e.store().clone()).await.unwrap();
     accept(&e, &msg).await;
 }
+
+#[tokio::test]
+async fn events_that_reference_another_room_are_dropped_and_change_neither_room() {
+    // Bob is a member of alice's room A and the creator (hence admin) of his own room B.
+    let (e, _alice, bob, room_a, head_a) = room_with_bob().await;
+    let (room_b, _) = e
+        .create_room(&bob.identity, &bob.user, &CreateRoom::default(), ts(200))
+        .await
+        .unwrap();
+    let b_state = e.current_state(&room_b).await.unwrap().unwrap();
+    let b_head = e.room(&room_b).await.unwrap().unwrap().forward_extremities[0].clone();
+    let before = (picture(&e, &room_a).await, picture(&e, &room_b).await);
+    let rules = hyphae::engine::pdu::rules_for(&RoomVersionId::V12).unwrap();
+    let a_state = e.current_state(&room_a).await.unwrap().unwrap();
+    let a_auth = |types: &[(&str, &str)]| -> Vec<OwnedEventId> {
+        types
+            .iter()
+            .filter_map(|(t, k)| state_of(&a_state, t, k).cloned())
+            .collect()
+    };
+    let b_auth: Vec<OwnedEventId> = [
+        ("m.room.power_levels", ""),
+        ("m.room.member", bob.user.as_str()),
+    ]
+    .iter()
+    .filter_map(|(t, k)| state_of(&b_state, t, k).cloned())
+    .collect();
+    let build = |kind: &str, state_key: Option<&str>, content, prev: Vec<OwnedEventId>, auth| {
+        hyphae::engine::pdu::build_signed(
+            &bob.identity,
+            &rules,
+            hyphae::engine::pdu::NewEvent {
+                room_id: Some(&room_a),
+                sender: &bob.user,
+                kind,
+                state_key,
+                content,
+                prev_events: prev,
+                auth_events: auth,
+                depth: 500,
+                origin_server_ts: ts(300),
+                redacts: None,
+            },
+        )
+        .unwrap()
+    };
+    let bob_member = [
+        ("m.room.power_levels", ""),
+        ("m.room.member", bob.user.as_str()),
+    ];
+    let attacks = [
+        // A message in A whose prev_events point into B: A's state before it would be B's.
+        build(
+            "m.room.message",
+            None,
+            json!({"body": "from the other room"}),
+            vec![b_head.clone()],
+            a_auth(&bob_member),
+        ),
+        // Bob makes himself admin of A, citing B's power levels and membership as auth events.
+        build(
+            "m.room.power_levels",
+            Some(""),
+            json!({"users": {bob.user.as_str(): 100}}),
+            vec![head_a.clone()],
+            b_auth.clone(),
+        ),
+        // Both at once, with prev_events mixing the rooms.
+        build(
+            "m.room.power_levels",
+            Some(""),
+            json!({"users": {bob.user.as_str(): 100}}),
+            vec![head_a.clone(), b_head.clone()],
+            b_auth,
+        ),
+    ];
+    for (id, raw) in attacks {
+        let r = e.receive(&raw).await;
+        assert!(
+            matches!(
+                r,
+                Err(IngestError::BadFormat(_) | IngestError::Forbidden(_))
+            ),
+            "a cross-room event must be refused, got {r:?}"
+        );
+        assert!(e.event(&id).await.unwrap().is_none(), "nothing stored");
+        assert_eq!(
+            before,
+            (picture(&e, &room_a).await, picture(&e, &room_b).await)
+        );
+    }
+}

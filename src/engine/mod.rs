@@ -1220,6 +1220,17 @@ impl Inner {
                 outcome: Outcome::MissingEvents(missing),
             });
         }
+        // Every prev and auth event must be in the event's own room: otherwise a member of one
+        // room could graft another room's state (its create, its power levels) onto it.
+        for id in pdu.prev_events.iter().chain(&pdu.auth_events) {
+            let referenced = self.events.get(id).expect("loaded above");
+            if referenced.pdu.room_id != pdu.room_id {
+                return Err(IngestError::BadFormat(format!(
+                    "{id} is in another room ({})",
+                    referenced.pdu.room_id
+                )));
+            }
+        }
 
         // State before the event: resolved from the states after its prev_events.
         let mut prev_groups = Vec::with_capacity(pdu.prev_events.len());
