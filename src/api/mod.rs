@@ -772,26 +772,40 @@ impl ClientApi {
     /// Records (or clears) a typing notice. A notice that runs out wakes `/sync` again: the
     /// serial moves when it expires, so clients see the user stop typing.
     fn set_typing(&self, room: &ruma::RoomId, user: &UserId, until: Option<Instant>) {
+        let already_typing = self
+            .typing
+            .lock()
+            .expect("typing lock")
+            .rooms
+            .get(room)
+            .is_some_and(|(_, users)| users.contains_key(user));
         self.record_typing(room, user, until);
-        if let Some(t) = until {
-            let weak = self.me.clone();
-            let (room, user) = (room.to_owned(), user.to_owned());
-            crate::net::rt::spawn(async move {
-                crate::net::rt::sleep(t.saturating_duration_since(Instant::now())).await;
-                let Some(api) = weak.upgrade() else { return };
-                let expired = {
-                    let typing = api.typing.lock().expect("typing lock");
-                    typing
-                        .rooms
-                        .get(&room)
-                        .and_then(|(_, users)| users.get(&user))
-                        .is_some_and(|until| *until <= Instant::now())
-                };
-                if expired {
-                    api.record_typing(&room, &user, None);
-                }
-            });
+        // One expiry task per user typing in a room, however often the notice is renewed: it
+        // sleeps until the latest deadline and clears the notice once that has passed.
+        if until.is_none() || already_typing {
+            return;
         }
+        let weak = self.me.clone();
+        let (room, user) = (room.to_owned(), user.to_owned());
+        crate::net::rt::spawn(async move {
+            loop {
+                let deadline = {
+                    let Some(api) = weak.upgrade() else { return };
+                    let typing = api.typing.lock().expect("typing lock");
+                    match typing.rooms.get(&room).and_then(|(_, users)| users.get(&user)) {
+                        Some(until) => *until,
+                        None => return,
+                    }
+                };
+                if deadline <= Instant::now() {
+                    if let Some(api) = weak.upgrade() {
+                        api.record_typing(&room, &user, None);
+                    }
+                    return;
+                }
+                crate::net::rt::sleep(deadline.saturating_duration_since(Instant::now())).await;
+            }
+        });
     }
 
     fn record_typing(&self, room: &ruma::RoomId, user: &UserId, until: Option<Instant>) {

@@ -203,22 +203,40 @@ impl Edu {
         serde_json::to_vec(&object).expect("canonical JSON serialises")
     }
 
-    /// Parses and checks a signed EDU: well-formed, and signed by the user's own server.
-    pub fn verify(bytes: &[u8]) -> Result<Self, String> {
+    /// Parses and checks a signed EDU: well-formed, stamped with when it was said, and signed
+    /// by the user's own server. Returns the EDU and its `ts` (milliseconds since the epoch).
+    pub fn verify(bytes: &[u8]) -> Result<(Self, u64), String> {
         if bytes.len() > MAX_EDU_BYTES {
             return Err(format!("EDU of {} bytes is too large", bytes.len()));
         }
         let object: ruma::CanonicalJsonObject =
             serde_json::from_slice(bytes).map_err(|e| format!("not canonical JSON: {e}"))?;
+        let ts = match object.get("ts") {
+            Some(ruma::CanonicalJsonValue::Integer(ts)) => {
+                u64::try_from(i64::from(*ts)).map_err(|_| "negative ts".to_owned())?
+            }
+            _ => return Err("no ts".into()),
+        };
         let mut plain = object.clone();
         plain.remove("signatures");
+        plain.remove("ts");
         let edu: Edu =
             serde_json::from_value(serde_json::to_value(&plain).map_err(|e| e.to_string())?)
                 .map_err(|e| format!("not an EDU: {e}"))?;
         let origin = crate::identity::ServerName::try_from(edu.user_id().server_name())
             .map_err(|e| format!("user's server is not a key: {e}"))?;
+        // ruma checks only the servers the `signatures` map lists: an empty map would pass, so
+        // the user's server must be among them (and no other server may be).
+        let signers = match object.get("signatures") {
+            Some(ruma::CanonicalJsonValue::Object(s)) => s,
+            _ => return Err("unsigned EDU".into()),
+        };
+        let origin_name = origin.to_string();
+        if signers.len() != 1 || !signers.contains_key(&origin_name) {
+            return Err(format!("EDU must be signed by {origin_name} alone"));
+        }
         ruma::signatures::verify_json(&origin.public_key_map(), &object)
             .map_err(|e| format!("signature: {e}"))?;
-        Ok(edu)
+        Ok((edu, ts))
     }
 }

@@ -128,6 +128,7 @@ pub(crate) struct Shared {
     send_turn: futures::lock::Mutex<()>,
     delivered: Mutex<Delivered>,
     catch_up: Mutex<CatchUpProgress>,
+    edu_guard: Mutex<edu::EduGuard>,
 }
 
 /// A running peer: the room service over its swarm. Cheap to clone; the swarm stops on
@@ -178,6 +179,7 @@ impl P2pNode {
                 send_turn: futures::lock::Mutex::new(()),
                 delivered: Mutex::new(Delivered::default()),
                 catch_up: Mutex::new(CatchUpProgress::default()),
+                edu_guard: Mutex::new(edu::EduGuard::default()),
             }),
         };
         rt::spawn(serve(
