@@ -73,6 +73,20 @@ fn now_ms() -> u64 {
     ruma::MilliSecondsSinceUnixEpoch::now().get().into()
 }
 
+/// Asks, and asks again while the node answers that this peer is over its request rate (the
+/// attacks here are about what is taken, not how fast).
+async fn ask_patiently(m: &Outsider, request: FedRequest) -> Result<FedResponse, String> {
+    loop {
+        match m.ask(request.clone()).await {
+            Ok(FedResponse::Error {
+                code: FedErrorCode::LimitExceeded,
+                ..
+            }) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            other => return other,
+        }
+    }
+}
+
 fn refused(r: &Result<FedResponse, String>) -> bool {
     matches!(r, Ok(FedResponse::Error { .. }))
 }
@@ -192,5 +206,242 @@ async fn forged_replayed_stale_and_unsigned_edus_change_nothing() {
     assert!(
         heard.try_recv().is_err(),
         "a replayed EDU reached the client API"
+    );
+}
+
+/// A hostile server of its own: an engine to sign rooms and events with, and an outsider swarm
+/// under the same key that answers requests with `answer`.
+struct Mallory {
+    identity: Identity,
+    engine: hyphae::engine::Engine,
+    user: ruma::OwnedUserId,
+}
+
+impl Mallory {
+    async fn new() -> Self {
+        let identity = Identity::generate();
+        let user = format!("@mallory:{}", identity.server_name())
+            .try_into()
+            .unwrap();
+        let store = std::sync::Arc::new(hyphae::store::memory::MemoryStore::new());
+        let engine = hyphae::engine::Engine::open(store).await.unwrap();
+        Self {
+            identity,
+            engine,
+            user,
+        }
+    }
+
+    /// Rooms of Mallory's own, each as its PDUs (create first) and their ids.
+    async fn rooms(&self, n: usize) -> Vec<(OwnedRoomId, Vec<String>, Vec<OwnedEventId>)> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let (room, ids) = self
+                .engine
+                .create_room(
+                    &self.identity,
+                    &self.user,
+                    &CreateRoom::default(),
+                    ruma::MilliSecondsSinceUnixEpoch::now(),
+                )
+                .await
+                .unwrap();
+            let mut pdus = Vec::new();
+            for id in &ids {
+                let ev = self.engine.event(id).await.unwrap().unwrap();
+                pdus.push(ev.pdu.json.get().to_owned());
+            }
+            out.push((room, pdus, ids));
+        }
+        out
+    }
+
+    /// Joins `room` on the node `m` is connected to, as a server would: template, sign, send.
+    async fn join(&self, m: &Outsider, room: &OwnedRoomId) -> Vec<OwnedEventId> {
+        let r = m
+            .ask(FedRequest::MakeJoin {
+                room_id: room.clone(),
+                user_id: self.user.clone(),
+            })
+            .await;
+        let Ok(FedResponse::JoinTemplate { template, .. }) = r else {
+            panic!("make_join: {r:?}")
+        };
+        let rules = hyphae::engine::pdu::rules_for(&template.room_version).unwrap();
+        let (id, pdu) = hyphae::engine::pdu::build_signed(
+            &self.identity,
+            &rules,
+            hyphae::engine::pdu::NewEvent {
+                room_id: Some(room),
+                sender: &self.user,
+                kind: "m.room.member",
+                state_key: Some(self.user.as_str()),
+                content: json!({"membership": "join"}),
+                prev_events: template.prev_events,
+                auth_events: template.auth_events.clone(),
+                depth: template.depth,
+                origin_server_ts: ruma::MilliSecondsSinceUnixEpoch::now(),
+                redacts: None,
+            },
+        )
+        .unwrap();
+        let r = m
+            .ask(FedRequest::SendJoin {
+                pdu: String::from_utf8(pdu).unwrap(),
+            })
+            .await;
+        assert!(matches!(r, Ok(FedResponse::Ok)), "send_join: {r:?}");
+        let mut auth = template.auth_events;
+        auth.push(id);
+        auth
+    }
+
+    /// A well-signed message of Mallory's in `room` that hangs off events nobody has.
+    fn dangling(&self, room: &OwnedRoomId, auth: &[OwnedEventId], n: usize, body: usize) -> String {
+        let rules = hyphae::engine::pdu::rules_for(&ruma::RoomVersionId::V12).unwrap();
+        let fake: OwnedEventId = format!("$dangling{n:0>37}").try_into().unwrap();
+        let (_, pdu) = hyphae::engine::pdu::build_signed(
+            &self.identity,
+            &rules,
+            hyphae::engine::pdu::NewEvent {
+                room_id: Some(room),
+                sender: &self.user,
+                kind: "m.room.message",
+                state_key: None,
+                content: json!({"msgtype": "m.text", "body": "x".repeat(body)}),
+                prev_events: vec![fake],
+                auth_events: auth.to_vec(),
+                depth: 10,
+                origin_server_ts: ruma::MilliSecondsSinceUnixEpoch::now(),
+                redacts: None,
+            },
+        )
+        .unwrap();
+        String::from_utf8(pdu).unwrap()
+    }
+}
+
+fn rooms_held(n: &P2pNode) -> impl std::future::Future<Output = Vec<OwnedRoomId>> + '_ {
+    async move { n.engine().rooms().await.unwrap() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_planting_500_rooms_leaves_the_node_tracking_none_of_them() {
+    let (a, _b, room) = two_members().await;
+    let mal = Mallory::new().await;
+    let planted = mal.rooms(500).await;
+    let creates: Vec<String> = planted.iter().map(|(_, p, _)| p[0].clone()).collect();
+    // Mallory answers every catch-up with its rooms' whole histories (creates first), and
+    // every extremities question with its rooms' latest events.
+    let pdus: Vec<String> = planted
+        .iter()
+        .flat_map(|(_, p, _)| p.clone())
+        .take(3000)
+        .collect();
+    let ids: Vec<OwnedEventId> = planted
+        .iter()
+        .flat_map(|(_, _, i)| i.clone())
+        .take(3000)
+        .collect();
+    let latest: Vec<OwnedEventId> = planted
+        .iter()
+        .map(|(_, _, i)| i.last().unwrap().clone())
+        .collect();
+    let answer: common::outsider::Answer = {
+        std::sync::Arc::new(move |req: &FedRequest| match req {
+            FedRequest::GetMissingEvents { .. } => FedResponse::Events {
+                pdus: pdus.clone(),
+                event_ids: ids.clone(),
+            },
+            FedRequest::Extremities { .. } => FedResponse::Extremities {
+                event_ids: latest.clone(),
+            },
+            _ => FedResponse::Ok,
+        })
+    };
+    let m = Outsider::dial_as(
+        mal.identity.libp2p_keypair().clone(),
+        a.listen_addrs().await[0].clone(),
+        a.peer_id(),
+        Vec::new(),
+        answer,
+    )
+    .await;
+    let before = rooms_held(&a).await;
+    let auth = mal.join(&m, &room).await;
+
+    for (planted_room, pdus, _) in &planted {
+        // Pushed as a room of its own, and smuggled into a push for the shared room.
+        let r = ask_patiently(
+            &m,
+            FedRequest::Push {
+                room_id: planted_room.clone(),
+                pdus: pdus.clone(),
+            },
+        )
+        .await;
+        assert!(refused(&r), "push of a planted room: {r:?}");
+    }
+    let r = ask_patiently(
+        &m,
+        FedRequest::Push {
+            room_id: room.clone(),
+            pdus: creates[..100].to_vec(),
+        },
+    )
+    .await;
+    assert!(
+        refused(&r),
+        "planted creates in a push for the shared room: {r:?}"
+    );
+    for create in &creates[..50] {
+        let r = ask_patiently(
+            &m,
+            FedRequest::SendJoin {
+                pdu: create.clone(),
+            },
+        )
+        .await;
+        assert!(refused(&r), "send_join of a create event: {r:?}");
+    }
+    // A message that hangs off unknown events makes the node catch up from Mallory, a member.
+    let bait = mal.dangling(&room, &auth, 0, 10);
+    let r = ask_patiently(
+        &m,
+        FedRequest::Push {
+            room_id: room.clone(),
+            pdus: vec![bait],
+        },
+    )
+    .await;
+    assert!(matches!(r, Ok(FedResponse::Ok)), "{r:?}");
+    // Wait for the node to have asked Mallory for the missing events, then for that catch-up
+    // to end.
+    let asked = a
+        .wait_until(PATIENCE, || {
+            let m = &m;
+            async move {
+                m.received()
+                    .await
+                    .iter()
+                    .any(|r| r.starts_with("request: GetMissingEvents"))
+            }
+        })
+        .await;
+    assert!(
+        asked,
+        "the node never caught up from the member that pushed"
+    );
+    let done = a
+        .wait_until(PATIENCE, || {
+            let a = a.clone();
+            async move { a.catch_up_progress().active == 0 }
+        })
+        .await;
+    assert!(done);
+    assert_eq!(
+        rooms_held(&a).await,
+        before,
+        "the node adopted a planted room"
     );
 }

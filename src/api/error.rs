@@ -142,6 +142,8 @@ impl From<NodeError> for ApiError {
                 format!("could not reach the room's peers: {m}"),
             ),
             NodeError::Stopped => Self::unknown("the node has stopped"),
+            // 504: the join went through, the room is not here yet; the client may retry.
+            NodeError::JoinIncomplete(m) => Self::new(StatusCode::GATEWAY_TIMEOUT, "M_UNKNOWN", m),
         }
     }
 }

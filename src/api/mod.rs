@@ -792,7 +792,11 @@ impl ClientApi {
                 let deadline = {
                     let Some(api) = weak.upgrade() else { return };
                     let typing = api.typing.lock().expect("typing lock");
-                    match typing.rooms.get(&room).and_then(|(_, users)| users.get(&user)) {
+                    match typing
+                        .rooms
+                        .get(&room)
+                        .and_then(|(_, users)| users.get(&user))
+                    {
                         Some(until) => *until,
                         None => return,
                     }

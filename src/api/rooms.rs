@@ -240,14 +240,17 @@ impl ClientApi {
                 peers.push(name.peer_id());
             }
         }
+        // The inviter's server before the peer that delivered the invite: anyone can deliver
+        // (replay) a genuine invite, only the inviter's server signed it.
         for invite in self.node.invites() {
             if invite.room_id == room && invite.invitee == s.user_id {
-                peers.push(invite.from);
                 if let Ok(name) = ServerName::try_from(invite.sender.server_name()) {
                     peers.push(name.peer_id());
                 }
+                peers.push(invite.from);
             }
         }
+        peers.dedup();
         if peers.is_empty() {
             return Err(ApiError::not_found(
                 "this server does not know that room; give a `via` server that is in it",

@@ -125,11 +125,54 @@ pub struct Template {
 pub type SortedState = BTreeMap<(String, String), OwnedEventId>;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Origin {
+enum Origin<'a> {
     /// Built here: refused with an error (and not stored) unless fully accepted.
     Local,
-    /// From a peer: stored whatever the verdict.
-    Remote,
+    /// From a peer, within `Scope`: stored whatever the verdict.
+    Remote(&'a Scope),
+}
+
+/// Which PDUs from a peer a caller takes: those of one room (or of any), and whether a create
+/// event may start a room here. A peer must not make a node adopt rooms nobody asked for, nor
+/// slip one room's events in with another's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scope {
+    pub room: Option<OwnedRoomId>,
+    pub adopt: bool,
+}
+
+impl Scope {
+    /// Any room, new ones included (replaying a trusted log, tests).
+    pub fn any() -> Self {
+        Self {
+            room: None,
+            adopt: true,
+        }
+    }
+
+    /// Events of rooms known here already.
+    pub fn known_rooms() -> Self {
+        Self {
+            room: None,
+            adopt: false,
+        }
+    }
+
+    /// Events of `room`, which must be known here already.
+    pub fn room(room: &RoomId) -> Self {
+        Self {
+            room: Some(room.to_owned()),
+            adopt: false,
+        }
+    }
+
+    /// Events of `room`, which this node is joining: its create event starts it here.
+    pub fn joining(room: &RoomId) -> Self {
+        Self {
+            room: Some(room.to_owned()),
+            adopt: true,
+        }
+    }
 }
 
 /// A PDU past the format checks, with its id computed.
@@ -245,6 +288,16 @@ impl Engine {
         &self,
         raws: &[&[u8]],
     ) -> Result<Vec<Result<Received, IngestError>>, StoreError> {
+        self.receive_batch_in(&Scope::any(), raws).await
+    }
+
+    /// [`Engine::receive_batch`] for PDUs that must fall within `scope`; the others are refused
+    /// (`BadFormat` for another room, `Forbidden` for a room not being joined) and not stored.
+    pub async fn receive_batch_in(
+        &self,
+        scope: &Scope,
+        raws: &[&[u8]],
+    ) -> Result<Vec<Result<Received, IngestError>>, StoreError> {
         let mut inner = self.inner.lock().await;
         let store = self.store.as_ref();
         // Prepare what can be prepared now (rooms created inside this batch come later), and
@@ -273,11 +326,15 @@ impl Engine {
             let result = match p {
                 Some(Ok(p)) => {
                     inner
-                        .ingest_prepared(store, p, &mut batch, Origin::Remote)
+                        .ingest_prepared(store, p, &mut batch, Origin::Remote(scope))
                         .await
                 }
                 Some(Err(e)) => Err(e),
-                None => inner.ingest(store, raw, &mut batch, Origin::Remote).await,
+                None => {
+                    inner
+                        .ingest(store, raw, &mut batch, Origin::Remote(scope))
+                        .await
+                }
             };
             match result {
                 Err(IngestError::Store(e)) => failure = Some(e),
@@ -1061,7 +1118,7 @@ impl Inner {
         store: &dyn Store,
         raw: &[u8],
         batch: &mut WriteBatch,
-        origin: Origin,
+        origin: Origin<'_>,
     ) -> Result<Received, IngestError> {
         let prepared = self.prepare(store, raw).await?;
         self.ingest_prepared(store, prepared, batch, origin).await
@@ -1162,7 +1219,7 @@ impl Inner {
         store: &dyn Store,
         prepared: Prepared,
         batch: &mut WriteBatch,
-        origin: Origin,
+        origin: Origin<'_>,
     ) -> Result<Received, IngestError> {
         let Prepared {
             object,
@@ -1190,6 +1247,18 @@ impl Inner {
             }
         }
 
+        // What the scope refuses costs no signature check.
+        if let Origin::Remote(scope) = origin {
+            let outside = match &known_room {
+                Some(room) => scope.room.as_ref().is_some_and(|r| *r != room.room_id),
+                None => !scope.adopt,
+            };
+            if outside {
+                return Err(IngestError::Forbidden(format!(
+                    "{event_id} is outside what this node takes now"
+                )));
+            }
+        }
         // 2. Signature of the origin, whose key is its server name. 3. Content hash.
         let object = verify_and_redact(&object, &rules)?;
         let pdu = Pdu::from_canonical(event_id.clone(), &object)
@@ -1202,6 +1271,21 @@ impl Inner {
             }
         } else if self.load_room(store, &pdu.room_id).await?.is_some() {
             return Err(IngestError::Forbidden("a room has one create event".into()));
+        }
+        if let Origin::Remote(scope) = origin {
+            if scope.room.as_ref().is_some_and(|r| *r != pdu.room_id) {
+                return Err(IngestError::BadFormat(format!(
+                    "an event of {} where only {} is taken",
+                    pdu.room_id,
+                    scope.room.as_ref().expect("checked")
+                )));
+            }
+            if known_room.is_none() && !scope.adopt {
+                return Err(IngestError::Forbidden(format!(
+                    "{} is not a room this node is joining",
+                    pdu.room_id
+                )));
+            }
         }
 
         // Everything the checks need must be here; otherwise ask for it and store nothing.
@@ -1295,7 +1379,7 @@ impl Inner {
                 }
             }
         }
-        if origin == Origin::Local && status != EventStatus::Accepted {
+        if matches!(origin, Origin::Local) && status != EventStatus::Accepted {
             return Err(IngestError::Forbidden(verdict.unwrap_or_default()));
         }
 

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::visibility::{entry_content, membership_in, Membership, ServerView};
 use super::{NodeError, P2pNode};
-use crate::engine::{IngestError, Outcome, Received};
+use crate::engine::{IngestError, Outcome, Received, Scope};
 use crate::identity::ServerName;
 use crate::net::protocol::{
     FedErrorCode, FedRequest, FedResponse, MAX_MISSING_EVENTS, MAX_RESPONSE_BYTES,
@@ -288,7 +288,14 @@ impl P2pNode {
         if !self.may_join(&room_id, &shape.sender).await? {
             return Ok(unknown_room());
         }
-        Ok(match self.shared.engine.receive(pdu.as_bytes()).await {
+        let taken = self
+            .shared
+            .engine
+            .receive_batch_in(&Scope::room(&room_id), &[pdu.as_bytes()])
+            .await?
+            .pop()
+            .expect("one result per event");
+        Ok(match taken {
             Ok(Received {
                 outcome: Outcome::Accepted { .. } | Outcome::Duplicate,
                 room_id,

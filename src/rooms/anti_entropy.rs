@@ -7,7 +7,7 @@ use libp2p::PeerId;
 use super::visibility::ServerView;
 use super::{NodeError, P2pNode};
 use crate::identity::ServerName;
-use crate::net::protocol::{FedRequest, FedResponse};
+use crate::net::protocol::{FedRequest, FedResponse, MAX_IDS_PER_REQUEST};
 
 impl P2pNode {
     pub(super) async fn anti_entropy_logged(&self, peer: PeerId) {
@@ -39,13 +39,15 @@ impl P2pNode {
                 Err(e) => return Err(e),
             };
             let mut unknown = Vec::new();
-            for id in ids {
+            // An honest room has a handful of extremities; a peer answering thousands of ids
+            // gets the first ones looked at.
+            for id in ids.into_iter().take(MAX_IDS_PER_REQUEST) {
                 if engine.event(&id).await?.is_none() {
                     unknown.push(id);
                 }
             }
             if !unknown.is_empty() {
-                let n = self.catch_up(peer, &room_id, unknown).await?;
+                let n = self.catch_up(peer, &room_id, unknown, None).await?;
                 tracing::info!(%peer, %room_id, events = n, "anti-entropy caught up");
             }
         }

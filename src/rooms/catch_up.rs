@@ -5,15 +5,21 @@
 use std::collections::HashSet;
 
 use libp2p::PeerId;
-use ruma::{OwnedEventId, RoomId};
+use ruma::{OwnedEventId, RoomId, RoomVersionId};
 
+use super::visibility::ServerView;
 use super::{NodeError, P2pNode, Shared};
-use crate::engine::{IngestError, Outcome, Received};
+use crate::engine::{verify_standalone, IngestError, Outcome, Received, Scope};
 use crate::net::protocol::{FedRequest, FedResponse, MAX_IDS_PER_REQUEST, MAX_MISSING_EVENTS};
 
 /// Most rounds of `GetMissingEvents` one catch-up makes, and most events it accepts.
 pub const MAX_CATCH_UP_ROUNDS: usize = 64;
 pub const MAX_CATCH_UP_EVENTS: usize = 100_000;
+/// Most bytes of PDUs one catch-up holds while they wait for what they depend on; past this
+/// the catch-up stops (anti-entropy tries again later). Only verified PDUs are held.
+pub const MAX_HELD_BYTES: usize = 32 << 20;
+/// Catch-ups that run at once (each holds at most [`MAX_HELD_BYTES`]); one per peer and room.
+pub const MAX_CATCH_UPS: usize = 4;
 
 /// How far catching up rooms from peers has got: for a progress indicator.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -24,35 +30,88 @@ pub struct CatchUpProgress {
     pub fetched: usize,
 }
 
-/// Counts a catch-up as running while it lives; the count of fetched events restarts when no
-/// catch-up runs.
-struct CatchUpGuard<'a>(&'a Shared);
+/// The catch-ups running now, by peer and room.
+#[derive(Default)]
+pub(crate) struct Running(HashSet<(PeerId, ruma::OwnedRoomId)>);
+
+/// A catch-up's place among the running ones: counted while it lives; the count of fetched
+/// events restarts when no catch-up runs.
+struct CatchUpGuard<'a> {
+    shared: &'a Shared,
+    key: (PeerId, ruma::OwnedRoomId),
+}
 
 impl<'a> CatchUpGuard<'a> {
-    fn start(shared: &'a Shared) -> Self {
+    /// A place for a catch-up of `room_id` from `peer`, unless one runs already or all
+    /// [`MAX_CATCH_UPS`] places are taken.
+    fn start(shared: &'a Shared, peer: PeerId, room_id: &RoomId) -> Option<Self> {
+        let key = (peer, room_id.to_owned());
+        let mut running = shared.catch_ups.lock().expect("not poisoned");
+        if running.0.len() >= MAX_CATCH_UPS || !running.0.insert(key.clone()) {
+            return None;
+        }
         let mut progress = shared.catch_up.lock().expect("not poisoned");
         if progress.active == 0 {
             progress.fetched = 0;
         }
         progress.active += 1;
-        CatchUpGuard(shared)
+        Some(CatchUpGuard { shared, key })
     }
 }
 
 impl Drop for CatchUpGuard<'_> {
     fn drop(&mut self) {
-        self.0.catch_up.lock().expect("not poisoned").active -= 1;
-        self.0.changes.send_modify(|c| *c += 1);
+        self.shared
+            .catch_ups
+            .lock()
+            .expect("not poisoned")
+            .0
+            .remove(&self.key);
+        self.shared.catch_up.lock().expect("not poisoned").active -= 1;
+        self.shared.changes.send_modify(|c| *c += 1);
     }
 }
 
-/// A PDU fetched during catch-up that waits for its dependencies.
+/// A verified PDU fetched during catch-up that waits for its dependencies.
 #[derive(Debug)]
 pub struct Held {
     pub depth: u64,
-    /// The id the sending peer gave (used only to decide what to ask for next).
     pub id: OwnedEventId,
+    /// prev_events and auth_events: what it waits for.
+    pub refs: Vec<OwnedEventId>,
+    pub is_create: bool,
     pub pdu: Vec<u8>,
+}
+
+impl Held {
+    /// Checks a PDU from a catch-up answer of `room_id` (format, signature, content hash: the
+    /// checks that need no state) before it may be held.
+    pub fn verify(raw: String, room_id: &RoomId, version: &RoomVersionId) -> Result<Self, String> {
+        let pdu = verify_standalone(raw.as_bytes(), version).map_err(|e| e.to_string())?;
+        if pdu.room_id != room_id {
+            return Err(format!("{} is in another room", pdu.event_id));
+        }
+        Ok(Held {
+            depth: pdu.depth,
+            refs: pdu
+                .prev_events
+                .iter()
+                .chain(&pdu.auth_events)
+                .cloned()
+                .collect(),
+            is_create: pdu.kind == ruma::events::TimelineEventType::RoomCreate,
+            id: pdu.event_id,
+            pdu: raw.into_bytes(),
+        })
+    }
+}
+
+/// Why a catch-up stopped before placing everything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stopped {
+    Rounds,
+    Events,
+    HeldBytes,
 }
 
 /// The state of one catch-up of one room from one peer.
@@ -61,8 +120,10 @@ pub struct CatchUp {
     room_id: ruma::OwnedRoomId,
     wanted: Vec<OwnedEventId>,
     held: Vec<Held>,
+    held_bytes: usize,
     rounds: usize,
     total: usize,
+    stopped: Option<Stopped>,
 }
 
 impl CatchUp {
@@ -72,18 +133,25 @@ impl CatchUp {
             room_id: room_id.to_owned(),
             wanted: latest,
             held: Vec::new(),
+            held_bytes: 0,
             rounds: 0,
             total: 0,
+            stopped: None,
         }
     }
 
     /// The next request, given our forward extremities (`earliest`), or `None` when there is
-    /// nothing left to ask or the bounds are reached.
+    /// nothing left to ask or a bound is reached.
     pub fn next_request(&mut self, earliest: Vec<OwnedEventId>) -> Option<FedRequest> {
-        if self.wanted.is_empty()
-            || self.rounds >= MAX_CATCH_UP_ROUNDS
-            || self.total >= MAX_CATCH_UP_EVENTS
-        {
+        if self.wanted.is_empty() || self.stopped.is_some() {
+            return None;
+        }
+        if self.rounds >= MAX_CATCH_UP_ROUNDS {
+            self.stopped = Some(Stopped::Rounds);
+            return None;
+        }
+        if self.total >= MAX_CATCH_UP_EVENTS {
+            self.stopped = Some(Stopped::Events);
             return None;
         }
         self.rounds += 1;
@@ -101,29 +169,22 @@ impl CatchUp {
         })
     }
 
-    /// Takes an answer: keeps the PDUs not held yet (and claiming this room, when they name
-    /// one), in depth order. Returns how many were new; 0 means the peer has nothing more.
-    pub fn take_answer(&mut self, pdus: Vec<String>, event_ids: Vec<OwnedEventId>) -> usize {
+    /// Takes verified PDUs of an answer: keeps those not held yet, in depth order, within the
+    /// held-bytes budget. Returns how many were new; 0 means the peer has nothing more.
+    pub fn take_answer(&mut self, pdus: Vec<Held>) -> usize {
         let known: HashSet<OwnedEventId> = self.held.iter().map(|h| h.id.clone()).collect();
         let mut fresh = 0;
-        for (pdu, id) in pdus.into_iter().zip(event_ids) {
-            if known.contains(&id) {
+        for h in pdus {
+            if known.contains(&h.id) {
                 continue;
             }
-            let v: serde_json::Value = serde_json::from_str(&pdu).unwrap_or_default();
-            if v["room_id"]
-                .as_str()
-                .is_some_and(|r| r != self.room_id.as_str())
-            {
-                tracing::warn!(room_id = %self.room_id, %id, "catch-up answer names another room; dropped");
-                continue;
+            if self.held_bytes + h.pdu.len() > MAX_HELD_BYTES {
+                tracing::warn!(room_id = %self.room_id, "catch-up holds {} bytes; stopped", self.held_bytes);
+                self.stopped = Some(Stopped::HeldBytes);
+                break;
             }
-            let depth = v["depth"].as_u64().unwrap_or(u64::MAX);
-            self.held.push(Held {
-                depth,
-                id,
-                pdu: pdu.into_bytes(),
-            });
+            self.held_bytes += h.pdu.len();
+            self.held.push(h);
             fresh += 1;
         }
         self.held.sort_by_key(|h| h.depth);
@@ -133,12 +194,40 @@ impl CatchUp {
 
     /// The PDUs to ingest now (depth order).
     pub fn take_held(&mut self) -> Vec<Held> {
+        self.held_bytes = 0;
         std::mem::take(&mut self.held)
+    }
+
+    /// Whether a create event is held (a room being joined can be stored only from there).
+    pub fn holds_create(&self) -> bool {
+        self.held.iter().any(|h| h.is_create)
+    }
+
+    /// Everything the held PDUs refer to that is not held: what to ask for while the room is
+    /// not stored here yet.
+    pub fn unheld_refs(&self) -> Vec<OwnedEventId> {
+        let held: HashSet<&OwnedEventId> = self.held.iter().map(|h| &h.id).collect();
+        let mut out: Vec<OwnedEventId> = self
+            .held
+            .iter()
+            .flat_map(|h| &h.refs)
+            .filter(|id| !held.contains(id))
+            .cloned()
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// After ingesting: what is still held, and what to ask for next.
     pub fn ingested(&mut self, still_held: Vec<Held>, missing: Vec<OwnedEventId>) {
+        self.held_bytes = still_held.iter().map(|h| h.pdu.len()).sum();
         self.held = still_held;
+        self.wanted = missing;
+    }
+
+    /// The ids to ask for next without ingesting (the room is not stored yet).
+    pub fn want(&mut self, missing: Vec<OwnedEventId>) {
         self.wanted = missing;
     }
 
@@ -146,57 +235,115 @@ impl CatchUp {
     pub fn total(&self) -> usize {
         self.total
     }
+
+    /// Why it stopped early, if it did.
+    pub fn stopped(&self) -> Option<&Stopped> {
+        self.stopped.as_ref()
+    }
 }
 
 impl P2pNode {
-    /// Pulls from `peer` everything needed to place `latest` in our DAG.
+    /// Pulls from `peer` everything needed to place `latest` in our DAG, for a room held here,
+    /// or (with `joining`, the room's version) for one this node is joining. A catch-up of the
+    /// same room from the same peer already running, or all places taken, makes this one a
+    /// no-op (`Ok(0)`) unless it is for a join, which waits for a place.
     pub(super) async fn catch_up(
         &self,
         peer: PeerId,
         room_id: &RoomId,
         latest: Vec<OwnedEventId>,
+        joining: Option<&RoomVersionId>,
     ) -> Result<usize, NodeError> {
         let engine = &self.shared.engine;
+        let (version, scope) = match (engine.room(room_id).await?, joining) {
+            (Some(room), _) => {
+                // Our request names the room's extremities: ask only a server in the room.
+                let in_room = match crate::identity::ServerName::from_peer_id(&peer) {
+                    Some(server) => ServerView::new(engine, room_id, &server)
+                        .await?
+                        .is_some_and(|v| v.in_room()),
+                    None => false,
+                };
+                if !in_room {
+                    tracing::info!(%peer, %room_id, "no catch-up from a server not in the room");
+                    return Ok(0);
+                }
+                (room.room_version, Scope::room(room_id))
+            }
+            (None, Some(v)) => (v.clone(), Scope::joining(room_id)),
+            (None, None) => return Ok(0),
+        };
+        let _place = loop {
+            match CatchUpGuard::start(&self.shared, peer, room_id) {
+                Some(place) => break place,
+                None if joining.is_some() => {
+                    crate::net::rt::sleep(crate::net::rt::Duration::from_millis(50)).await
+                }
+                None => {
+                    tracing::debug!(%peer, %room_id, "catch-up skipped: already running or at the limit");
+                    return Ok(0);
+                }
+            }
+        };
         let mut state = CatchUp::new(room_id, latest);
-        let _progress = CatchUpGuard::start(&self.shared);
         loop {
-            let earliest = engine
-                .room(room_id)
-                .await?
-                .map(|r| r.forward_extremities)
+            let room = engine.room(room_id).await?;
+            let earliest = room
+                .as_ref()
+                .map(|r| r.forward_extremities.clone())
                 .unwrap_or_default();
             let Some(request) = state.next_request(earliest) else {
                 break;
             };
-            let FedResponse::Events { pdus, event_ids } = self.request(peer, request).await? else {
+            let FedResponse::Events { pdus, .. } = self.request(peer, request).await? else {
                 return Err(NodeError::Network(
                     "unexpected answer to get_missing_events".into(),
                 ));
             };
-            let fresh = state.take_answer(pdus, event_ids);
+            // Checked before held: a peer answering junk costs itself the signature checks
+            // and makes this node hold nothing.
+            let mut verified = Vec::with_capacity(pdus.len());
+            for raw in pdus {
+                match Held::verify(raw, room_id, &version) {
+                    Ok(h) => verified.push(h),
+                    Err(e) => {
+                        tracing::warn!(%peer, %room_id, error = %e, "catch-up answer PDU refused")
+                    }
+                }
+            }
+            let fresh = state.take_answer(verified);
             if fresh == 0 {
                 break;
             }
             self.shared.catch_up.lock().expect("not poisoned").fetched += fresh;
             self.changed();
-            let (still_held, missing) = self.ingest_held(state.take_held()).await?;
+            if room.is_none() && !state.holds_create() {
+                // Nothing can be stored before the create event: ask on, ingest nothing.
+                let unheld = state.unheld_refs();
+                state.want(unheld);
+                continue;
+            }
+            let (still_held, missing) = self.ingest_held(&scope, state.take_held()).await?;
             state.ingested(still_held, missing);
+        }
+        if let Some(why) = state.stopped() {
+            tracing::warn!(%peer, %room_id, ?why, "catch-up stopped at its bound");
         }
         self.changed();
         Ok(state.total())
     }
 
     /// Ingests `held` (depth order) in one batch, in passes while that makes progress. Returns
-    /// the PDUs that still lack something, and the ids to ask for next: what the engine reported
-    /// missing, or — while the room itself is unknown here — the prev_events of the held PDUs;
-    /// minus what is already held.
+    /// the PDUs that still lack something, and the ids to ask for next (what the engine
+    /// reported missing, minus what is already held).
     async fn ingest_held(
         &self,
+        scope: &Scope,
         mut held: Vec<Held>,
     ) -> Result<(Vec<Held>, Vec<OwnedEventId>), NodeError> {
         loop {
             let refs: Vec<&[u8]> = held.iter().map(|h| h.pdu.as_slice()).collect();
-            let results = self.shared.engine.receive_batch(&refs).await?;
+            let results = self.shared.engine.receive_batch_in(scope, &refs).await?;
             let before = held.len();
             let mut still = Vec::new();
             let mut missing = Vec::new();
@@ -210,15 +357,7 @@ impl P2pNode {
                         still.push(h);
                     }
                     Err(IngestError::UnknownRoom(_)) => {
-                        let v: serde_json::Value =
-                            serde_json::from_slice(&h.pdu).unwrap_or_default();
-                        let prevs = v["prev_events"].as_array().cloned().unwrap_or_default();
-                        missing.extend(
-                            prevs
-                                .iter()
-                                .filter_map(|p| p.as_str())
-                                .filter_map(|p| OwnedEventId::try_from(p).ok()),
-                        );
+                        missing.extend(h.refs.iter().cloned());
                         still.push(h);
                     }
                     Ok(_) => {}
@@ -250,8 +389,14 @@ mod tests {
         ruma::OwnedRoomId::try_from("!r:example.org").unwrap()
     }
 
-    fn pdu(room: &str, depth: u64) -> String {
-        serde_json::json!({"room_id": room, "depth": depth}).to_string()
+    fn held(n: u32, depth: u64, bytes: usize) -> Held {
+        Held {
+            depth,
+            id: id(n),
+            refs: vec![id(n + 1000)],
+            is_create: false,
+            pdu: vec![b'x'; bytes],
+        }
     }
 
     #[test]
@@ -261,11 +406,9 @@ mod tests {
             panic!("first request")
         };
         assert_eq!(latest, vec![id(3)]);
-        let fresh = c.take_answer(
-            vec![pdu("!r:example.org", 3), pdu("!r:example.org", 1)],
-            vec![id(3), id(1)],
-        );
+        let fresh = c.take_answer(vec![held(3, 3, 10), held(1, 1, 10)]);
         assert_eq!(fresh, 2);
+        assert_eq!(c.unheld_refs(), vec![id(1001), id(1003)]);
         let held = c.take_held();
         assert_eq!(held.iter().map(|h| h.depth).collect::<Vec<_>>(), vec![1, 3]);
         c.ingested(Vec::new(), Vec::new());
@@ -274,22 +417,11 @@ mod tests {
     }
 
     #[test]
-    fn drops_pdus_of_other_rooms_and_repeats() {
+    fn repeats_are_not_new() {
         let mut c = CatchUp::new(&room(), vec![id(2)]);
         c.next_request(vec![]);
-        assert_eq!(
-            c.take_answer(vec![pdu("!other:example.org", 1)], vec![id(1)]),
-            0
-        );
-        assert_eq!(
-            c.take_answer(vec![pdu("!r:example.org", 2)], vec![id(2)]),
-            1
-        );
-        // Held and answered again: not new.
-        assert_eq!(
-            c.take_answer(vec![pdu("!r:example.org", 2)], vec![id(2)]),
-            0
-        );
+        assert_eq!(c.take_answer(vec![held(2, 2, 10)]), 1);
+        assert_eq!(c.take_answer(vec![held(2, 2, 10)]), 0);
     }
 
     #[test]
@@ -302,5 +434,24 @@ mod tests {
             c.ingested(Vec::new(), vec![id(rounds as u32 + 1)]);
         }
         assert_eq!(rounds, MAX_CATCH_UP_ROUNDS);
+        assert_eq!(c.stopped(), Some(&Stopped::Rounds));
+    }
+
+    #[test]
+    fn holds_no_more_than_its_byte_budget() {
+        let mut c = CatchUp::new(&room(), vec![id(1)]);
+        let mut n = 0;
+        while c.next_request(vec![]).is_some() {
+            // A peer answering ever more PDUs that never connect to anything.
+            let answer: Vec<Held> = (0..100).map(|i| held(n * 100 + i, 5, 64 << 10)).collect();
+            n += 1;
+            if c.take_answer(answer) == 0 {
+                break;
+            }
+            let missing = c.unheld_refs();
+            c.want(missing);
+        }
+        assert_eq!(c.stopped(), Some(&Stopped::HeldBytes));
+        assert!(c.held.iter().map(|h| h.pdu.len()).sum::<usize>() <= MAX_HELD_BYTES);
     }
 }

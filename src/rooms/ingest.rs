@@ -7,7 +7,7 @@ use ruma::{OwnedRoomId, RoomId};
 use tokio::sync::mpsc;
 
 use super::P2pNode;
-use crate::engine::{IngestError, Outcome, Received};
+use crate::engine::{IngestError, Outcome, Received, Scope};
 use crate::net::protocol::{FedErrorCode, FedResponse};
 use crate::net::{rt, ReplyTo};
 
@@ -116,7 +116,13 @@ pub(super) async fn ingest_loop(
             .iter()
             .flat_map(|i| i.pdus.iter().map(|p| p.as_bytes()))
             .collect();
-        let results = match node.shared.engine.receive_batch(&refs).await {
+        // Each push was checked to be of a room held here and to carry only that room's PDUs.
+        let results = match node
+            .shared
+            .engine
+            .receive_batch_in(&Scope::known_rooms(), &refs)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "store write failed; pushes refused (anti-entropy will refetch)");
@@ -181,7 +187,10 @@ pub(super) async fn ingest_loop(
                 missing.sort();
                 missing.dedup();
                 rt::spawn(async move {
-                    match node.catch_up(again.from, &again.room_id, missing).await {
+                    match node
+                        .catch_up(again.from, &again.room_id, missing, None)
+                        .await
+                    {
                         Ok(_) => {
                             let _ = node.shared.inbound.send(again).await;
                         }

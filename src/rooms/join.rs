@@ -6,6 +6,7 @@ use ruma::{OwnedEventId, RoomId};
 use serde_json::json;
 
 use super::{now, NodeError, P2pNode};
+use crate::engine::pdu::EventStatus;
 use crate::engine::pdu::{build_signed, rules_for, NewEvent};
 use crate::engine::IngestError;
 use crate::net::protocol::{FedRequest, FedResponse};
@@ -77,7 +78,31 @@ impl P2pNode {
         .map_err(IngestError::BadFormat)?;
         let pdu = String::from_utf8(pdu).expect("canonical JSON is UTF-8");
         self.request(via, FedRequest::SendJoin { pdu }).await?;
-        self.catch_up(via, room_id, vec![event_id.clone()]).await?;
+        // The join is made at `via` now; we hold the room only once its history up to our
+        // join is here and the join itself is accepted. Anything less is reported as it is.
+        let caught_up = self
+            .catch_up(
+                via,
+                room_id,
+                vec![event_id.clone()],
+                Some(&template.room_version),
+            )
+            .await;
+        let joined = matches!(
+            self.shared.engine.event(&event_id).await?.as_deref(),
+            Some(ev) if ev.status == EventStatus::Accepted && ev.pdu.room_id == room_id
+        );
+        if !joined {
+            let why = match caught_up {
+                Err(e) => e.to_string(),
+                Ok(_) => "its history did not place the join".into(),
+            };
+            tracing::warn!(%via, %room_id, error = %why, "joined remotely, but the room is not here yet");
+            return Err(NodeError::JoinIncomplete(format!(
+                "the join was made through {via}, but the room's history could not be fetched \
+                 ({why}); joining again retries"
+            )));
+        }
         let answered: Vec<OwnedEventId> = {
             let mut invites = self.shared.invites.lock().expect("invites lock");
             let ids = invites

@@ -76,6 +76,9 @@ pub enum NodeError {
     Network(String),
     #[error("the node has stopped")]
     Stopped,
+    /// A join made at a peer whose room this node could not fetch yet.
+    #[error("{0}")]
+    JoinIncomplete(String),
 }
 
 impl From<crate::net::Stopped> for NodeError {
@@ -128,6 +131,7 @@ pub(crate) struct Shared {
     send_turn: futures::lock::Mutex<()>,
     delivered: Mutex<Delivered>,
     catch_up: Mutex<CatchUpProgress>,
+    catch_ups: Mutex<catch_up::Running>,
     edu_guard: Mutex<edu::EduGuard>,
 }
 
@@ -179,6 +183,7 @@ impl P2pNode {
                 send_turn: futures::lock::Mutex::new(()),
                 delivered: Mutex::new(Delivered::default()),
                 catch_up: Mutex::new(CatchUpProgress::default()),
+                catch_ups: Mutex::new(catch_up::Running::default()),
                 edu_guard: Mutex::new(edu::EduGuard::default()),
             }),
         };

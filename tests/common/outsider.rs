@@ -21,6 +21,9 @@ enum Command {
     Received(oneshot::Sender<Vec<String>>),
 }
 
+/// How an outsider answers the requests it receives (it records them either way).
+pub type Answer = std::sync::Arc<dyn Fn(&FedRequest) -> FedResponse + Send + Sync>;
+
 /// A handle on the outsider's swarm task.
 pub struct Outsider {
     commands: mpsc::UnboundedSender<Command>,
@@ -30,7 +33,26 @@ pub struct Outsider {
 impl Outsider {
     /// Dials `target` (at `addr`) and subscribes to every topic in `topics`.
     pub async fn dial(addr: Multiaddr, target: PeerId, topics: Vec<String>) -> Self {
-        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        Self::dial_as(
+            key,
+            addr,
+            target,
+            topics,
+            std::sync::Arc::new(|_| FedResponse::Ok),
+        )
+        .await
+    }
+
+    /// [`Outsider::dial`] with the key `key` (its server name) and answering with `answer`.
+    pub async fn dial_as(
+        key: libp2p::identity::Keypair,
+        addr: Multiaddr,
+        target: PeerId,
+        topics: Vec<String>,
+        answer: Answer,
+    ) -> Self {
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_tcp(
                 tcp::Config::default(),
@@ -84,8 +106,9 @@ impl Outsider {
                         }
                         SwarmEvent::Behaviour(BehaviourEvent::Fed(request_response::Event::Message { message, .. })) => match message {
                             request_response::Message::Request { request, channel, .. } => {
+                                let response = answer(&request);
                                 received.push(format!("request: {request:?}"));
-                                let _ = swarm.behaviour_mut().fed.send_response(channel, FedResponse::Ok);
+                                let _ = swarm.behaviour_mut().fed.send_response(channel, response);
                             }
                             request_response::Message::Response { request_id, response } => {
                                 if let Some(tx) = pending.remove(&request_id) {
