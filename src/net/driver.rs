@@ -336,6 +336,12 @@ struct Bucket {
 }
 
 impl Bucket {
+    /// Whether the bucket has refilled: forgetting it then loses nothing (a fresh one is full).
+    fn is_full(&self, now: Instant) -> bool {
+        self.tokens + now.duration_since(self.at).as_secs_f64() * REQUESTS_PER_SECOND
+            >= 2.0 * REQUESTS_PER_SECOND
+    }
+
     fn take(&mut self) -> bool {
         let now = Instant::now();
         self.tokens = (self.tokens
@@ -398,6 +404,8 @@ impl SwarmDriver {
                 _ = discover.tick() => self.discover_peers(),
                 _ = redial.tick() => {
                     self.redial_bootstrap();
+                    let now = Instant::now();
+                    self.buckets.retain(|_, b| !b.is_full(now));
                     #[cfg(not(target_arch = "wasm32"))]
                     self.expire_lookups();
                 }

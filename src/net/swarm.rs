@@ -32,10 +32,31 @@ fn relay_config() -> relay::Config {
     }
 }
 
+/// Connections a node keeps: in total, per peer, and being set up (handshakes cost us CPU).
+#[cfg(not(target_arch = "wasm32"))]
+pub const MAX_CONNECTIONS: u32 = 1024;
+#[cfg(target_arch = "wasm32")]
+pub const MAX_CONNECTIONS: u32 = 128;
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+pub const MAX_PENDING_INCOMING: u32 = 64;
+/// Requests in flight on one connection, both ways (libp2p's default is 100).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 32;
+
+fn connection_limits() -> libp2p::connection_limits::Behaviour {
+    use libp2p::connection_limits::{Behaviour, ConnectionLimits};
+    Behaviour::new(
+        ConnectionLimits::default()
+            .with_max_established(Some(MAX_CONNECTIONS))
+            .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+            .with_max_pending_incoming(Some(MAX_PENDING_INCOMING)),
+    )
+}
+
 /// A native node: the room protocols plus the services browsers rely on.
 #[cfg(not(target_arch = "wasm32"))]
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    pub(super) limits: libp2p::connection_limits::Behaviour,
     pub(super) fed: request_response::cbor::Behaviour<FedRequest, FedResponse>,
     pub(super) identify: identify::Behaviour,
     pub(super) ping: ping::Behaviour,
@@ -57,6 +78,7 @@ pub(super) const KAD_PROTOCOL: &str = "/hyphae/kad/1";
 #[cfg(target_arch = "wasm32")]
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    pub(super) limits: libp2p::connection_limits::Behaviour,
     pub(super) fed: request_response::cbor::Behaviour<FedRequest, FedResponse>,
     pub(super) identify: identify::Behaviour,
     pub(super) ping: ping::Behaviour,
@@ -106,7 +128,9 @@ pub(super) async fn build_swarm(
                 StreamProtocol::new(FED_PROTOCOL),
                 request_response::ProtocolSupport::Full,
             )],
-            request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(30))
+                .with_max_concurrent_streams(MAX_STREAMS_PER_CONNECTION),
         )
     };
     let identify = |key: &libp2p::identity::Keypair| {
@@ -141,6 +165,7 @@ pub(super) async fn build_swarm(
                 None
             };
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Behaviour {
+                limits: connection_limits(),
                 fed: fed(),
                 identify: identify(key),
                 ping: ping::Behaviour::default(),
@@ -191,6 +216,7 @@ pub(super) async fn build_swarm(
             .with_relay_client(noise::Config::new, yamux::Config::default)
             .map_err(|e| e.to_string())?
             .with_behaviour(|key, relay_client| Behaviour {
+                limits: connection_limits(),
                 fed: fed(),
                 identify: identify(key),
                 ping: ping::Behaviour::default(),

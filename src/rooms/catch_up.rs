@@ -118,6 +118,9 @@ pub enum Stopped {
 #[derive(Debug)]
 pub struct CatchUp {
     room_id: ruma::OwnedRoomId,
+    /// What the catch-up is for: asked for again until placed (an answer cut to fit the codec
+    /// may stop short of them).
+    targets: Vec<OwnedEventId>,
     wanted: Vec<OwnedEventId>,
     held: Vec<Held>,
     held_bytes: usize,
@@ -131,6 +134,7 @@ impl CatchUp {
     pub fn new(room_id: &RoomId, latest: Vec<OwnedEventId>) -> Self {
         Self {
             room_id: room_id.to_owned(),
+            targets: latest.clone(),
             wanted: latest,
             held: Vec::new(),
             held_bytes: 0,
@@ -203,14 +207,15 @@ impl CatchUp {
         self.held.iter().any(|h| h.is_create)
     }
 
-    /// Everything the held PDUs refer to that is not held: what to ask for while the room is
-    /// not stored here yet.
+    /// The targets and everything the held PDUs refer to that is not held: what to ask for
+    /// while the room is not stored here yet.
     pub fn unheld_refs(&self) -> Vec<OwnedEventId> {
         let held: HashSet<&OwnedEventId> = self.held.iter().map(|h| &h.id).collect();
         let mut out: Vec<OwnedEventId> = self
             .held
             .iter()
             .flat_map(|h| &h.refs)
+            .chain(&self.targets)
             .filter(|id| !held.contains(id))
             .cloned()
             .collect();
@@ -229,6 +234,11 @@ impl CatchUp {
     /// The ids to ask for next without ingesting (the room is not stored yet).
     pub fn want(&mut self, missing: Vec<OwnedEventId>) {
         self.wanted = missing;
+    }
+
+    /// The events the catch-up is for.
+    pub fn targets(&self) -> &[OwnedEventId] {
+        &self.targets
     }
 
     /// Events taken so far.
@@ -323,7 +333,15 @@ impl P2pNode {
                 state.want(unheld);
                 continue;
             }
-            let (still_held, missing) = self.ingest_held(&scope, state.take_held()).await?;
+            let (still_held, mut missing) = self.ingest_held(&scope, state.take_held()).await?;
+            for target in state.targets() {
+                let placed = engine.event(target).await?.is_some();
+                if !placed && !still_held.iter().any(|h| h.id == *target) {
+                    missing.push(target.clone());
+                }
+            }
+            missing.sort();
+            missing.dedup();
             state.ingested(still_held, missing);
         }
         if let Some(why) = state.stopped() {
@@ -409,6 +427,7 @@ mod tests {
         let fresh = c.take_answer(vec![held(3, 3, 10), held(1, 1, 10)]);
         assert_eq!(fresh, 2);
         assert_eq!(c.unheld_refs(), vec![id(1001), id(1003)]);
+        assert_eq!(c.targets(), &[id(3)]);
         let held = c.take_held();
         assert_eq!(held.iter().map(|h| h.depth).collect::<Vec<_>>(), vec![1, 3]);
         c.ingested(Vec::new(), Vec::new());
