@@ -1136,3 +1136,43 @@ async fn events_that_reference_another_room_are_dropped_and_change_neither_room(
         );
     }
 }
+
+#[tokio::test]
+async fn the_event_cache_stays_within_its_budget_and_evicted_events_reload() {
+    let e = engine().await;
+    let alice = Peer::new(1, "alice");
+    let (room, _) = e
+        .create_room(&alice.identity, &alice.user, &CreateRoom::default(), ts(1))
+        .await
+        .unwrap();
+    // ~60 KiB events: twice the budget's worth.
+    let per_event = 60_000;
+    let n = 2 * hyphae::engine::EVENT_CACHE_BYTES / per_event;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = e
+            .send(
+                &alice.identity,
+                &room,
+                &alice.user,
+                "m.room.message",
+                None,
+                json!({"body": format!("{i} {}", "x".repeat(per_event))}),
+                ts(10 + i as u64),
+            )
+            .await
+            .unwrap();
+        ids.push(r.event_id);
+    }
+    let (_, bytes) = e.cached_events().await;
+    assert!(
+        bytes <= hyphae::engine::EVENT_CACHE_BYTES + 2 * 65_536,
+        "cache holds {bytes} bytes"
+    );
+    // The first events were evicted long ago and still read back from the store.
+    let first = e.event(&ids[0]).await.unwrap().expect("reloads");
+    assert!(content_of(&e, &first.pdu.event_id).await["body"]
+        .as_str()
+        .unwrap()
+        .starts_with("0 "));
+}

@@ -445,3 +445,179 @@ async fn a_peer_planting_500_rooms_leaves_the_node_tracking_none_of_them() {
         "the node adopted a planted room"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_of_large_events_is_caught_up_across() {
+    // 200 events of ~60 KiB: 12 MB, more than one answer can carry, so catch-up takes rounds
+    // of answers cut below the codec's limit.
+    let a = node(&[]).await;
+    let opts = CreateRoom {
+        preset: Preset::PublicChat,
+        ..Default::default()
+    };
+    let room = a.create_room("alice", &opts).await.unwrap();
+    let mut last = None;
+    for i in 0..200 {
+        let body = format!("{i} {}", "y".repeat(60_000));
+        last = Some(text(&a, &room, "alice", &body).await);
+    }
+    let last = last.unwrap();
+    let b = node(&[&a]).await;
+    assert!(b.wait_for_peers(1, PATIENCE).await);
+    b.join(&room, "bob", a.peer_id()).await.unwrap();
+    let ev = b.engine().event(&last).await.unwrap();
+    assert!(ev.is_some(), "the last large event was not caught up");
+    let timeline = b
+        .engine()
+        .timeline(&room, None, hyphae::store::Direction::Forward, 1000)
+        .await
+        .unwrap();
+    assert!(
+        timeline.len() >= 200,
+        "only {} events arrived",
+        timeline.len()
+    );
+}
+
+fn rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_answering_catch_up_with_junk_is_held_to_its_budget_while_members_chat() {
+    let (a, b, room) = two_members().await;
+    let mal = std::sync::Arc::new(Mallory::new().await);
+    let auth: std::sync::Arc<std::sync::Mutex<Vec<OwnedEventId>>> = Default::default();
+    let round = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let answer: common::outsider::Answer = {
+        let (mal, auth, room, round, asked) = (
+            mal.clone(),
+            auth.clone(),
+            room.clone(),
+            round.clone(),
+            asked.clone(),
+        );
+        std::sync::Arc::new(move |req: &FedRequest| match req {
+            FedRequest::GetMissingEvents { .. } => {
+                asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Every round: junk, and fresh well-signed events that hang off nothing, as
+                // much as an answer may carry.
+                let r = round.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let auth = auth.lock().unwrap().clone();
+                let mut pdus: Vec<String> = (0..500)
+                    .map(|i| format!("{{\"junk\":\"{i}{}\"}}", "z".repeat(2000)))
+                    .collect();
+                pdus.extend((0..90).map(|i| mal.dangling(&room, &auth, r * 1000 + i, 60_000)));
+                FedResponse::Events {
+                    event_ids: Vec::new(),
+                    pdus,
+                }
+            }
+            FedRequest::Extremities { .. } => FedResponse::Extremities {
+                event_ids: (0..100)
+                    .map(|i| format!("$random{i:0>38}").try_into().unwrap())
+                    .collect(),
+            },
+            _ => FedResponse::Ok,
+        })
+    };
+    let m = Outsider::dial_as(
+        mal.identity.libp2p_keypair().clone(),
+        a.listen_addrs().await[0].clone(),
+        a.peer_id(),
+        Vec::new(),
+        answer,
+    )
+    .await;
+    *auth.lock().unwrap() = mal.join(&m, &room).await;
+    let rss_before = rss_mib();
+
+    // Honest delivery without the attack.
+    let mut quiet = Vec::new();
+    for i in 0..30 {
+        let t = std::time::Instant::now();
+        let id = text(&a, &room, "alice", &format!("quiet {i}")).await;
+        wait_for(&b, &id).await;
+        quiet.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    // The attack: a dangling event makes the node catch up from Mallory, a member.
+    let bait = mal.dangling(&room, &auth.lock().unwrap().clone(), 0, 10);
+    let r = ask_patiently(
+        &m,
+        FedRequest::Push {
+            room_id: room.clone(),
+            pdus: vec![bait],
+        },
+    )
+    .await;
+    assert!(matches!(r, Ok(FedResponse::Ok)), "{r:?}");
+    let started = a
+        .wait_until(PATIENCE, || {
+            let asked = asked.clone();
+            async move { asked.load(std::sync::atomic::Ordering::SeqCst) > 0 }
+        })
+        .await;
+    assert!(started, "the node never caught up from Mallory");
+    let mut loud = Vec::new();
+    for i in 0..30 {
+        let t = std::time::Instant::now();
+        let id = text(&a, &room, "alice", &format!("under attack {i}")).await;
+        wait_for(&b, &id).await;
+        loud.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let done = a
+        .wait_until(PATIENCE, || {
+            let a = a.clone();
+            async move { a.catch_up_progress().active == 0 }
+        })
+        .await;
+    assert!(done, "the junk catch-up never ended");
+    quiet.sort_by(f64::total_cmp);
+    loud.sort_by(f64::total_cmp);
+    println!(
+        "BENCH honest delivery a -> b, p50/p99 ms: {:.1}/{:.1} quiet, {:.1}/{:.1} during a junk catch-up ({} rounds asked); RSS {} -> {} MiB",
+        percentile(&quiet, 0.5),
+        percentile(&quiet, 0.99),
+        percentile(&loud, 0.5),
+        percentile(&loud, 0.99),
+        asked.load(std::sync::atomic::Ordering::SeqCst),
+        rss_before,
+        rss_mib()
+    );
+    // Each catch-up stops at its held-bytes budget: far fewer rounds than the round bound.
+    assert!(
+        asked.load(std::sync::atomic::Ordering::SeqCst)
+            < hyphae::rooms::catch_up::MAX_CATCH_UP_ROUNDS,
+        "the budget did not stop the catch-up"
+    );
+    // None of Mallory's dangling events is stored.
+    let timeline = a
+        .engine()
+        .timeline(&room, None, hyphae::store::Direction::Forward, 10_000)
+        .await
+        .unwrap();
+    assert!(timeline
+        .iter()
+        .all(|ev| ev.pdu.sender != mal.user || ev.pdu.kind.to_string() == "m.room.member"));
+}
+
+async fn wait_for(n: &P2pNode, id: &OwnedEventId) {
+    let ok = n
+        .wait_until(PATIENCE, || {
+            let (n, id) = (n.clone(), id.clone());
+            async move { n.engine().event(&id).await.unwrap().is_some() }
+        })
+        .await;
+    assert!(ok, "{id} never arrived");
+}

@@ -298,6 +298,12 @@ impl ClientApi {
     ) -> ApiResult<ApiResponse> {
         let body = body_object(req)?;
         let room = room_id(room)?;
+        // An invite to a room not held here is declined by forgetting it.
+        if self.node.engine().room(&room).await?.is_none()
+            && self.node.decline_invite(&room, &s.user_id).await?
+        {
+            return ok(json!({}));
+        }
         let state = self.state_of(&room).await?;
         match self.membership(&state, &s.user_id).await?.as_deref() {
             Some("join" | "invite" | "knock") => {}

@@ -8,6 +8,8 @@
 //! durable. If the write fails the caches are dropped and reloaded, so memory never runs ahead of
 //! disk.
 
+mod cache;
+pub use cache::{EVENT_CACHE_BYTES, MAX_CACHED_GROUPS, MAX_CACHED_RESOLUTIONS};
 pub mod create_room;
 pub mod pdu;
 pub mod resolve;
@@ -38,6 +40,11 @@ use state::{apply_record, record_for, StateGroup, StateGroupRecord, StateMap, EM
 
 /// Most prev_events a local event lists (the spec recommends a small bound).
 const MAX_PREV_EVENTS: usize = 10;
+/// Most forward extremities a room keeps: every accepted event resolves the state across all
+/// of them, so a peer that forks a room a thousand ways must not make each event cost a
+/// thousand-way resolution. Past this the oldest are dropped (a later event naming them as
+/// prev_events brings their branch back). An honest room has a handful.
+pub const MAX_FORWARD_EXTREMITIES: usize = 64;
 
 /// Why a PDU was refused outright. Nothing about it is stored.
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +198,7 @@ pub struct Engine {
 
 #[derive(Default)]
 struct Inner {
-    events: HashMap<OwnedEventId, Arc<StoredEvent>>,
+    events: cache::EventCache,
     groups: HashMap<u64, StateGroup>,
     rooms: HashMap<OwnedRoomId, RoomRecord>,
     /// Memo of resolutions: sorted input groups -> resolved group.
@@ -272,6 +279,20 @@ impl Engine {
         })
     }
 
+    /// The engine's state, with the caches trimmed to their budgets first (between operations,
+    /// when nothing borrowed from them is in use and every new state group is stored).
+    async fn lock(&self) -> futures::lock::MutexGuard<'_, Inner> {
+        let mut inner = self.inner.lock().await;
+        inner.trim();
+        inner
+    }
+
+    /// Events cached in memory now, and their weight in bytes.
+    pub async fn cached_events(&self) -> (usize, usize) {
+        let inner = self.lock().await;
+        (inner.events.len(), inner.events.bytes())
+    }
+
     pub fn store(&self) -> &SharedStore {
         &self.store
     }
@@ -298,7 +319,7 @@ impl Engine {
         scope: &Scope,
         raws: &[&[u8]],
     ) -> Result<Vec<Result<Received, IngestError>>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         // Prepare what can be prepared now (rooms created inside this batch come later), and
         // look every new event id up in one read instead of one per event.
@@ -362,7 +383,7 @@ impl Engine {
         content: serde_json::Value,
         now: MilliSecondsSinceUnixEpoch,
     ) -> Result<Received, IngestError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let mut batch = WriteBatch::new();
         let received = inner
@@ -399,7 +420,7 @@ impl Engine {
         events: Vec<LocalEvent>,
         now: MilliSecondsSinceUnixEpoch,
     ) -> Result<Vec<Result<Received, IngestError>>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let mut batch = WriteBatch::new();
         let mut results = Vec::with_capacity(events.len());
@@ -456,7 +477,7 @@ impl Engine {
             OwnedRoomId::try_from(format!("!{local}:{}", identity.server_name()))
                 .expect("valid room id")
         });
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let mut batch = WriteBatch::new();
         let mut ids = Vec::new();
@@ -502,7 +523,7 @@ impl Engine {
         state_key: Option<&str>,
         content: &serde_json::Value,
     ) -> Result<Template, IngestError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let room = inner
             .load_room(store, room_id)
@@ -531,7 +552,7 @@ impl Engine {
         latest: &[OwnedEventId],
         limit: usize,
     ) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let stop: HashSet<&OwnedEventId> = earliest.iter().collect();
         let mut seen: HashSet<OwnedEventId> = HashSet::new();
@@ -560,7 +581,7 @@ impl Engine {
     }
 
     pub async fn room(&self, room_id: &RoomId) -> Result<Option<RoomRecord>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         inner.load_room(self.store.as_ref(), room_id).await
     }
 
@@ -577,12 +598,12 @@ impl Engine {
     }
 
     pub async fn event(&self, event_id: &EventId) -> Result<Option<Arc<StoredEvent>>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         inner.load_event(self.store.as_ref(), event_id).await
     }
 
     pub async fn current_state(&self, room_id: &RoomId) -> Result<Option<SortedState>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let Some(room) = inner.load_room(store, room_id).await? else {
             return Ok(None);
@@ -596,7 +617,7 @@ impl Engine {
         &self,
         event_id: &EventId,
     ) -> Result<Option<SortedState>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let Some(ev) = inner.load_event(store, event_id).await? else {
             return Ok(None);
@@ -609,7 +630,7 @@ impl Engine {
 
     /// The state after `event_id` (for state events, including the event itself).
     pub async fn state_after(&self, event_id: &EventId) -> Result<Option<SortedState>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let Some(ev) = inner.load_event(store, event_id).await? else {
             return Ok(None);
@@ -626,7 +647,7 @@ impl Engine {
         &self,
         event_id: &EventId,
     ) -> Result<Option<(Arc<StateMap>, Arc<StateMap>)>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let Some(ev) = inner.load_event(store, event_id).await? else {
             return Ok(None);
@@ -642,7 +663,7 @@ impl Engine {
     /// Events by id, read under one lock with one store round trip for those not cached
     /// (absent ids are left out).
     pub async fn events(&self, ids: &[&OwnedEventId]) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         inner.prefetch(store, ids).await?;
         let mut out = Vec::with_capacity(ids.len());
@@ -660,7 +681,7 @@ impl Engine {
         &self,
         ids: &[OwnedEventId],
     ) -> Result<Vec<(Arc<StoredEvent>, Arc<StateMap>)>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
@@ -681,7 +702,7 @@ impl Engine {
         &self,
         room_id: &RoomId,
     ) -> Result<Option<Arc<StateMap>>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let Some(room) = inner.load_room(store, room_id).await? else {
             return Ok(None);
@@ -702,7 +723,7 @@ impl Engine {
                 usize::MAX,
             )
             .await?;
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let mut out = Vec::with_capacity(entries.len());
         for (_, id) in entries {
             let id = String::from_utf8(id)
@@ -719,7 +740,7 @@ impl Engine {
     /// The stream position the next accepted event will take: every event at a lower position
     /// is already stored.
     pub async fn stream_position(&self) -> u64 {
-        self.inner.lock().await.next_stream
+        self.lock().await.next_stream
     }
 
     /// Up to `limit` timeline events of a room, starting after/before stream position `from`
@@ -753,7 +774,7 @@ impl Engine {
                     .ok_or_else(|| StoreError::Corrupt("timeline entry".into()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         // One store read for the page rather than one per event (each is a round trip to
         // IndexedDB in the tab).
         inner
@@ -783,6 +804,21 @@ impl Inner {
             next_group: read_counter(store, NEXT_GROUP_KEY, EMPTY_GROUP + 1).await?,
             ..Self::default()
         })
+    }
+
+    /// Keeps the caches within their budgets. Groups not yet stored are never dropped.
+    fn trim(&mut self) {
+        // Absences found by a prefetch hold for one operation only.
+        self.known_absent.clear();
+        self.events.trim(cache::EVENT_CACHE_BYTES);
+        if self.pending_groups.is_empty() && self.groups.len() > cache::MAX_CACHED_GROUPS {
+            // Dropped groups are reloaded from the store when next needed.
+            let keep: HashSet<u64> = self.rooms.values().map(|r| r.current_state).collect();
+            self.groups.retain(|id, _| keep.contains(id));
+        }
+        if self.resolved.len() > cache::MAX_CACHED_RESOLUTIONS {
+            self.resolved.clear();
+        }
     }
 
     /// Forgets everything cached (after a failed write) and reloads the counters.
@@ -1433,6 +1469,10 @@ impl Inner {
                         room.forward_extremities
                             .retain(|e| !stored.pdu.prev_events.contains(e));
                         room.forward_extremities.push(event_id.clone());
+                        if room.forward_extremities.len() > MAX_FORWARD_EXTREMITIES {
+                            let excess = room.forward_extremities.len() - MAX_FORWARD_EXTREMITIES;
+                            room.forward_extremities.drain(..excess);
+                        }
                         room.current_state = if room.forward_extremities.len() == 1 {
                             state_after
                         } else {

@@ -359,12 +359,52 @@ impl P2pNode {
         scope: &Scope,
         mut held: Vec<Held>,
     ) -> Result<(Vec<Held>, Vec<OwnedEventId>), NodeError> {
+        // A PDU that refers to something neither stored nor held cannot be placed this round:
+        // it is kept back from the engine (whose lock every sync and send waits on), and what
+        // it lacks is asked for.
+        let mut missing = Vec::new();
+        let mut waiting = Vec::new();
+        {
+            let held_ids: HashSet<OwnedEventId> = held.iter().map(|h| h.id.clone()).collect();
+            let refs: Vec<&OwnedEventId> = held
+                .iter()
+                .flat_map(|h| &h.refs)
+                .filter(|r| !held_ids.contains(*r))
+                .collect();
+            let stored: HashSet<OwnedEventId> = self
+                .shared
+                .engine
+                .events(&refs)
+                .await?
+                .into_iter()
+                .map(|ev| ev.pdu.event_id.clone())
+                .collect();
+            let (ready, not_ready): (Vec<Held>, Vec<Held>) = held.into_iter().partition(|h| {
+                h.refs
+                    .iter()
+                    .all(|r| held_ids.contains(r) || stored.contains(r))
+            });
+            for h in &not_ready {
+                missing.extend(
+                    h.refs
+                        .iter()
+                        .filter(|r| !held_ids.contains(*r) && !stored.contains(*r))
+                        .cloned(),
+                );
+            }
+            waiting.extend(not_ready);
+            held = ready;
+        }
         loop {
+            if held.is_empty() {
+                missing.sort();
+                missing.dedup();
+                return Ok((waiting, missing));
+            }
             let refs: Vec<&[u8]> = held.iter().map(|h| h.pdu.as_slice()).collect();
             let results = self.shared.engine.receive_batch_in(scope, &refs).await?;
             let before = held.len();
             let mut still = Vec::new();
-            let mut missing = Vec::new();
             for (h, result) in held.into_iter().zip(results) {
                 match result {
                     Ok(Received {
@@ -385,6 +425,7 @@ impl P2pNode {
             held = still;
             // Another pass helps only if this one stored something the rest may depend on.
             if held.is_empty() || held.len() == before {
+                held.append(&mut waiting);
                 let held_ids: HashSet<&OwnedEventId> = held.iter().map(|h| &h.id).collect();
                 missing.retain(|id| !held_ids.contains(id));
                 missing.sort();

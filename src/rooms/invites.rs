@@ -23,7 +23,18 @@ struct InviteRecord {
     /// Absent in records stored before invites carried room state.
     #[serde(default)]
     room_state: Vec<serde_json::Value>,
+    /// When it arrived (ms since the epoch); 0 in records stored before invites expired.
+    #[serde(default)]
+    received_ms: u64,
 }
+
+/// Invites kept for this server's users at once, and from one inviting server.
+pub const MAX_INVITES: usize = 500;
+pub const MAX_INVITES_PER_SERVER: usize = 20;
+/// Bytes of stripped state kept per invite (display information only).
+pub const MAX_INVITE_STATE_BYTES: usize = 16 << 10;
+/// An invite not answered in this long is dropped.
+pub const INVITE_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
 
 impl From<&Invite> for InviteRecord {
     fn from(i: &Invite) -> Self {
@@ -35,6 +46,7 @@ impl From<&Invite> for InviteRecord {
             invitee: i.invitee.clone(),
             from: i.from.to_string(),
             room_state: i.room_state.clone(),
+            received_ms: i.received_ms,
         }
     }
 }
@@ -43,6 +55,7 @@ pub(super) async fn load_invites(
     store: &dyn crate::store::Store,
 ) -> Result<Vec<Invite>, NodeError> {
     let mut out = Vec::new();
+    let now_ms = now_ms();
     for (_, value) in crate::store::scan_all(store, Table::Invites).await? {
         let r: InviteRecord = serde_json::from_slice(&value)
             .map_err(|e| crate::store::StoreError::Corrupt(format!("invite: {e}")))?;
@@ -58,6 +71,12 @@ pub(super) async fn load_invites(
             invitee: r.invitee,
             from,
             room_state: r.room_state,
+            // Records from before expiry count from now.
+            received_ms: if r.received_ms == 0 {
+                now_ms
+            } else {
+                r.received_ms
+            },
         });
     }
     Ok(out)
@@ -74,6 +93,18 @@ pub struct Invite {
     pub from: PeerId,
     /// Stripped state the inviter sent: `{type, state_key, sender, content}` objects.
     pub room_state: Vec<serde_json::Value>,
+    /// When it arrived (ms since the epoch).
+    pub received_ms: u64,
+}
+
+impl Invite {
+    fn expired(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.received_ms) > INVITE_TTL_MS
+    }
+}
+
+fn now_ms() -> u64 {
+    super::now().get().into()
 }
 
 /// The state an invite carries so the invitee can show the room before joining (the spec's
@@ -219,6 +250,19 @@ impl P2pNode {
                 "the invitee is not on this server",
             ));
         }
+        // Stripped state: one event per known type, within a byte budget.
+        let mut kept: Vec<serde_json::Value> = Vec::new();
+        let mut bytes = 0;
+        for e in room_state {
+            let Some(v) = stripped_state_event(e, &ev.room_id) else {
+                continue;
+            };
+            bytes += e.len();
+            if bytes > MAX_INVITE_STATE_BYTES || kept.iter().any(|k| k["type"] == v["type"]) {
+                continue;
+            }
+            kept.push(v);
+        }
         let invite = Invite {
             room_id: ev.room_id.clone(),
             room_version: room_version.clone(),
@@ -226,14 +270,40 @@ impl P2pNode {
             sender: ev.sender.clone(),
             invitee,
             from: peer,
-            room_state: room_state
-                .iter()
-                .filter_map(|e| stripped_state_event(e, &ev.room_id))
-                .collect(),
+            room_state: kept,
+            received_ms: now_ms(),
         };
+        // Room for it: expired invites go, an older invite to the same room for the same user
+        // is replaced, and each inviting server and all of them together have a cap.
+        let mut batch = WriteBatch::new();
+        {
+            let invites = self.shared.invites.lock().expect("invites lock");
+            if invites.iter().any(|i| i.event_id == invite.event_id) {
+                return Ok(FedResponse::Ok);
+            }
+            let now = now_ms();
+            let server = invite.sender.server_name();
+            let mut kept = 0;
+            let mut from_server = 0;
+            for i in invites.iter() {
+                let replaced = i.room_id == invite.room_id && i.invitee == invite.invitee;
+                if i.expired(now) || replaced {
+                    batch.delete(Table::Invites, i.event_id.as_bytes());
+                    continue;
+                }
+                kept += 1;
+                from_server += usize::from(i.sender.server_name() == server);
+            }
+            if kept >= MAX_INVITES || from_server >= MAX_INVITES_PER_SERVER {
+                tracing::warn!(%peer, %server, "invite refused: too many pending invites");
+                return Ok(FedResponse::error(
+                    LimitExceeded,
+                    "too many pending invites here",
+                ));
+            }
+        }
         // Durable before we say Ok: the invite must survive a restart.
         let record = InviteRecord::from(&invite);
-        let mut batch = WriteBatch::new();
         batch.put(
             Table::Invites,
             invite.event_id.as_bytes(),
@@ -241,11 +311,48 @@ impl P2pNode {
         );
         self.shared.engine.store().write(batch).await?;
         let mut invites = self.shared.invites.lock().expect("invites lock");
+        let now = now_ms();
+        invites.retain(|i| {
+            !(i.expired(now) || (i.room_id == invite.room_id && i.invitee == invite.invitee))
+        });
         if !invites.iter().any(|i| i.event_id == invite.event_id) {
             invites.push(invite);
         }
         drop(invites);
         self.changed();
         Ok(FedResponse::Ok)
+    }
+
+    /// Declines `invitee`'s invites to `room_id` (a room not held here): they are forgotten.
+    /// Returns whether there was one.
+    pub async fn decline_invite(
+        &self,
+        room_id: &RoomId,
+        invitee: &ruma::UserId,
+    ) -> Result<bool, NodeError> {
+        let declined: Vec<OwnedEventId> = self
+            .shared
+            .invites
+            .lock()
+            .expect("invites lock")
+            .iter()
+            .filter(|i| i.room_id == room_id && i.invitee == invitee)
+            .map(|i| i.event_id.clone())
+            .collect();
+        if declined.is_empty() {
+            return Ok(false);
+        }
+        let mut batch = WriteBatch::new();
+        for id in &declined {
+            batch.delete(Table::Invites, id.as_bytes());
+        }
+        self.shared.engine.store().write(batch).await?;
+        self.shared
+            .invites
+            .lock()
+            .expect("invites lock")
+            .retain(|i| !declined.contains(&i.event_id));
+        self.changed();
+        Ok(true)
     }
 }

@@ -300,8 +300,15 @@ impl P2pNode {
         self.shared.changes.send_modify(|c| *c += 1);
     }
 
+    /// Invites for this server's users to rooms not held here, not expired.
     pub fn invites(&self) -> Vec<Invite> {
-        self.shared.invites.lock().expect("invites lock").clone()
+        let now: u64 = now().get().into();
+        let invites = self.shared.invites.lock().expect("invites lock");
+        invites
+            .iter()
+            .filter(|i| now.saturating_sub(i.received_ms) <= invites::INVITE_TTL_MS)
+            .cloned()
+            .collect()
     }
 
     /// Sends a `/hyphae/fed/1` request to `peer` and waits for the answer (finding the peer
