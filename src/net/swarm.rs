@@ -39,8 +39,9 @@ pub const MAX_CONNECTIONS: u32 = 1024;
 pub const MAX_CONNECTIONS: u32 = 128;
 pub const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 pub const MAX_PENDING_INCOMING: u32 = 64;
-/// Requests in flight on one connection, both ways (libp2p's default is 100).
-pub const MAX_STREAMS_PER_CONNECTION: usize = 32;
+/// Requests in flight on one connection, both ways (libp2p's default; past it new streams fail
+/// and the peer's connection may be closed, so it stays above what our own bursts reach).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 100;
 
 fn connection_limits() -> libp2p::connection_limits::Behaviour {
     use libp2p::connection_limits::{Behaviour, ConnectionLimits};
