@@ -1560,7 +1560,7 @@ async fn concurrent_retries_of_one_transaction_make_one_event() {
     let got = bob
         .sync_until("the to-device message", |s| {
             let events = s["to_device"]["events"].as_array()?;
-            (!events.is_empty()).then(|| events.len())
+            (!events.is_empty()).then_some(events.len())
         })
         .await;
     assert_eq!(got, 1, "one to-device message arrived {got} times");
