@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Reproduces the figures in docs/benchmarks.md: native ingest and state resolution, IndexedDB
-# ingest in headless Chromium, the Client-Server API against Synapse and in the tab, the size of
-# the release wasm, and the web app (cold start, typed → visible, tab memory).
+# Reproduces the figures in docs/benchmarks.md: native ingest and state resolution, a client's
+# latency during a login flood, IndexedDB ingest in headless Chromium, the Client-Server API
+# against Synapse and in the tab, the size of the release wasm, and the web app (cold start,
+# typed → visible, tab memory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,6 +12,9 @@ echo "== native (release): cargo bench --bench ingest"
 cargo bench --bench ingest 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
 echo "== native (release): cargo bench --bench p2p"
 cargo bench --bench p2p 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
+
+echo "== native (release): cargo bench --bench login_flood"
+cargo bench --bench login_flood 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
 
 echo "== browser (release, headless Chromium): IndexedDB ingest"
 WASM_BINDGEN_TEST_TIMEOUT=600 cargo test --release --target wasm32-unknown-unknown --test browser_bench -- --nocapture 2>&1 \

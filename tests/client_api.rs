@@ -11,7 +11,8 @@ use common::client::{register, scenario, Transport};
 use hyphae::api::{Caller, ClientApi, Registration};
 use hyphae::rooms::{NodeConfig, P2pNode};
 use hyphae::store::memory::MemoryStore;
-use hyphae::store::{scan_all, Table};
+use hyphae::store::redb::RedbStore;
+use hyphae::store::{scan_all, SharedStore, Table, WriteBatch};
 use serde_json::{json, Value};
 
 struct InProcess(Arc<ClientApi>);
@@ -51,7 +52,27 @@ impl InProcess {
     }
 }
 
+impl InProcess {
+    /// Sends a request built by the test (headers and all) as a local caller.
+    async fn send(&self, req: http::Request<Vec<u8>>) -> (u16, Value) {
+        let resp = self.0.handle(req, Caller { local: true }).await;
+        let json = serde_json::from_slice(resp.body()).unwrap_or(Value::Null);
+        (resp.status().as_u16(), json)
+    }
+}
+
 async fn peer(bootstrap: Option<&P2pNode>) -> (P2pNode, InProcess) {
+    peer_on(Arc::new(MemoryStore::new()), bootstrap).await
+}
+
+/// A peer on a redb store in `dir`, as `hyphae-node` runs: its reads and writes yield, so
+/// requests that race each other really interleave.
+async fn redb_peer(dir: &tempfile::TempDir) -> (P2pNode, InProcess) {
+    let store = RedbStore::open(&dir.path().join("hyphae.redb")).unwrap();
+    peer_on(Arc::new(store), None).await
+}
+
+async fn peer_on(store: SharedStore, bootstrap: Option<&P2pNode>) -> (P2pNode, InProcess) {
     let mut addrs = Vec::new();
     if let Some(b) = bootstrap {
         addrs.push(b.listen_addrs().await[0].clone());
@@ -63,12 +84,15 @@ async fn peer(bootstrap: Option<&P2pNode>) -> (P2pNode, InProcess) {
         mdns: false,
         start_offline: false,
     };
-    let node = P2pNode::start(Arc::new(MemoryStore::new()), config)
-        .await
-        .unwrap();
-    let api = ClientApi::start(node.clone(), Registration::Loopback)
-        .await
-        .unwrap();
+    let node = P2pNode::start(store, config).await.unwrap();
+    let api = ClientApi::start(
+        node.clone(),
+        Registration::Loopback {
+            web_origins: vec![],
+        },
+    )
+    .await
+    .unwrap();
     (node, InProcess(api))
 }
 
@@ -1280,4 +1304,554 @@ async fn ignored_users_are_hidden() {
         "an invite from an ignored user: {s}"
     );
     let _ = m0;
+}
+
+// ---- abuse: floods, races and permissions ----------------------------------------------------
+
+const LOGIN: &str = "/_matrix/client/v3/login";
+const REGISTER: &str = "/_matrix/client/v3/register";
+
+fn login_body(user: &str, password: &str) -> Value {
+    json!({
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": user},
+        "password": password,
+    })
+}
+
+/// Thirty wrong passwords for one user sent at once: each is counted before its password is
+/// checked, so at most the allowed number are checked and the rest are told when to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_wrong_passwords_are_counted_before_they_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, api) = redb_peer(&dir).await;
+    register(&api, "alice", "right").await;
+    register(&api, "bob", "bobs").await;
+    let guesses = (0..30).map(|i| {
+        let body = login_body("alice", &format!("guess{i}"));
+        api.call("POST", LOGIN, None, Some(body))
+    });
+    let answers = futures::future::join_all(guesses).await;
+    let mut checked = 0;
+    for (status, v) in &answers {
+        match (status, v["errcode"].as_str()) {
+            (403, Some("M_FORBIDDEN")) => checked += 1,
+            (429, Some("M_LIMIT_EXCEEDED")) => {
+                assert!(v["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{v}")
+            }
+            _ => panic!("a wrong password got {status} {v}"),
+        }
+    }
+    assert!(
+        (1..=10).contains(&checked),
+        "{checked} of 30 concurrent guesses had their password checked"
+    );
+    // The limit is alice's: bob still logs in.
+    let (status, v) = api
+        .call("POST", LOGIN, None, Some(login_body("bob", "bobs")))
+        .await;
+    assert_eq!(status, 200, "{v}");
+}
+
+/// A flood of logins (right and wrong passwords, several users) while a logged-in client sends
+/// and syncs: the client is answered while the flood is still being answered. The runtime has
+/// one worker thread, so password hashing on it would be unmistakable: every login would run to
+/// its end before the client's request was even polled.
+#[tokio::test(flavor = "current_thread")]
+async fn a_login_flood_does_not_stall_other_clients() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const FLOOD: usize = 200;
+    let (_node, api) = peer(None).await;
+    let api = Arc::new(api);
+    let honest = register(api.as_ref(), "honest", "pw").await;
+    let room = honest.create_room(json!({})).await;
+    let (token, user_id) = (honest.token.clone(), honest.user_id.clone());
+    for i in 0..4 {
+        register(api.as_ref(), &format!("flood{i}"), "pw").await;
+    }
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for i in 0..FLOOD {
+        let (api, answered) = (api.clone(), answered.clone());
+        flood.push(tokio::spawn(async move {
+            let password = if i % 2 == 0 { "pw" } else { "wrong" };
+            let body = login_body(&format!("flood{}", i % 4), password);
+            let (status, v) = api.call("POST", LOGIN, None, Some(body)).await;
+            answered.fetch_add(1, Ordering::SeqCst);
+            (status, v)
+        }));
+    }
+    let served = {
+        let (api, answered) = (api.clone(), answered.clone());
+        tokio::spawn(async move {
+            let mut me = common::client::Client {
+                t: api.as_ref(),
+                token,
+                user_id,
+                since: None,
+                filter: None,
+            };
+            let sent = me.send_text(&room, "h1", "still here").await;
+            me.sync_until("its own message", |s| {
+                s["rooms"]["join"][&room]["timeline"]["events"]
+                    .as_array()?
+                    .iter()
+                    .any(|e| e["event_id"] == sent)
+                    .then_some(())
+            })
+            .await;
+            answered.load(Ordering::SeqCst)
+        })
+    };
+    let answered_when_served = served.await.unwrap();
+    assert!(
+        answered_when_served < FLOOD,
+        "the client was served only after all {FLOOD} logins were answered"
+    );
+    let mut outcomes = std::collections::BTreeMap::new();
+    for h in flood {
+        let (status, v) = h.await.unwrap();
+        assert!(
+            matches!(status, 200 | 403 | 429),
+            "a login got {status} {v}"
+        );
+        if status == 429 {
+            assert_eq!(v["errcode"], "M_LIMIT_EXCEEDED", "{v}");
+            assert!(v["retry_after_ms"].as_u64().is_some(), "{v}");
+        }
+        *outcomes.entry(status).or_insert(0) += 1;
+    }
+    assert!(
+        outcomes.contains_key(&200),
+        "no right password got through: {outcomes:?}"
+    );
+}
+
+/// Sixteen registrations of one name at once (each with its own finished UIA session): exactly
+/// one gets an account, the others `M_USER_IN_USE`, and the store holds one user and one device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_of_one_name_make_one_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, api) = redb_peer(&dir).await;
+    let api = Arc::new(api);
+    let mut attempts = Vec::new();
+    for i in 0..16 {
+        let body = json!({"username": "same", "password": format!("pw{i}")});
+        let (status, first) = api.call("POST", REGISTER, None, Some(body.clone())).await;
+        assert_eq!(status, 401, "{first}");
+        let mut body = body;
+        body["auth"] = json!({"type": "m.login.dummy", "session": first["session"]});
+        attempts.push(body);
+    }
+    let attempts: Vec<_> = attempts
+        .into_iter()
+        .map(|body| {
+            let api = api.clone();
+            tokio::spawn(async move { api.call("POST", REGISTER, None, Some(body)).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for a in attempts {
+        answers.push(a.await.unwrap());
+    }
+    let winners: Vec<usize> = (0..answers.len())
+        .filter(|&i| answers[i].0 == 200)
+        .collect();
+    assert_eq!(winners.len(), 1, "{answers:?}");
+    for (status, v) in answers.iter().filter(|(s, _)| *s != 200) {
+        assert_eq!(
+            (*status, v["errcode"].as_str()),
+            (400, Some("M_USER_IN_USE")),
+            "{v}"
+        );
+    }
+    let store = node.engine().store();
+    let accounts = scan_all(store.as_ref(), Table::Accounts).await.unwrap();
+    let count = |prefix: &str| {
+        accounts
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix.as_bytes()))
+            .count()
+    };
+    assert_eq!(count("user\0@same:"), 1);
+    assert_eq!(count("device\0@same:"), 1);
+    // The account is the winner's: its password logs in.
+    let (status, v) = api
+        .call(
+            "POST",
+            LOGIN,
+            None,
+            Some(login_body("same", &format!("pw{}", winners[0]))),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+}
+
+/// The events of `kind` in a room's timeline, as its member `user` reads them.
+async fn events_of(user: &User<'_>, room: &str, kind: &str) -> Vec<Value> {
+    let v = user
+        .ok("GET", &rooms_path(room, "messages?dir=b&limit=100"), None)
+        .await;
+    v["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == kind)
+        .cloned()
+        .collect()
+}
+
+/// A client that retries a send, a redaction or a to-device message before the first attempt
+/// has committed gets one event (one message) and the same answer every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_retries_of_one_transaction_make_one_event() {
+    let (_node, api) = peer(None).await;
+    let alice = register(&api, "alice", "pw").await;
+    let mut bob = register(&api, "bob", "pw").await;
+    let room = alice.create_room(json!({})).await;
+    let send = rooms_path(&room, "send/m.room.message/t1");
+    let body = json!({"msgtype": "m.text", "body": "once"});
+    let answers =
+        futures::future::join_all((0..10).map(|_| alice.call("PUT", &send, Some(body.clone()))))
+            .await;
+    let ids: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|(status, v)| {
+            assert_eq!(*status, 200, "{v}");
+            v["event_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "retries answered different events: {ids:?}");
+    let messages = events_of(&alice, &room, "m.room.message").await;
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let message = ids.into_iter().next().unwrap();
+
+    let redact = rooms_path(
+        &room,
+        &format!("redact/{}/r1", common::client::enc(&message)),
+    );
+    let answers = futures::future::join_all(
+        (0..10).map(|_| alice.call("PUT", &redact, Some(json!({"reason": "oops"})))),
+    )
+    .await;
+    let ids: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|(status, v)| {
+            assert_eq!(*status, 200, "{v}");
+            v["event_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "retries answered different redactions: {ids:?}"
+    );
+    let redactions = events_of(&alice, &room, "m.room.redaction").await;
+    assert_eq!(redactions.len(), 1, "{redactions:?}");
+
+    // A to-device message retried at once reaches its device once.
+    bob.sync_until("an initial sync", |_| Some(())).await;
+    let path = "/_matrix/client/v3/sendToDevice/m.test/d1";
+    let msg = json!({"messages": {bob.user_id.clone(): {"*": {"n": 1}}}});
+    let answers =
+        futures::future::join_all((0..10).map(|_| alice.call("PUT", path, Some(msg.clone()))))
+            .await;
+    assert!(answers.iter().all(|(s, _)| *s == 200), "{answers:?}");
+    let got = bob
+        .sync_until("the to-device message", |s| {
+            let events = s["to_device"]["events"].as_array()?;
+            (!events.is_empty()).then_some(events.len())
+        })
+        .await;
+    assert_eq!(got, 1, "one to-device message arrived {got} times");
+}
+
+fn alias_path(alias: &str) -> String {
+    format!(
+        "/_matrix/client/v3/directory/room/{}",
+        common::client::enc(alias)
+    )
+}
+
+/// The room an alias points at now (`None` if it points nowhere).
+async fn alias_target(api: &InProcess, alias: &str) -> Option<String> {
+    let (status, v) = api.call("GET", &alias_path(alias), None, None).await;
+    (status == 200).then(|| v["room_id"].as_str().unwrap().to_owned())
+}
+
+/// An alias is never re-pointed, and only the user who made it or one who may set the room's
+/// canonical alias removes it — also for aliases stored before their creator was recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aliases_are_removed_only_by_their_creator_or_a_room_moderator() {
+    let (node, api) = peer(None).await;
+    let server = node.server_name().to_string();
+    let alice = register(&api, "alice", "pw").await;
+    let bob = register(&api, "bob", "pw").await;
+    let carol = register(&api, "carol", "pw").await;
+    let room = alice
+        .create_room(json!({"preset": "public_chat", "room_alias_name": "made"}))
+        .await;
+    let bobs_room = bob.create_room(json!({"preset": "public_chat"})).await;
+    let join = format!("/_matrix/client/v3/join/{}", common::client::enc(&room));
+    bob.ok("POST", &join, Some(json!({}))).await;
+    carol.ok("POST", &join, Some(json!({}))).await;
+    let a = format!("#a:{server}");
+    alice
+        .ok("PUT", &alias_path(&a), Some(json!({"room_id": room})))
+        .await;
+
+    // bob (a plain member) may neither re-point nor remove alice's aliases.
+    let (status, v) = bob
+        .call("PUT", &alias_path(&a), Some(json!({"room_id": bobs_room})))
+        .await;
+    assert_eq!(
+        (status, v["errcode"].as_str()),
+        (409, Some("M_UNKNOWN")),
+        "{v}"
+    );
+    for alias in [a.clone(), format!("#made:{server}")] {
+        bob.fails("DELETE", &alias_path(&alias), None, "M_FORBIDDEN")
+            .await;
+        assert_eq!(
+            alias_target(&api, &alias).await.as_deref(),
+            Some(room.as_str())
+        );
+    }
+    // An alias bob makes is his to remove, and the room's admin may remove it too.
+    for name in ["b1", "b2"] {
+        let alias = format!("#{name}:{server}");
+        bob.ok("PUT", &alias_path(&alias), Some(json!({"room_id": room})))
+            .await;
+        carol
+            .fails("DELETE", &alias_path(&alias), None, "M_FORBIDDEN")
+            .await;
+    }
+    bob.ok("DELETE", &alias_path(&format!("#b1:{server}")), None)
+        .await;
+    alice
+        .ok("DELETE", &alias_path(&format!("#b2:{server}")), None)
+        .await;
+    // Power over the room's canonical alias is what counts: carol, once a moderator, may.
+    let levels = rooms_path(&room, "state/m.room.power_levels");
+    let mut pl = alice.ok("GET", &levels, None).await;
+    pl["users"][&carol.user_id] = json!(50);
+    alice.ok("PUT", &levels, Some(pl)).await;
+    carol.ok("DELETE", &alias_path(&a), None).await;
+    assert_eq!(alias_target(&api, &a).await, None);
+    // alice made `#made` with the room.
+    alice
+        .ok("DELETE", &alias_path(&format!("#made:{server}")), None)
+        .await;
+
+    // A record from before creators were stored: a plain room id.
+    let old = format!("#old:{server}");
+    let mut batch = WriteBatch::new();
+    batch.put(
+        Table::ClientData,
+        format!("alias\0{old}").into_bytes(),
+        Value::from(room.as_str()).to_string().into_bytes(),
+    );
+    node.engine().store().write(batch).await.unwrap();
+    assert_eq!(
+        alias_target(&api, &old).await.as_deref(),
+        Some(room.as_str())
+    );
+    bob.fails("DELETE", &alias_path(&old), None, "M_FORBIDDEN")
+        .await;
+    alice.ok("DELETE", &alias_path(&old), None).await;
+    assert_eq!(alias_target(&api, &old).await, None);
+
+    // Two rooms claiming one new alias at once: one wins, the other is told it exists.
+    let contested = format!("#contested:{server}");
+    let contested_path = alias_path(&contested);
+    let (x, y) = futures::join!(
+        alice.call("PUT", &contested_path, Some(json!({"room_id": room}))),
+        bob.call("PUT", &contested_path, Some(json!({"room_id": bobs_room}))),
+    );
+    let winner = match (x.0, y.0) {
+        (200, 409) => &room,
+        (409, 200) => &bobs_room,
+        other => panic!("two claims of one alias answered {other:?}: {x:?} {y:?}"),
+    };
+    assert_eq!(alias_target(&api, &contested).await.as_ref(), Some(winner));
+}
+
+const DEVICES: &str = "/_matrix/client/v3/devices";
+
+/// `DELETE /devices/{id}` asks for the account's password (user-interactive auth) first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_device_needs_the_password() {
+    let (_node, api) = peer(None).await;
+    let alice = register(&api, "alice", "correct horse").await;
+    let (status, second) = api
+        .call(
+            "POST",
+            LOGIN,
+            None,
+            Some(login_body("alice", "correct horse")),
+        )
+        .await;
+    assert_eq!(status, 200, "{second}");
+    let device = second["device_id"].as_str().unwrap().to_owned();
+    let other_token = second["access_token"].as_str().unwrap().to_owned();
+    let path = format!("{DEVICES}/{device}");
+    let still_there = || async {
+        let v = alice.ok("GET", DEVICES, None).await;
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["device_id"] == device.as_str())
+    };
+
+    let (status, first) = alice.call("DELETE", &path, None).await;
+    assert_eq!(status, 401, "{first}");
+    assert_eq!(
+        first["flows"][0]["stages"][0], "m.login.password",
+        "{first}"
+    );
+    let session = first["session"].as_str().expect("a UIA session").to_owned();
+    assert!(still_there().await);
+
+    let auth = |password: &str, user: &str| {
+        json!({"auth": {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user},
+            "password": password,
+            "session": session,
+        }})
+    };
+    alice
+        .fails(
+            "DELETE",
+            &path,
+            Some(auth("battery staple", &alice.user_id)),
+            "M_FORBIDDEN",
+        )
+        .await;
+    let (status, _) = alice
+        .call("DELETE", &path, Some(auth("wrong", "alice")))
+        .await;
+    assert_eq!(status, 403);
+    // Someone else's password is no better, even a right one.
+    register(&api, "mallory", "mallorys").await;
+    alice
+        .fails(
+            "DELETE",
+            &path,
+            Some(auth("mallorys", "mallory")),
+            "M_FORBIDDEN",
+        )
+        .await;
+    // A session the server never handed out starts over.
+    let mut made_up = auth("correct horse", "alice");
+    made_up["auth"]["session"] = json!("made-up");
+    let (status, v) = alice.call("DELETE", &path, Some(made_up)).await;
+    assert_eq!(status, 401, "{v}");
+    assert!(still_there().await);
+    let (status, _) = api
+        .call(
+            "GET",
+            "/_matrix/client/v3/account/whoami",
+            Some(&other_token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        status, 200,
+        "the device's token stopped working before it was deleted"
+    );
+
+    alice
+        .ok("DELETE", &path, Some(auth("correct horse", "alice")))
+        .await;
+    assert!(!still_there().await);
+    let (status, v) = api
+        .call(
+            "GET",
+            "/_matrix/client/v3/account/whoami",
+            Some(&other_token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, v["errcode"].as_str()),
+        (401, Some("M_UNKNOWN_TOKEN"))
+    );
+    // The session was used up: it deletes no other device.
+    let (_, third) = api
+        .call(
+            "POST",
+            LOGIN,
+            None,
+            Some(login_body("alice", "correct horse")),
+        )
+        .await;
+    let third = format!("{DEVICES}/{}", third["device_id"].as_str().unwrap());
+    let (status, v) = alice
+        .call("DELETE", &third, Some(auth("correct horse", "alice")))
+        .await;
+    assert_eq!(status, 401, "{v}");
+}
+
+fn register_from(origin: Option<&str>, body: &Value) -> http::Request<Vec<u8>> {
+    let mut req = http::Request::builder().method("POST").uri(REGISTER);
+    if let Some(o) = origin {
+        req = req.header("Origin", o);
+    }
+    req.body(body.to_string().into_bytes()).unwrap()
+}
+
+/// In loopback mode a web page of another origin, open in a browser on the node's machine, is
+/// refused an account; the node's own web app and clients that send no `Origin` are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_registration_refuses_other_web_origins() {
+    let (node, api) = peer(None).await;
+    let body = json!({"username": "victim", "password": "pw"});
+    for origin in ["http://evil.example", "null", "http://127.0.0.1:9999"] {
+        let (status, v) = api.send(register_from(Some(origin), &body)).await;
+        assert_eq!(
+            (status, v["errcode"].as_str()),
+            (403, Some("M_FORBIDDEN")),
+            "{origin}: {v}"
+        );
+        assert!(
+            v["error"].as_str().unwrap().contains("--allow-origin"),
+            "{v}"
+        );
+    }
+    let (status, v) = api.send(register_from(None, &body)).await;
+    assert_eq!(status, 401, "no Origin: {v}");
+
+    // What a node that serves its web app on 127.0.0.1:8008 allows, with one more origin
+    // the operator added (`--allow-origin http://localhost:3000`).
+    let mut web_origins = hyphae::api::server::own_origins("127.0.0.1:8008".parse().unwrap());
+    web_origins.push("http://localhost:3000".into());
+    let served = InProcess(
+        ClientApi::start(node, Registration::Loopback { web_origins })
+            .await
+            .unwrap(),
+    );
+    for (name, origin) in [
+        ("own", "http://127.0.0.1:8008"),
+        ("ownbyname", "http://localhost:8008"),
+        ("allowed", "http://LOCALHOST:3000"),
+    ] {
+        let body = json!({"username": name, "password": "pw"});
+        let (status, first) = served.send(register_from(Some(origin), &body)).await;
+        assert_eq!(status, 401, "{origin}: {first}");
+        let mut body = body;
+        body["auth"] = json!({"type": "m.login.dummy", "session": first["session"]});
+        let (status, v) = served.send(register_from(Some(origin), &body)).await;
+        assert_eq!(status, 200, "{origin}: {v}");
+    }
+    let (status, v) = served
+        .send(register_from(Some("http://evil.example"), &body))
+        .await;
+    assert_eq!(
+        (status, v["errcode"].as_str()),
+        (403, Some("M_FORBIDDEN")),
+        "{v}"
+    );
+    drop(api);
 }

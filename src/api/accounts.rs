@@ -7,15 +7,12 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use argon2::password_hash::{
-    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
-};
-use argon2::Argon2;
 use rand::Rng;
 use ruma::{OwnedDeviceId, OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ApiResult};
+use super::passwords::Passwords;
 use crate::store::{KeyRange, SharedStore, Table, WriteBatch};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,6 +91,10 @@ pub struct Accounts {
     store: SharedStore,
     /// Access token → session: every request checks its token, so keep them at hand.
     tokens: Mutex<HashMap<String, TokenRecord>>,
+    /// Held from the check that a user id is free to the write that takes it. This API is the
+    /// only writer of its store's accounts, so that makes creation atomic.
+    creating: futures::lock::Mutex<()>,
+    passwords: Passwords,
 }
 
 impl Accounts {
@@ -101,6 +102,8 @@ impl Accounts {
         Self {
             store,
             tokens: Mutex::new(HashMap::new()),
+            creating: futures::lock::Mutex::new(()),
+            passwords: Passwords::new(),
         }
     }
 
@@ -123,28 +126,29 @@ impl Accounts {
         Ok(self.store.write(batch).await?)
     }
 
-    /// Creates `user` with `password`; fails with `M_USER_IN_USE` if it exists.
+    /// Creates `user` with `password`; fails with `M_USER_IN_USE` if it exists, also when
+    /// another request creates it at the same time.
     pub async fn create_user(&self, user: &UserId, password: &str) -> ApiResult<()> {
         if self.user(user).await?.is_some() {
             return Err(ApiError::user_in_use());
         }
+        // Hashing is slow: outside the lock, so registrations of other names do not wait for it.
         let record = UserRecord {
-            password_hash: hash_password(password)?,
+            password_hash: self.passwords.hash(password).await?,
             displayname: Some(user.localpart().to_owned()),
             avatar_url: None,
         };
+        let _creating = self.creating.lock().await;
+        if self.user(user).await?.is_some() {
+            return Err(ApiError::user_in_use());
+        }
         self.put_user(user, &record).await
     }
 
-    /// Checks a password; `M_FORBIDDEN` for unknown users and wrong passwords alike.
-    pub async fn check_password(&self, user: &UserId, password: &str) -> ApiResult<()> {
-        let wrong = || ApiError::forbidden("wrong user name or password");
-        let record = self.user(user).await?.ok_or_else(wrong)?;
-        let hash = PasswordHash::new(&record.password_hash)
-            .map_err(|e| ApiError::unknown(format!("stored password hash: {e}")))?;
-        Argon2::default()
-            .verify_password(password.as_bytes(), &hash)
-            .map_err(|_| wrong())
+    /// Whether `password` is the account's; an error means it could not be checked (say, too
+    /// many checks are waiting).
+    pub async fn password_matches(&self, record: &UserRecord, password: &str) -> ApiResult<bool> {
+        self.passwords.verify(password, &record.password_hash).await
     }
 
     /// Starts a session on a new (or named) device and returns it.
@@ -293,12 +297,4 @@ impl Accounts {
         }
         Ok(())
     }
-}
-
-fn hash_password(password: &str) -> ApiResult<String> {
-    let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| ApiError::unknown(format!("password hashing: {e}")))
 }

@@ -142,6 +142,27 @@ async fn redaction_applies(
     Ok(have >= required_level(engine, &state, "redact", 50).await?)
 }
 
+/// The power level needed to send a state event of `kind` in a room with `state`: its entry in
+/// `events`, else `state_default` (50, or 0 when the room has no power levels at all).
+pub async fn state_event_level(
+    engine: &Engine,
+    state: &crate::engine::SortedState,
+    kind: &str,
+) -> Result<i64, StoreError> {
+    let Some(id) = state.get(&("m.room.power_levels".to_owned(), String::new())) else {
+        return Ok(0);
+    };
+    let Some(ev) = engine.event(id).await? else {
+        return Ok(0);
+    };
+    let pl: Value = serde_json::from_str(ev.pdu.content.get()).unwrap_or(Value::Null);
+    // Rooms before version 10 may write levels as strings.
+    let level = |v: &Value| v.as_i64().or_else(|| v.as_str()?.trim().parse().ok());
+    Ok(level(&pl["events"][kind])
+        .or_else(|| level(&pl["state_default"]))
+        .unwrap_or(50))
+}
+
 /// The client format of `ev` for `viewer`, with redaction and `prev_content` worked out.
 pub async fn format_event(
     engine: &Engine,

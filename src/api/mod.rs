@@ -9,6 +9,8 @@
 pub mod accounts;
 pub mod error;
 pub mod events;
+mod limits;
+mod passwords;
 mod rooms;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod server;
@@ -29,14 +31,15 @@ use crate::net::rt::{Duration, Instant};
 use crate::rooms::P2pNode;
 use accounts::{check_localpart, Accounts, Session};
 use error::{ApiError, ApiResult};
+use limits::{KeyedLocks, LoginLimiter};
 use user_data::UserData;
 
 /// Largest request body accepted (events are at most 64 KiB; this leaves room for key uploads).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
-/// Failed logins allowed per user name per minute.
-const MAX_FAILED_LOGINS_PER_MINUTE: u32 = 10;
-/// Most failed-login counters and open registration sessions kept in memory.
-const MAX_TRACKED: usize = 10_000;
+/// Most open user-interactive auth sessions kept in memory (past that the oldest is dropped).
+const MAX_UIA_SESSIONS: usize = 10_000;
+/// How long a user-interactive auth session stays open.
+const UIA_SESSION_LIFETIME: Duration = Duration::from_secs(3600);
 /// Longest `/sync` long-poll.
 const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -48,8 +51,13 @@ pub type ApiResponse = http::Response<Vec<u8>>;
 pub enum Registration {
     /// Anyone who can reach the API.
     Open,
-    /// Clients on this machine (loopback HTTP) and the page in the tab.
-    Loopback,
+    /// Clients on this machine (loopback HTTP) and the page in the tab. Any web page open in a
+    /// browser on this machine reaches the API from loopback too, so a request a browser sends
+    /// for a page (it carries `Origin`) is refused unless it is one of `web_origins`: the
+    /// node's own web app and what the operator allows.
+    Loopback {
+        web_origins: Vec<String>,
+    },
     /// Whoever presents this registration token (`m.login.registration_token`).
     Token(String),
     Closed,
@@ -60,6 +68,13 @@ pub enum Registration {
 pub struct Caller {
     /// The client connects from this machine (or is the page in the tab).
     pub local: bool,
+}
+
+/// What a user-interactive auth session was started for: it completes nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum UiaPurpose {
+    Register,
+    DeleteDevice { user: OwnedUserId, device: String },
 }
 
 /// Who is typing where, with expiry; kept in memory only, like every homeserver does.
@@ -75,9 +90,11 @@ pub struct ClientApi {
     registration: Registration,
     typing: Mutex<Typing>,
     typing_serial: AtomicU64,
-    /// Open user-interactive registration sessions.
-    uia_sessions: Mutex<HashMap<String, Instant>>,
-    failed_logins: Mutex<HashMap<String, (Instant, u32)>>,
+    /// Open user-interactive auth sessions: when each started, and what for.
+    uia_sessions: Mutex<HashMap<String, (Instant, UiaPurpose)>>,
+    logins: LoginLimiter,
+    /// Held while a client transaction (device, txn id) runs, so a retry waits for it.
+    txns: KeyedLocks,
     /// Invites to rooms on other peers, with the client-data position they were first seen at.
     seen_invites: Mutex<HashMap<OwnedEventId, u64>>,
     /// This API itself, for tasks it starts (typing expiry) that must not keep it alive.
@@ -211,6 +228,30 @@ fn url_query(query: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// The form origins are compared in: what browsers send in `Origin` (`scheme://host[:port]`,
+/// lowercase, no trailing slash).
+pub fn normalise_origin(origin: &str) -> String {
+    origin.trim().trim_end_matches('/').to_ascii_lowercase()
+}
+
+/// Refuses a request a browser sent for a web page (it carries `Origin`) unless the page's
+/// origin is one of `allowed`. Clients that are not web pages send no `Origin`.
+fn check_web_origin(req: &ApiRequest, allowed: &[String]) -> ApiResult<()> {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = String::from_utf8_lossy(origin.as_bytes());
+    let normal = normalise_origin(&origin);
+    if allowed.iter().any(|a| normalise_origin(a) == normal) {
+        return Ok(());
+    }
+    let shown: String = origin.chars().take(200).collect();
+    Err(ApiError::forbidden(format!(
+        "registration from web pages is open only to this node's own web app, and {shown} is \
+         not it; the node's operator can allow that origin with --allow-origin {shown}"
+    )))
+}
+
 impl ClientApi {
     /// Serves the Client-Server API for the users of `node`.
     async fn new(node: P2pNode, registration: Registration) -> ApiResult<Self> {
@@ -223,7 +264,8 @@ impl ClientApi {
             typing: Mutex::new(Typing::default()),
             typing_serial: AtomicU64::new(1),
             uia_sessions: Mutex::new(HashMap::new()),
-            failed_logins: Mutex::new(HashMap::new()),
+            logins: LoginLimiter::default(),
+            txns: KeyedLocks::default(),
             seen_invites: Mutex::new(HashMap::new()),
             me: std::sync::Weak::new(),
         })
@@ -379,7 +421,7 @@ impl ClientApi {
             (&M::GET, ["devices"]) => self.devices(s).await,
             (&M::GET, ["devices", device]) => self.device(s, device).await,
             (&M::PUT, ["devices", device]) => self.rename_device(req, s, device).await,
-            (&M::DELETE, ["devices", device]) => self.delete_device(s, device).await,
+            (&M::DELETE, ["devices", device]) => self.delete_device(req, s, device).await,
             (&M::GET, ["capabilities"]) => self.capabilities(),
             (&M::GET, ["pushrules"] | ["pushrules", ""]) => self.push_rules(s),
             (&M::GET, ["voip", "turnServer"]) => ok(json!({})),
@@ -541,31 +583,79 @@ impl ClientApi {
 
     // ---- accounts -------------------------------------------------------------------------
 
-    fn check_login_rate(&self, user: &str) -> ApiResult<()> {
-        let failures = self.failed_logins.lock().expect("login limiter");
-        if let Some((since, n)) = failures.get(user) {
-            let elapsed = since.elapsed();
-            if *n >= MAX_FAILED_LOGINS_PER_MINUTE && elapsed < Duration::from_secs(60) {
-                let wait = Duration::from_secs(60) - elapsed;
-                return Err(ApiError::limit_exceeded(wait.as_millis() as u64));
+    /// Checks `user`'s password. Each attempt is counted by the failed-login limiter before
+    /// the password is checked, and the check runs on the password workers.
+    async fn check_user_password(&self, user: &UserId, password: &str) -> ApiResult<()> {
+        let wrong = || ApiError::forbidden("wrong user name or password");
+        // An account that does not exist has no password to guess: nothing to count.
+        let record = self.accounts.user(user).await?.ok_or_else(wrong)?;
+        let attempt = self.logins.begin(user)?;
+        match self.accounts.password_matches(&record, password).await {
+            Ok(true) => {
+                attempt.uncount();
+                Ok(())
+            }
+            // A wrong password: the attempt stays counted.
+            Ok(false) => Err(wrong()),
+            Err(not_checked) => {
+                attempt.uncount();
+                Err(not_checked)
             }
         }
-        Ok(())
     }
 
-    fn note_failed_login(&self, user: &str) {
-        let mut failures = self.failed_logins.lock().expect("login limiter");
-        if failures.len() >= MAX_TRACKED {
-            // Names nobody tried for a minute are forgotten (random names must not grow this).
-            failures.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(60));
+    /// Holds the client transaction `txn` of the session's device: a retry that arrives while
+    /// the first request still runs waits for it, then finds what it stored.
+    pub(super) async fn txn_lock(&self, s: &Session, txn: &str) -> limits::KeyedGuard<'_> {
+        let key = format!("{}\0{}\0{txn}", s.user_id, s.device_id);
+        self.txns.lock(key).await
+    }
+
+    /// Opens a user-interactive auth session for `purpose` and answers 401 with its flow.
+    fn uia_challenge(&self, stage: &str, purpose: UiaPurpose) -> ApiResponse {
+        let session = format!("{:016x}", rand::random::<u64>());
+        let mut sessions = self.uia_sessions.lock().expect("uia sessions");
+        if sessions.len() >= MAX_UIA_SESSIONS {
+            sessions.retain(|_, (started, _)| started.elapsed() < UIA_SESSION_LIFETIME);
         }
-        let entry = failures
-            .entry(user.to_owned())
-            .or_insert((Instant::now(), 0));
-        if entry.0.elapsed() >= Duration::from_secs(60) {
-            *entry = (Instant::now(), 0);
+        if sessions.len() >= MAX_UIA_SESSIONS {
+            let oldest = sessions
+                .iter()
+                .min_by_key(|(_, (started, _))| *started)
+                .map(|(id, _)| id.clone());
+            if let Some(oldest) = oldest {
+                sessions.remove(&oldest);
+            }
         }
-        entry.1 += 1;
+        sessions.insert(session.clone(), (Instant::now(), purpose));
+        drop(sessions);
+        json_response(
+            StatusCode::UNAUTHORIZED,
+            &json!({"flows": [{"stages": [stage]}], "params": {}, "session": session}),
+        )
+    }
+
+    /// Whether `session` is an open user-interactive auth session for `purpose`.
+    fn uia_open(&self, session: Option<&str>, purpose: &UiaPurpose) -> bool {
+        let Some(session) = session else { return false };
+        let sessions = self.uia_sessions.lock().expect("uia sessions");
+        sessions
+            .get(session)
+            .is_some_and(|(started, p)| p == purpose && started.elapsed() < UIA_SESSION_LIFETIME)
+    }
+
+    /// Closes `session` if it is open for `purpose`, and says whether it was: a session
+    /// completes one request only.
+    fn uia_take(&self, session: &str, purpose: &UiaPurpose) -> bool {
+        let mut sessions = self.uia_sessions.lock().expect("uia sessions");
+        match sessions.get(session) {
+            Some((started, p)) if p == purpose => {
+                let fresh = started.elapsed() < UIA_SESSION_LIFETIME;
+                sessions.remove(session);
+                fresh
+            }
+            _ => false,
+        }
     }
 
     /// A user id on this server from a localpart or a full id; other servers' users are refused.
@@ -604,18 +694,10 @@ impl ClientApi {
             (None, None) => return Err(ApiError::bad_json("`identifier` is required")),
             _ => return Err(ApiError::forbidden("log in with a user name")),
         };
-        self.check_login_rate(&name)?;
-        let user = match self.local_user(&name) {
-            Ok(u) => u,
-            Err(_) => {
-                self.note_failed_login(&name);
-                return Err(ApiError::forbidden("wrong user name or password"));
-            }
-        };
-        if let Err(e) = self.accounts.check_password(&user, &p.password).await {
-            self.note_failed_login(&name);
-            return Err(e);
-        }
+        let user = self
+            .local_user(&name)
+            .map_err(|_| ApiError::forbidden("wrong user name or password"))?;
+        self.check_user_password(&user, &p.password).await?;
         let s = self
             .accounts
             .login(&user, r.device_id, r.initial_device_display_name, now_ms())
@@ -632,13 +714,17 @@ impl ClientApi {
         }
         let stage = match &self.registration {
             Registration::Closed => return Err(ApiError::forbidden("registration is closed")),
-            Registration::Loopback if !caller.local => {
+            Registration::Loopback { .. } if !caller.local => {
                 return Err(ApiError::forbidden(
                     "registration is open to clients on this machine only",
                 ))
             }
+            Registration::Loopback { web_origins } => {
+                check_web_origin(req, web_origins)?;
+                "m.login.dummy"
+            }
             Registration::Token(_) => "m.login.registration_token",
-            _ => "m.login.dummy",
+            Registration::Open => "m.login.dummy",
         };
         let completed = match &r.auth {
             Some(AuthData::Dummy(d)) if stage == "m.login.dummy" => d.session.clone(),
@@ -648,13 +734,7 @@ impl ClientApi {
             },
             _ => None,
         };
-        let session_ok = completed.is_some_and(|sess| {
-            self.uia_sessions
-                .lock()
-                .expect("uia sessions")
-                .remove(&sess)
-                .is_some()
-        });
+        let session_ok = completed.is_some_and(|sess| self.uia_take(&sess, &UiaPurpose::Register));
         let localpart = match &r.username {
             Some(u) => u.to_lowercase(),
             None => format!("user{}", rand::random::<u32>()),
@@ -665,18 +745,7 @@ impl ClientApi {
             return Err(ApiError::user_in_use());
         }
         if !session_ok {
-            let session: String = format!("{:016x}", rand::random::<u64>());
-            let mut sessions = self.uia_sessions.lock().expect("uia sessions");
-            if sessions.len() >= MAX_TRACKED {
-                // Sessions left unfinished for an hour are abandoned.
-                sessions.retain(|_, started| started.elapsed() < Duration::from_secs(3600));
-            }
-            sessions.insert(session.clone(), Instant::now());
-            drop(sessions);
-            return Ok(json_response(
-                StatusCode::UNAUTHORIZED,
-                &json!({"flows": [{"stages": [stage]}], "params": {}, "session": session}),
-            ));
+            return Ok(self.uia_challenge(stage, UiaPurpose::Register));
         }
         let password = r
             .password
@@ -757,12 +826,40 @@ impl ClientApi {
         ok(json!({}))
     }
 
-    async fn delete_device(&self, s: &Session, device: &str) -> ApiResult<ApiResponse> {
+    /// Deletes a device once the user has given their password again (user-interactive auth,
+    /// `m.login.password`): an access token alone does not end other sessions.
+    async fn delete_device(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        device: &str,
+    ) -> ApiResult<ApiResponse> {
+        use ruma::api::client::device::delete_device::v3::Request;
+        use ruma::api::client::uiaa::{AuthData, UserIdentifier};
+        let r: Request = parse(req, &[device])?;
         let d = self
             .accounts
             .device(&s.user_id, device)
             .await?
             .ok_or_else(|| ApiError::not_found("no such device"))?;
+        let purpose = UiaPurpose::DeleteDevice {
+            user: s.user_id.clone(),
+            device: device.to_owned(),
+        };
+        let auth = match r.auth {
+            Some(AuthData::Password(p)) if self.uia_open(p.session.as_deref(), &purpose) => p,
+            _ => return Ok(self.uia_challenge("m.login.password", purpose)),
+        };
+        let UserIdentifier::Matrix(id) = &auth.identifier else {
+            return Err(ApiError::forbidden("authenticate with your user name"));
+        };
+        if self.local_user(&id.user).ok().as_ref() != Some(&s.user_id) {
+            return Err(ApiError::forbidden("that is not your account"));
+        }
+        self.check_user_password(&s.user_id, &auth.password).await?;
+        if let Some(session) = &auth.session {
+            self.uia_take(session, &purpose);
+        }
         self.accounts.remove_devices(&s.user_id, &[d]).await?;
         ok(json!({}))
     }

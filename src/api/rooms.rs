@@ -140,23 +140,24 @@ impl ClientApi {
             let key = v.get("state_key").and_then(Value::as_str).unwrap_or("");
             initial_state.push((kind.to_owned(), key.to_owned(), content.clone()));
         }
+        // The alias is claimed before the room is made, so no other request takes it meanwhile.
         let alias = match &r.room_alias_name {
             Some(name) => {
                 let alias = format!("#{name}:{}", self.node.server_name());
                 ruma::OwnedRoomAliasId::try_from(alias.as_str())
                     .map_err(|e| ApiError::invalid_param(format!("bad alias: {e}")))?;
-                if self.data.alias(&alias).await?.is_some() {
-                    return Err(ApiError::new(
+                let claim = self.data.claim_alias(&alias).await?.ok_or_else(|| {
+                    ApiError::new(
                         StatusCode::BAD_REQUEST,
                         "M_ROOM_IN_USE",
                         "that alias is taken",
-                    ));
-                }
-                Some(alias)
+                    )
+                })?;
+                Some((alias, claim))
             }
             None => None,
         };
-        if let Some(alias) = &alias {
+        if let Some((alias, _)) = &alias {
             initial_state.push((
                 "m.room.canonical_alias".into(),
                 String::new(),
@@ -182,8 +183,8 @@ impl ClientApi {
             creator_profile: self.profile_content(&s.user_id).await?,
         };
         let room_id = self.node.create_room(s.user_id.localpart(), &opts).await?;
-        if let Some(alias) = alias {
-            self.data.put_alias(&alias, &room_id).await?;
+        if let Some((_, claim)) = alias {
+            claim.store(&room_id, &s.user_id).await?;
         }
         ok(json!({ "room_id": room_id }))
     }
@@ -389,6 +390,7 @@ impl ClientApi {
         if !content.is_object() {
             return Err(ApiError::bad_json("event content must be an object"));
         }
+        let _one_at_a_time = self.txn_lock(s, txn).await;
         if let Some(id) = self.data.txn(s, txn).await? {
             return ok(json!({ "event_id": id }));
         }
@@ -400,7 +402,8 @@ impl ClientApi {
     }
 
     /// Sends a non-state event for a client transaction. The transaction id is stored in the
-    /// event's own commit: a retry after a crash finds it exactly when the event exists.
+    /// event's own commit: a retry after a crash finds it exactly when the event exists. The
+    /// caller holds the transaction ([`ClientApi::txn_lock`]) from its check of the id on.
     async fn send_for_txn(
         &self,
         s: &Session,
@@ -601,6 +604,7 @@ impl ClientApi {
     ) -> ApiResult<ApiResponse> {
         use ruma::api::client::redact::redact_event::v3::Request;
         let r: Request = parse(req, &[room, event, txn])?;
+        let _one_at_a_time = self.txn_lock(s, txn).await;
         if let Some(id) = self.data.txn(s, txn).await? {
             return ok(json!({ "event_id": id }));
         }
@@ -881,14 +885,10 @@ impl ClientApi {
             return Err(ApiError::invalid_param("aliases must be on this server"));
         }
         self.require_joined(&room, &s.user_id).await?;
-        if self.data.alias(alias).await?.is_some() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "M_UNKNOWN",
-                "that alias is taken",
-            ));
-        }
-        self.data.put_alias(alias, &room).await?;
+        let claim = self.data.claim_alias(alias).await?.ok_or_else(|| {
+            ApiError::new(StatusCode::CONFLICT, "M_UNKNOWN", "alias already exists")
+        })?;
+        claim.store(&room, &s.user_id).await?;
         ok(json!({}))
     }
 
@@ -901,13 +901,34 @@ impl ClientApi {
         ok(json!({ "room_id": room, "servers": [self.node.server_name().to_string()] }))
     }
 
+    /// Removes an alias: its creator may, and so may (as in Synapse) a member of its room with
+    /// the power to set the room's canonical alias.
     pub(super) async fn delete_alias(&self, s: &Session, alias: &str) -> ApiResult<ApiResponse> {
-        let room = self
+        let record = self
             .data
-            .alias(alias)
+            .alias_record(alias)
             .await?
             .ok_or_else(|| ApiError::not_found("no room has that alias here"))?;
-        self.require_joined(&room_id(&room)?, &s.user_id).await?;
+        if record.creator.as_ref() != Some(&s.user_id) {
+            let refused = || {
+                ApiError::forbidden(
+                    "only the alias's creator, or a room member who may set the room's \
+                     canonical alias, may remove it",
+                )
+            };
+            let room = room_id(&record.room_id)?;
+            let state = self
+                .require_joined(&room, &s.user_id)
+                .await
+                .map_err(|_| refused())?;
+            let engine = self.node.engine();
+            let have = super::events::power_level(engine, &state, &s.user_id).await?;
+            let need =
+                super::events::state_event_level(engine, &state, "m.room.canonical_alias").await?;
+            if have < need {
+                return Err(refused());
+            }
+        }
         self.data.delete_alias(alias).await?;
         ok(json!({}))
     }

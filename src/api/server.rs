@@ -20,6 +20,30 @@ pub struct WebApp {
     pub bootstrap: serde_json::Value,
 }
 
+/// The origins of the pages this node serves when its HTTP listener is bound to `addr`, under
+/// every name a browser on this machine may give it (`localhost`, `127.0.0.1`, `[::1]` for a
+/// loopback or wildcard address). A request from one of these pages carries one of them in
+/// `Origin`.
+pub fn own_origins(addr: SocketAddr) -> Vec<String> {
+    let ip = addr.ip();
+    let hosts = if ip.is_loopback() || ip.is_unspecified() {
+        vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "[::1]".to_owned(),
+        ]
+    } else {
+        vec![SocketAddr::new(ip, 0)
+            .to_string()
+            .trim_end_matches(":0")
+            .to_owned()]
+    };
+    hosts
+        .into_iter()
+        .map(|host| format!("http://{host}:{}", addr.port()))
+        .collect()
+}
+
 /// Serves `api` on `listener` (and the web app, if given) until `shutdown` resolves.
 pub async fn serve(
     api: Arc<ClientApi>,
@@ -113,4 +137,30 @@ async fn read_body(body: axum::body::Body) -> Result<Vec<u8>, ApiError> {
         return Err(ApiError::too_large(MAX_BODY_BYTES));
     }
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_origins;
+
+    #[test]
+    fn own_origins_name_the_listener() {
+        assert_eq!(
+            own_origins("127.0.0.1:8008".parse().unwrap()),
+            [
+                "http://localhost:8008",
+                "http://127.0.0.1:8008",
+                "http://[::1]:8008"
+            ]
+        );
+        assert_eq!(own_origins("0.0.0.0:80".parse().unwrap()).len(), 3);
+        assert_eq!(
+            own_origins("192.168.1.5:8008".parse().unwrap()),
+            ["http://192.168.1.5:8008"]
+        );
+        assert_eq!(
+            own_origins("[fe80::1]:8008".parse().unwrap()),
+            ["http://[fe80::1]:8008"]
+        );
+    }
 }

@@ -3,7 +3,8 @@
 //! - `acct\0<user>\0<room or empty>\0<type>` → `{"pos", "content"}` account data
 //! - `filter\0<user>\0<id>` → a stored sync filter
 //! - `txn\0<user>\0<device>\0<txn id>` → event id; `txnev\0<event id>` → `{"device", "txn"}`
-//! - `alias\0<alias>` → room id
+//! - `alias\0<alias>` → `{"room_id", "creator"}` (records from before creators were kept: the
+//!   room id alone)
 //! - `receipt\0<room>\0<user>\0<type>` → `{"pos", "event_id", "ts", "thread_id"}`
 //! - `keys\0<user>\0<device>` → device keys; `otk\0<user>\0<device>\0<key id>` → one-time key
 //! - `todev\0<user>\0<device>\0<pos>` → a to-device message, until the device syncs past it
@@ -29,6 +30,8 @@ const PRIVATE_READ: &str = "m.read.private";
 
 pub struct UserData {
     store: SharedStore,
+    /// Aliases some request is creating right now (see [`UserData::claim_alias`]).
+    claimed_aliases: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The next position; every position below it is durable.
     next: Mutex<u64>,
     /// A copy of `next` readable without waiting for a writer.
@@ -49,6 +52,49 @@ fn decode(v: &[u8]) -> ApiResult<Value> {
     serde_json::from_slice(v).map_err(|e| ApiError::unknown(format!("stored client data: {e}")))
 }
 
+/// Where an alias points, and who made it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AliasRecord {
+    pub room_id: String,
+    /// `None` for aliases stored before creators were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<ruma::OwnedUserId>,
+}
+
+/// The right to create one alias, held from the check that it is free to the write that makes
+/// it (or until dropped).
+pub struct AliasClaim<'a> {
+    data: &'a UserData,
+    alias: String,
+}
+
+impl AliasClaim<'_> {
+    /// Stores the alias, pointing at `room`, made by `creator`.
+    pub async fn store(self, room: &RoomId, creator: &UserId) -> ApiResult<()> {
+        let record = AliasRecord {
+            room_id: room.to_string(),
+            creator: Some(creator.to_owned()),
+        };
+        let mut batch = WriteBatch::new();
+        batch.put(
+            Table::ClientData,
+            key(&["alias", &self.alias]),
+            serde_json::to_vec(&record).expect("record serialises"),
+        );
+        Ok(self.data.store.write(batch).await?)
+    }
+}
+
+impl Drop for AliasClaim<'_> {
+    fn drop(&mut self) {
+        self.data
+            .claimed_aliases
+            .lock()
+            .expect("alias claims")
+            .remove(&self.alias);
+    }
+}
+
 impl UserData {
     pub async fn open(store: SharedStore) -> ApiResult<Self> {
         let next = match store.get(Table::Meta, CLIENT_STREAM_KEY).await? {
@@ -61,6 +107,7 @@ impl UserData {
         };
         Ok(Self {
             store,
+            claimed_aliases: Default::default(),
             next: Mutex::new(next),
             visible: std::sync::atomic::AtomicU64::new(next),
         })
@@ -225,21 +272,46 @@ impl UserData {
             .flatten())
     }
 
+    /// The room `alias` points at.
     pub async fn alias(&self, alias: &str) -> ApiResult<Option<String>> {
-        Ok(self
-            .get(&key(&["alias", alias]))
-            .await?
-            .and_then(|v| v.as_str().map(str::to_owned)))
+        Ok(self.alias_record(alias).await?.map(|a| a.room_id))
     }
 
-    pub async fn put_alias(&self, alias: &str, room: &RoomId) -> ApiResult<()> {
-        let mut batch = WriteBatch::new();
-        batch.put(
-            Table::ClientData,
-            key(&["alias", alias]),
-            Value::from(room.as_str()).to_string(),
-        );
-        Ok(self.store.write(batch).await?)
+    pub async fn alias_record(&self, alias: &str) -> ApiResult<Option<AliasRecord>> {
+        Ok(match self.get(&key(&["alias", alias])).await? {
+            None => None,
+            // Stored before aliases kept their creator.
+            Some(Value::String(room_id)) => Some(AliasRecord {
+                room_id,
+                creator: None,
+            }),
+            Some(v) => Some(
+                serde_json::from_value(v)
+                    .map_err(|e| ApiError::unknown(format!("stored alias: {e}")))?,
+            ),
+        })
+    }
+
+    /// Claims `alias` to create it, or `None` if it exists or another request is creating it
+    /// right now: an alias, once made, is never re-pointed.
+    pub async fn claim_alias(&self, alias: &str) -> ApiResult<Option<AliasClaim<'_>>> {
+        if !self
+            .claimed_aliases
+            .lock()
+            .expect("alias claims")
+            .insert(alias.to_owned())
+        {
+            return Ok(None);
+        }
+        let claim = AliasClaim {
+            data: self,
+            alias: alias.to_owned(),
+        };
+        // (Dropping the claim gives it up.)
+        if self.alias_record(alias).await?.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(claim))
     }
 
     pub async fn delete_alias(&self, alias: &str) -> ApiResult<()> {
@@ -878,6 +950,7 @@ impl ClientApi {
         use ruma::api::client::to_device::send_event_to_device::v3::Request;
         let r: Request = parse(req, &[kind, txn])?;
         let txn_key = format!("todevice:{txn}");
+        let _one_at_a_time = self.txn_lock(s, &txn_key).await;
         if self.data.txn(s, &txn_key).await?.is_some() {
             return ok(json!({}));
         }

@@ -49,6 +49,17 @@ mod native {
         /// Who may register accounts: open, loopback (clients on this machine), token, closed.
         #[arg(long, default_value = "loopback", value_parser = ["open", "loopback", "token", "closed"])]
         registration: String,
+        /// With `--registration loopback`, web pages of this origin (`scheme://host[:port]`) may
+        /// register too; pages of other origins, open in a browser on this machine, may not
+        /// (the node's own web app always may). Repeatable; comma-separated in the variable.
+        #[arg(
+            long = "allow-origin",
+            value_name = "ORIGIN",
+            env = "HYPHAE_ALLOW_ORIGIN",
+            value_delimiter = ',',
+            value_parser = parse_origin
+        )]
+        allow_origin: Vec<String>,
         /// The token `--registration token` asks for.
         #[arg(
             long,
@@ -117,17 +128,22 @@ mod native {
         for addr in &addrs {
             println!("listening:   {addr}");
         }
+        let http = tokio::net::TcpListener::bind(args.http).await?;
+        let http_addr = http.local_addr()?;
+        let url = format!("http://{http_addr}");
         let registration = match args.registration.as_str() {
             "open" => Registration::Open,
             "token" => Registration::Token(args.registration_token.clone().unwrap_or_default()),
             "closed" => Registration::Closed,
-            _ => Registration::Loopback,
+            _ => {
+                let mut web_origins = hyphae::api::server::own_origins(http_addr);
+                web_origins.extend(args.allow_origin.iter().cloned());
+                Registration::Loopback { web_origins }
+            }
         };
         let api = ClientApi::start(node.clone(), registration)
             .await
             .map_err(|e| e.message)?;
-        let http = tokio::net::TcpListener::bind(args.http).await?;
-        let url = format!("http://{}", http.local_addr()?);
         println!("client api:  {url}");
         let web = args.web.as_ref().map(|dir| WebApp {
             dir: dir.clone(),
@@ -153,6 +169,21 @@ mod native {
         // Dropping the last handle stops the swarm; redb closes when the engine is dropped.
         drop(node);
         Ok(())
+    }
+
+    /// An origin as browsers send it: `scheme://host[:port]`, nothing after.
+    fn parse_origin(s: &str) -> Result<String, String> {
+        let origin = hyphae::api::normalise_origin(s);
+        let well_formed = origin.split_once("://").is_some_and(|(scheme, rest)| {
+            !scheme.is_empty() && !rest.is_empty() && !rest.contains(['/', '?', '#'])
+        });
+        if well_formed {
+            Ok(origin)
+        } else {
+            Err(format!(
+                "{s:?} is not an origin (scheme://host[:port], e.g. http://localhost:3000)"
+            ))
+        }
     }
 
     /// The addresses a page can dial: WebSocket and WebRTC-direct (browsers speak neither raw
