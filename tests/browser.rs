@@ -82,6 +82,17 @@ async fn every_write_transaction_is_strictly_durable() {
 }
 
 #[wasm_bindgen_test]
+async fn indexeddb_export_under_writes() {
+    let partial = conformance::export_under_writes(&fresh("export-under-writes").await).await;
+    console_log!("exports that overlapped a write: {partial}");
+    conformance::export_while_engine_writes(
+        Rc::new(fresh("export-while-sending").await),
+        Rc::new(fresh("export-while-sending-copy").await),
+    )
+    .await;
+}
+
+#[wasm_bindgen_test]
 async fn memory_conformance_in_the_browser() {
     conformance::basics(&MemoryStore::new()).await;
     conformance::schema_and_migrations(&MemoryStore::new()).await;

@@ -16,7 +16,9 @@ use wasm_bindgen::prelude::wasm_bindgen;
 use wasm_bindgen::{JsCast, JsValue};
 use web_sys::{IdbDatabase, IdbTransaction};
 
-use super::{Direction, Entry, KeyRange, Op, Store, StoreError, StoreResult, Table, WriteBatch};
+use super::{
+    Direction, Entry, KeyRange, Op, Snapshot, Store, StoreError, StoreResult, Table, WriteBatch,
+};
 
 /// Bumped whenever the set of object stores changes; independent of the data schema version
 /// (which lives in the `meta` table and is migrated by [`super::schema`]).
@@ -278,5 +280,37 @@ impl Store for IndexedDbStore {
                 "IndexedDB transaction aborted".into(),
             ))
         }
+    }
+
+    async fn snapshot(&self) -> StoreResult<Snapshot> {
+        // One readonly transaction over every object store: IndexedDB runs a readwrite
+        // transaction that overlaps its scope wholly before or wholly after it.
+        let names: Vec<&str> = Table::ALL.iter().map(|t| t.name()).collect();
+        let tx = self
+            .db
+            .transaction(&names, TransactionMode::ReadOnly)
+            .map_err(backend)?;
+        let mut requests = Vec::with_capacity(Table::ALL.len());
+        for table in Table::ALL {
+            let store = tx.object_store(table.name()).map_err(backend)?;
+            let keys = store.get_all_keys(None, None).map_err(backend)?;
+            let values = store.get_all(None, None).map_err(backend)?;
+            requests.push((table, keys, values));
+        }
+        let mut out = Vec::with_capacity(requests.len());
+        for (table, keys, values) in requests {
+            let keys = keys.await.map_err(backend)?;
+            let values = values.await.map_err(backend)?;
+            if keys.len() != values.len() {
+                return Err(StoreError::Backend("getAll and getAllKeys disagree".into()));
+            }
+            let entries = keys
+                .iter()
+                .zip(values.iter())
+                .map(|(k, v)| Ok((bytes(k)?, bytes(v)?)))
+                .collect::<StoreResult<Vec<Entry>>>()?;
+            out.push((table, entries));
+        }
+        Ok(out)
     }
 }
