@@ -229,6 +229,14 @@ impl Engine {
         })
     }
 
+    /// The caches, locked. A panic while they are held (a bug, or a store that panics) may leave
+    /// them half-updated — an event cached as stored whose write never happened — so the guard
+    /// drops them if it is released by unwinding; they reload from the store. The counters stay:
+    /// they only ever run ahead of the store, so keeping them leaves gaps, never reuse.
+    async fn lock(&self) -> InnerGuard<'_> {
+        InnerGuard(self.inner.lock().await)
+    }
+
     pub fn store(&self) -> &SharedStore {
         &self.store
     }
@@ -245,7 +253,7 @@ impl Engine {
         &self,
         raws: &[&[u8]],
     ) -> Result<Vec<Result<Received, IngestError>>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         // Prepare what can be prepared now (rooms created inside this batch come later), and
         // look every new event id up in one read instead of one per event.
@@ -305,7 +313,7 @@ impl Engine {
         content: serde_json::Value,
         now: MilliSecondsSinceUnixEpoch,
     ) -> Result<Received, IngestError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let mut batch = WriteBatch::new();
         let received = inner
@@ -342,7 +350,7 @@ impl Engine {
         events: Vec<LocalEvent>,
         now: MilliSecondsSinceUnixEpoch,
     ) -> Result<Vec<Result<Received, IngestError>>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let mut batch = WriteBatch::new();
         let mut results = Vec::with_capacity(events.len());
@@ -399,7 +407,7 @@ impl Engine {
             OwnedRoomId::try_from(format!("!{local}:{}", identity.server_name()))
                 .expect("valid room id")
         });
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let mut batch = WriteBatch::new();
         let mut ids = Vec::new();
@@ -445,7 +453,7 @@ impl Engine {
         state_key: Option<&str>,
         content: &serde_json::Value,
     ) -> Result<Template, IngestError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let room = inner
             .load_room(store, room_id)
@@ -474,7 +482,7 @@ impl Engine {
         latest: &[OwnedEventId],
         limit: usize,
     ) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let stop: HashSet<&OwnedEventId> = earliest.iter().collect();
         let mut seen: HashSet<OwnedEventId> = HashSet::new();
@@ -503,7 +511,7 @@ impl Engine {
     }
 
     pub async fn room(&self, room_id: &RoomId) -> Result<Option<RoomRecord>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         inner.load_room(self.store.as_ref(), room_id).await
     }
 
@@ -520,12 +528,12 @@ impl Engine {
     }
 
     pub async fn event(&self, event_id: &EventId) -> Result<Option<Arc<StoredEvent>>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         inner.load_event(self.store.as_ref(), event_id).await
     }
 
     pub async fn current_state(&self, room_id: &RoomId) -> Result<Option<SortedState>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let Some(room) = inner.load_room(store, room_id).await? else {
             return Ok(None);
@@ -539,7 +547,7 @@ impl Engine {
         &self,
         event_id: &EventId,
     ) -> Result<Option<SortedState>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let Some(ev) = inner.load_event(store, event_id).await? else {
             return Ok(None);
@@ -552,7 +560,7 @@ impl Engine {
 
     /// The state after `event_id` (for state events, including the event itself).
     pub async fn state_after(&self, event_id: &EventId) -> Result<Option<SortedState>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let Some(ev) = inner.load_event(store, event_id).await? else {
             return Ok(None);
@@ -569,7 +577,7 @@ impl Engine {
         &self,
         event_id: &EventId,
     ) -> Result<Option<(Arc<StateMap>, Arc<StateMap>)>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let Some(ev) = inner.load_event(store, event_id).await? else {
             return Ok(None);
@@ -585,7 +593,7 @@ impl Engine {
     /// Events by id, read under one lock with one store round trip for those not cached
     /// (absent ids are left out).
     pub async fn events(&self, ids: &[&OwnedEventId]) -> Result<Vec<Arc<StoredEvent>>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         inner.prefetch(store, ids).await?;
         let mut out = Vec::with_capacity(ids.len());
@@ -603,7 +611,7 @@ impl Engine {
         &self,
         ids: &[OwnedEventId],
     ) -> Result<Vec<(Arc<StoredEvent>, Arc<StateMap>)>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
@@ -624,7 +632,7 @@ impl Engine {
         &self,
         room_id: &RoomId,
     ) -> Result<Option<Arc<StateMap>>, StoreError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let Some(room) = inner.load_room(store, room_id).await? else {
             return Ok(None);
@@ -645,7 +653,7 @@ impl Engine {
                 usize::MAX,
             )
             .await?;
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let mut out = Vec::with_capacity(entries.len());
         for (_, id) in entries {
             let id = String::from_utf8(id)
@@ -662,7 +670,7 @@ impl Engine {
     /// The stream position the next accepted event will take: every event at a lower position
     /// is already stored.
     pub async fn stream_position(&self) -> u64 {
-        self.inner.lock().await.next_stream
+        self.lock().await.next_stream
     }
 
     /// Up to `limit` timeline events of a room, starting after/before stream position `from`
@@ -696,7 +704,7 @@ impl Engine {
                     .ok_or_else(|| StoreError::Corrupt("timeline entry".into()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         // One store read for the page rather than one per event (each is a round trip to
         // IndexedDB in the tab).
         inner
@@ -717,6 +725,38 @@ fn sorted(map: &StateMap) -> SortedState {
     map.iter()
         .map(|((t, k), v)| ((t.to_string(), k.clone()), v.clone()))
         .collect()
+}
+
+struct InnerGuard<'a>(futures::lock::MutexGuard<'a, Inner>);
+
+impl std::ops::Deref for InnerGuard<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for InnerGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.0
+    }
+}
+
+impl Drop for InnerGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let Inner {
+                next_stream,
+                next_group,
+                ..
+            } = *self.0;
+            *self.0 = Inner {
+                next_stream,
+                next_group,
+                ..Inner::default()
+            };
+        }
+    }
 }
 
 impl Inner {
