@@ -92,6 +92,28 @@ async fn indexeddb_export_under_writes() {
     .await;
 }
 
+/// A homeserver failure reaches the page as a `hyphae-failed` event with the reason (the panic
+/// hook calls this; in the tab a panic cannot be caught, so telling the page is all there is).
+#[wasm_bindgen_test]
+fn a_failure_is_announced_to_the_page() {
+    js_sys::Function::new_no_args(
+        "globalThis.__hyphaeFailures = [];
+         globalThis.addEventListener(
+             'hyphae-failed',
+             (e) => globalThis.__hyphaeFailures.push(e.detail.message),
+         );",
+    )
+    .call0(&wasm_bindgen::JsValue::NULL)
+    .unwrap();
+    hyphae::web::announce_failure("panicked at src/rooms/ingest.rs:1:1: a bug");
+    let heard =
+        js_sys::Function::new_no_args("return JSON.stringify(globalThis.__hyphaeFailures);")
+            .call0(&wasm_bindgen::JsValue::NULL)
+            .unwrap();
+    let heard: Vec<String> = serde_json::from_str(&heard.as_string().unwrap()).unwrap();
+    assert_eq!(heard, ["panicked at src/rooms/ingest.rs:1:1: a bug"]);
+}
+
 #[wasm_bindgen_test]
 async fn memory_conformance_in_the_browser() {
     conformance::basics(&MemoryStore::new()).await;
