@@ -64,6 +64,9 @@ mod native {
         ) -> StoreResult<Vec<Entry>> {
             self.inner.scan(table, range, dir, limit).await
         }
+        async fn snapshot(&self) -> StoreResult<hyphae::store::Snapshot> {
+            self.inner.snapshot().await
+        }
         async fn write(&self, batch: WriteBatch) -> StoreResult<()> {
             let start = Instant::now();
             let r = self.inner.write(batch).await;

@@ -7,7 +7,9 @@
 //! hs.onPeersChanged(count => console.log("peers:", count));
 //! ```
 //! Every async method returns a Promise; results are plain JSON values. Errors reject with an
-//! `Error` whose message says what went wrong.
+//! `Error` whose message says what went wrong. If the homeserver itself fails (a panic: in the
+//! browser it aborts the module), the page hears a `hyphae-failed` event on `globalThis`
+//! (`event.detail.message` says why) and should offer a reload.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -25,6 +27,37 @@ use crate::identity::ServerName;
 use crate::rooms::{NodeConfig, P2pNode};
 use crate::store::indexeddb::IndexedDbStore;
 use crate::store::SharedStore;
+
+/// The event the page hears on `globalThis` when the homeserver in this tab has failed, with
+/// `detail: {message}`. Listeners must not call into the module: it is dead by then.
+pub const FAILED_EVENT: &str = "hyphae-failed";
+
+/// Makes every panic tell the page. In the browser a panic aborts (nothing unwinds, so no task
+/// can be restarted): the module is unusable afterwards, and the page must offer a reload.
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            announce_failure(&info.to_string());
+            previous(info);
+        }));
+    });
+}
+
+/// Logs `message` to the console and dispatches [`FAILED_EVENT`] with it.
+#[doc(hidden)]
+pub fn announce_failure(message: &str) {
+    web_sys::console::error_1(&format!("The homeserver in this tab stopped: {message}").into());
+    let detail = js_sys::Object::new();
+    let _ = js_sys::Reflect::set(&detail, &"message".into(), &message.into());
+    let init = web_sys::CustomEventInit::new();
+    init.set_detail(&detail);
+    if let Ok(event) = web_sys::CustomEvent::new_with_event_init_dict(FAILED_EVENT, &init) {
+        let target: web_sys::EventTarget = js_sys::global().unchecked_into();
+        let _ = target.dispatch_event(&event);
+    }
+}
 
 fn js_err(e: impl std::fmt::Display) -> JsValue {
     JsError::new(&e.to_string()).into()
@@ -61,6 +94,7 @@ impl Hyphae {
         bootstrap: Vec<String>,
         offline: Option<bool>,
     ) -> Result<Hyphae, JsValue> {
+        install_panic_hook();
         let bootstrap = bootstrap
             .iter()
             .map(|a| a.parse::<Multiaddr>())
@@ -276,6 +310,7 @@ pub fn wasm_memory_bytes() -> f64 {
 /// [`delete_profile`]).
 #[wasm_bindgen(js_name = importProfile)]
 pub async fn import_profile(profile: String, data: String) -> Result<u32, JsValue> {
+    install_panic_hook();
     let store = IndexedDbStore::open(&profile).await.map_err(js_err)?;
     let n = crate::store::export::import(&store, &data).await;
     store.close();

@@ -29,6 +29,91 @@ async fn indexeddb_conformance() {
     conformance::schema_and_migrations(&fresh("conf-schema").await).await;
 }
 
+/// Records the mode and durability of every IndexedDB transaction the page opens from now on,
+/// until [`stop_recording_transactions`].
+fn record_transactions() {
+    js_sys::Function::new_no_args(
+        "const proto = IDBDatabase.prototype;
+         const original = proto.transaction;
+         globalThis.__hyphaeTransactions = [];
+         globalThis.__hyphaeOriginalTransaction = original;
+         proto.transaction = function (...args) {
+             const tx = original.apply(this, args);
+             globalThis.__hyphaeTransactions.push([tx.mode, tx.durability]);
+             return tx;
+         };",
+    )
+    .call0(&wasm_bindgen::JsValue::NULL)
+    .unwrap();
+}
+
+/// Restores `IDBDatabase.prototype.transaction`; returns `(mode, durability)` per transaction.
+fn stop_recording_transactions() -> Vec<(String, String)> {
+    let seen = js_sys::Function::new_no_args(
+        "IDBDatabase.prototype.transaction = globalThis.__hyphaeOriginalTransaction;
+         return JSON.stringify(globalThis.__hyphaeTransactions);",
+    )
+    .call0(&wasm_bindgen::JsValue::NULL)
+    .unwrap();
+    serde_json::from_str(&seen.as_string().unwrap()).unwrap()
+}
+
+#[wasm_bindgen_test]
+async fn every_write_transaction_is_strictly_durable() {
+    use hyphae::store::{Store, Table, WriteBatch};
+    let source = fresh("durability-source").await;
+    let target = fresh("durability-target").await;
+    record_transactions();
+    hyphae::store::schema::prepare(&source).await.unwrap();
+    let mut batch = WriteBatch::new();
+    batch.put(Table::Events, b"k".to_vec(), b"v".to_vec());
+    batch.put(Table::Rooms, b"r".to_vec(), b"room".to_vec());
+    source.write(batch).await.unwrap();
+    let data = hyphae::store::export::export(&source).await.unwrap();
+    hyphae::store::export::import(&target, &data).await.unwrap();
+    let seen = stop_recording_transactions();
+    let writes: Vec<_> = seen
+        .iter()
+        .filter(|(mode, _)| mode == "readwrite")
+        .collect();
+    assert!(writes.len() >= 3, "{seen:?}");
+    // A write the page was told is saved must survive a power cut, not only a tab crash.
+    assert!(writes.iter().all(|(_, d)| d == "strict"), "{seen:?}");
+}
+
+#[wasm_bindgen_test]
+async fn indexeddb_export_under_writes() {
+    let partial = conformance::export_under_writes(&fresh("export-under-writes").await).await;
+    console_log!("exports that overlapped a write: {partial}");
+    conformance::export_while_engine_writes(
+        Rc::new(fresh("export-while-sending").await),
+        Rc::new(fresh("export-while-sending-copy").await),
+    )
+    .await;
+}
+
+/// A homeserver failure reaches the page as a `hyphae-failed` event with the reason (the panic
+/// hook calls this; in the tab a panic cannot be caught, so telling the page is all there is).
+#[wasm_bindgen_test]
+fn a_failure_is_announced_to_the_page() {
+    js_sys::Function::new_no_args(
+        "globalThis.__hyphaeFailures = [];
+         globalThis.addEventListener(
+             'hyphae-failed',
+             (e) => globalThis.__hyphaeFailures.push(e.detail.message),
+         );",
+    )
+    .call0(&wasm_bindgen::JsValue::NULL)
+    .unwrap();
+    hyphae::web::announce_failure("panicked at src/rooms/ingest.rs:1:1: a bug");
+    let heard =
+        js_sys::Function::new_no_args("return JSON.stringify(globalThis.__hyphaeFailures);")
+            .call0(&wasm_bindgen::JsValue::NULL)
+            .unwrap();
+    let heard: Vec<String> = serde_json::from_str(&heard.as_string().unwrap()).unwrap();
+    assert_eq!(heard, ["panicked at src/rooms/ingest.rs:1:1: a bug"]);
+}
+
 #[wasm_bindgen_test]
 async fn memory_conformance_in_the_browser() {
     conformance::basics(&MemoryStore::new()).await;

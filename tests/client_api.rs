@@ -1855,3 +1855,34 @@ async fn loopback_registration_refuses_other_web_origins() {
     );
     drop(api);
 }
+
+/// A node whose swarm has stopped (shut down, or ended by a panic) answers every request with
+/// an error at once, and a `/sync` long-poll in flight ends instead of waiting out its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_answers_errors_and_ends_long_polls() {
+    let (node, api) = peer(None).await;
+    let alice = register(&api, "alice", "pw").await;
+    let first = alice.ok("GET", "/_matrix/client/v3/sync", None).await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let path = format!("/_matrix/client/v3/sync?since={since}&timeout=60000");
+    let poll = alice.call("GET", &path, None);
+    let stop = async {
+        node.shutdown().await;
+    };
+    let started = std::time::Instant::now();
+    let ((status, body), ()) = tokio::join!(poll, stop);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the long-poll hung"
+    );
+    for (method, path) in [
+        ("GET", "/_matrix/client/v3/account/whoami"),
+        ("GET", "/_matrix/client/versions"),
+        ("POST", "/_matrix/client/v3/createRoom"),
+    ] {
+        let (status, body) = alice.call(method, path, Some(json!({}))).await;
+        assert_eq!(status, 503, "{method} {path}: {body}");
+        assert_eq!(body["errcode"], "M_UNKNOWN");
+    }
+}

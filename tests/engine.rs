@@ -1176,3 +1176,93 @@ async fn the_event_cache_stays_within_its_budget_and_evicted_events_reload() {
         .unwrap()
         .starts_with("0 "));
 }
+
+/// A store whose writes panic while `armed` (a backend bug, or a bug in a write path).
+struct PanicOnWrite {
+    inner: Arc<MemoryStore>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl hyphae::store::Store for PanicOnWrite {
+    async fn get(&self, table: Table, key: &[u8]) -> hyphae::store::StoreResult<Option<Vec<u8>>> {
+        self.inner.get(table, key).await
+    }
+    async fn scan(
+        &self,
+        table: Table,
+        range: hyphae::store::KeyRange,
+        direction: hyphae::store::Direction,
+        limit: usize,
+    ) -> hyphae::store::StoreResult<Vec<hyphae::store::Entry>> {
+        self.inner.scan(table, range, direction, limit).await
+    }
+    async fn write(&self, batch: hyphae::store::WriteBatch) -> hyphae::store::StoreResult<()> {
+        assert!(
+            !self.armed.load(std::sync::atomic::Ordering::SeqCst),
+            "write failed hard"
+        );
+        self.inner.write(batch).await
+    }
+    async fn snapshot(&self) -> hyphae::store::StoreResult<hyphae::store::Snapshot> {
+        self.inner.snapshot().await
+    }
+}
+
+/// A panic in the middle of a write (caught by the task supervisor, which then restarts the
+/// ingest task) must not leave the engine believing in what was never stored: the next event
+/// builds only on stored events, and the engine's view equals a fresh engine's over the store.
+#[tokio::test]
+async fn a_panic_mid_write_leaves_no_phantom_events_in_the_engine() {
+    use futures::FutureExt;
+    let inner = Arc::new(MemoryStore::new());
+    let store = Arc::new(PanicOnWrite {
+        inner: inner.clone(),
+        armed: false.into(),
+    });
+    let engine = Engine::open(store.clone()).await.unwrap();
+    let local = hyphae::identity::Identity::from_seed([7; 32]);
+    let alice: ruma::OwnedUserId = format!("@alice:{}", local.server_name())
+        .try_into()
+        .unwrap();
+    let (room, _) = engine
+        .create_room(&local, &alice, &CreateRoom::default(), ts(1000))
+        .await
+        .unwrap();
+    let send = |body: &'static str, at: u64| {
+        engine.send(
+            &local,
+            &room,
+            &alice,
+            "m.room.message",
+            None,
+            json!({"msgtype": "m.text", "body": body}),
+            ts(at),
+        )
+    };
+    send("stored", 2000).await.unwrap();
+
+    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lost = std::panic::AssertUnwindSafe(send("never stored", 3000))
+        .catch_unwind()
+        .await;
+    assert!(lost.is_err(), "the write should have panicked");
+    store
+        .armed
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+
+    let next = send("after the panic", 4000).await.unwrap();
+    let fresh = Engine::open(inner.clone()).await.unwrap();
+    let stored = fresh.event(&next.event_id).await.unwrap().unwrap();
+    for prev in &stored.pdu.prev_events {
+        assert!(
+            fresh.event(prev).await.unwrap().is_some(),
+            "the new event builds on {prev}, which was never stored"
+        );
+    }
+    assert_eq!(
+        engine.room(&room).await.unwrap(),
+        fresh.room(&room).await.unwrap()
+    );
+    assert!(engine.stream_position().await >= fresh.stream_position().await);
+}

@@ -36,6 +36,29 @@ async fn redb_conformance() {
 }
 
 #[tokio::test]
+async fn memory_export_under_writes() {
+    conformance::export_under_writes(&MemoryStore::new()).await;
+    conformance::export_while_engine_writes(
+        Arc::new(MemoryStore::new()),
+        Arc::new(MemoryStore::new()),
+    )
+    .await;
+}
+
+/// Exports run while commits land on the blocking pool; each export must be one snapshot.
+#[tokio::test]
+async fn redb_export_under_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let partial = conformance::export_under_writes(&redb(&dir, "f.redb")).await;
+    println!("exports that overlapped a write: {partial}");
+    conformance::export_while_engine_writes(
+        Arc::new(redb(&dir, "g.redb")),
+        Arc::new(redb(&dir, "h.redb")),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn redb_writes_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {

@@ -16,6 +16,26 @@ sdkLogger.rebuild?.();
 const BASE_URL = "https://hyphae.invalid";
 
 const root = document.getElementById("app");
+
+// The homeserver runs inside this page. If it fails (in the browser a panic aborts the wasm
+// module) nothing here works any more: say so above everything, and offer a reload. What the
+// page showed as saved is in IndexedDB and comes back. Set up before the module even loads.
+addEventListener("hyphae-failed", (e) => homeserverStopped(e.detail?.message));
+
+function homeserverStopped(reason) {
+  if (document.getElementById("homeserver-stopped")) return;
+  document.body.prepend(
+    h(
+      "div.banner.fatal",
+      { id: "homeserver-stopped", role: "alert" },
+      h("strong", {}, "The homeserver in this tab stopped. "),
+      "Your saved messages are safe in this browser; reload the page to start it again. ",
+      h("button.primary", { id: "reload", onclick: () => location.reload() }, "Reload"),
+      reason ? h("details", {}, h("summary", {}, "What happened"), h("pre", {}, reason)) : null,
+    ),
+  );
+}
+
 const wasmReady = init();
 
 /** The multiaddrs to bootstrap from: the ones set in settings, else the serving node's. */

@@ -66,6 +66,14 @@ impl ApiError {
             format!("request body is over {limit} bytes"),
         )
     }
+    /// The node has stopped (shut down, or its swarm ended by a panic).
+    pub fn stopped() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "M_UNKNOWN",
+            "the homeserver has stopped",
+        )
+    }
     pub fn user_in_use() -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,

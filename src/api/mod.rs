@@ -252,6 +252,27 @@ fn check_web_origin(req: &ApiRequest, allowed: &[String]) -> ApiResult<()> {
     )))
 }
 
+/// Applies the typing notices and receipts peers send, until the node or the API is gone.
+async fn apply_edus(
+    api: std::sync::Weak<ClientApi>,
+    edus: &mut tokio::sync::broadcast::Receiver<crate::net::protocol::Edu>,
+) {
+    loop {
+        let edu = match edus.recv().await {
+            Ok(edu) => edu,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::debug!(missed = n, "typing/receipt notices dropped");
+                continue;
+            }
+            Err(_) => return,
+        };
+        let Some(api) = api.upgrade() else { return };
+        if let Err(e) = api.apply_edu(edu).await {
+            tracing::debug!(error = %e.message, "peer EDU not applied");
+        }
+    }
+}
+
 impl ClientApi {
     /// Serves the Client-Server API for the users of `node`.
     async fn new(node: P2pNode, registration: Registration) -> ApiResult<Self> {
@@ -284,23 +305,10 @@ impl ClientApi {
             api.me = me.clone();
             api
         });
-        let mut edus = api.node.edus();
         let weak = std::sync::Arc::downgrade(&api);
-        crate::net::rt::spawn(async move {
-            loop {
-                let edu = match edus.recv().await {
-                    Ok(edu) => edu,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::debug!(missed = n, "typing/receipt notices dropped");
-                        continue;
-                    }
-                    Err(_) => return,
-                };
-                let Some(api) = weak.upgrade() else { return };
-                if let Err(e) = api.apply_edu(edu).await {
-                    tracing::debug!(error = %e.message, "peer EDU not applied");
-                }
-            }
+        // A notice that trips a bug must not end typing and receipts for good: restart.
+        crate::net::rt::spawn_restarting("peer EDUs", api.node.edus(), move |edus| {
+            Box::pin(apply_edus(weak.clone(), edus))
         });
         Ok(api)
     }
@@ -337,6 +345,9 @@ impl ClientApi {
     pub async fn handle(&self, req: ApiRequest, caller: Caller) -> ApiResponse {
         let mut resp = if req.method() == Method::OPTIONS {
             json_response(StatusCode::OK, &json!({}))
+        } else if self.node.is_stopped() {
+            let e = ApiError::stopped();
+            json_response(e.status, &e.body())
         } else if req.body().len() > MAX_BODY_BYTES {
             let e = ApiError::too_large(MAX_BODY_BYTES);
             json_response(e.status, &e.body())

@@ -102,7 +102,11 @@ async fn handle(
     // A bug in one handler must not drop the connection without an answer.
     let resp = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(handled)).await {
         Ok(resp) => resp,
-        Err(_) => {
+        Err(panic) => {
+            tracing::error!(
+                panic = crate::net::rt::panic_message(&*panic),
+                "request handler panicked"
+            );
             let e = ApiError::unknown("internal error");
             let mut resp = super::json_response(e.status, &e.body());
             super::add_cors(&mut resp);

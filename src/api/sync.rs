@@ -158,11 +158,14 @@ impl ClientApi {
                 return ok(delta.body);
             }
             // Woken by any change on this node; a pass that finds nothing for this user waits again.
-            if rt::timeout(deadline - now, changes.changed())
-                .await
-                .is_none()
-            {
+            // A node that stops ends the wait too, so the client hears it now.
+            let woken =
+                futures::future::select(Box::pin(changes.changed()), Box::pin(self.node.stopped()));
+            if rt::timeout(deadline - now, woken).await.is_none() {
                 return ok(delta.body);
+            }
+            if self.node.is_stopped() {
+                return Err(ApiError::stopped());
             }
         }
     }

@@ -161,13 +161,25 @@ mod native {
             let _ = stop_rx.await;
         }));
         tracing::info!("running; press Ctrl-C to stop");
-        shutdown_signal().await;
-        tracing::info!("shutting down");
+        // A node whose swarm stopped (a panic, logged above) answers its clients only with
+        // errors: exit with an error so that whatever runs the node starts it again.
+        let failed = tokio::select! {
+            _ = shutdown_signal() => false,
+            _ = node.stopped() => true,
+        };
+        if failed {
+            tracing::error!("the node has stopped; shutting down");
+        } else {
+            tracing::info!("shutting down");
+        }
         let _ = stop_tx.send(());
         // Open long-polls end at their timeout at the latest; don't wait for them.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), server).await;
         // Dropping the last handle stops the swarm; redb closes when the engine is dropped.
         drop(node);
+        if failed {
+            return Err("the node stopped".into());
+        }
         Ok(())
     }
 

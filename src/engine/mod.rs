@@ -279,10 +279,14 @@ impl Engine {
         })
     }
 
-    /// The engine's state, with the caches trimmed to their budgets first (between operations,
-    /// when nothing borrowed from them is in use and every new state group is stored).
-    async fn lock(&self) -> futures::lock::MutexGuard<'_, Inner> {
-        let mut inner = self.inner.lock().await;
+    /// The caches, locked, trimmed to their budgets first (between operations, when nothing
+    /// borrowed from them is in use and every new state group is stored). A panic while they
+    /// are held (a bug, or a store that panics) may leave them half-updated — an event cached
+    /// as stored whose write never happened — so the guard drops them if it is released by
+    /// unwinding; they reload from the store. The counters stay: they only ever run ahead of
+    /// the store, so keeping them leaves gaps, never reuse.
+    async fn lock(&self) -> InnerGuard<'_> {
+        let mut inner = InnerGuard(self.inner.lock().await);
         inner.trim();
         inner
     }
@@ -795,6 +799,38 @@ fn sorted(map: &StateMap) -> SortedState {
     map.iter()
         .map(|((t, k), v)| ((t.to_string(), k.clone()), v.clone()))
         .collect()
+}
+
+struct InnerGuard<'a>(futures::lock::MutexGuard<'a, Inner>);
+
+impl std::ops::Deref for InnerGuard<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for InnerGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.0
+    }
+}
+
+impl Drop for InnerGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let Inner {
+                next_stream,
+                next_group,
+                ..
+            } = *self.0;
+            *self.0 = Inner {
+                next_stream,
+                next_group,
+                ..Inner::default()
+            };
+        }
+    }
 }
 
 impl Inner {

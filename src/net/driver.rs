@@ -133,7 +133,7 @@ impl NetHandle {
             relay_listeners: HashMap::new(),
             connections: HashMap::new(),
         };
-        rt::spawn(driver.run(config));
+        rt::spawn_supervised("swarm", driver.run(config));
         let handle = NetHandle {
             commands,
             listen_addrs,
@@ -181,6 +181,16 @@ impl NetHandle {
 
     pub fn shutdown(&self) {
         let _ = self.command(Command::Shutdown);
+    }
+
+    /// Whether the swarm task has ended (shut down, or stopped by a panic).
+    pub fn is_stopped(&self) -> bool {
+        self.commands.is_closed()
+    }
+
+    /// Resolves once the swarm task has ended.
+    pub async fn stopped(&self) {
+        self.commands.closed().await
     }
 
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, Stopped> {

@@ -89,7 +89,7 @@ impl P2pNode {
 /// The ingest task.
 pub(super) async fn ingest_loop(
     node: std::sync::Weak<super::Shared>,
-    mut inbound: mpsc::Receiver<Inbound>,
+    inbound: &mut mpsc::Receiver<Inbound>,
 ) {
     while let Some(first) = inbound.recv().await {
         let mut burst = vec![first];

@@ -187,15 +187,14 @@ impl P2pNode {
                 edu_guard: Mutex::new(edu::EduGuard::default()),
             }),
         };
-        rt::spawn(serve(
-            Arc::downgrade(&node.shared),
-            events,
-            config.anti_entropy_every,
-        ));
-        rt::spawn(ingest::ingest_loop(
-            Arc::downgrade(&node.shared),
-            inbound_rx,
-        ));
+        let (weak, every) = (Arc::downgrade(&node.shared), config.anti_entropy_every);
+        rt::spawn_restarting("room service", events, move |events| {
+            Box::pin(serve(weak.clone(), events, every))
+        });
+        let weak = Arc::downgrade(&node.shared);
+        rt::spawn_restarting("ingest", inbound_rx, move |inbound| {
+            Box::pin(ingest::ingest_loop(weak.clone(), inbound))
+        });
         Ok(node)
     }
 
@@ -271,6 +270,17 @@ impl P2pNode {
     pub async fn shutdown(&self) {
         self.shared.net.shutdown();
         let _turn = self.shared.send_turn.lock().await;
+    }
+
+    /// Whether the node has stopped (shut down, or its swarm ended by a panic): its clients are
+    /// answered with errors from then on.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.net.is_stopped()
+    }
+
+    /// Resolves once the node has stopped.
+    pub async fn stopped(&self) {
+        self.shared.net.stopped().await
     }
 
     /// Whether a push has handed this (recent) event to at least one member server.
@@ -370,7 +380,7 @@ const CONCURRENT_ANSWERS: usize = 64;
 /// a peer on connection and with every connected peer periodically.
 async fn serve(
     node: std::sync::Weak<Shared>,
-    mut events: mpsc::Receiver<NetEvent>,
+    events: &mut mpsc::Receiver<NetEvent>,
     anti_entropy_every: Duration,
 ) {
     let mut anti_entropy = Interval::new(anti_entropy_every);

@@ -4,7 +4,8 @@
 //! The format is JSON lines (UTF-8, one JSON object per line):
 //! - line 1, the header: `{"format":"hyphae-store-export","version":1,"schema":<schema version>}`
 //! - then one line per entry: `{"table":"<table name>","key":"<base64>","value":"<base64>"}`
-//!   (standard base64 with padding), tables in [`Table::ALL`] order, keys in byte order.
+//!   (standard base64 with padding), tables in [`Table::ALL`] order, keys in byte order, all as
+//!   of one instant (one read transaction).
 //!
 //! Import goes only into an empty store of any backend. The file is parsed and checked in full
 //! before anything is written; entries are then written in batches and the schema stamp last, so
@@ -16,7 +17,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::schema::{self, SCHEMA_VERSION_KEY};
-use super::{is_empty, scan_all, Store, StoreError, StoreResult, Table, WriteBatch};
+use super::{is_empty, Store, StoreError, StoreResult, Table, WriteBatch};
 
 pub const EXPORT_FORMAT: &str = "hyphae-store-export";
 pub const EXPORT_FORMAT_VERSION: u32 = 1;
@@ -36,11 +37,22 @@ struct Record {
     value: String,
 }
 
-/// Serialises every entry of `store` (except the schema stamp, carried in the header).
+/// Serialises every entry of `store` (except the schema stamp, carried in the header), all from
+/// one [`Store::snapshot`]: the store may keep taking writes meanwhile (a tab keeps syncing),
+/// and the file still shows it as of one instant, counters in `meta` agreeing with the rows.
+/// Recomputing counters on import instead would mean knowing what every counter counts (the
+/// engine's business, not the store's) and would still leave other rows of a write torn apart.
 pub async fn export(store: &dyn Store) -> StoreResult<String> {
-    let schema = schema::read_version(store).await?.ok_or_else(|| {
-        StoreError::Corrupt("cannot export a store with no schema version".into())
-    })?;
+    let snapshot = store.snapshot().await?;
+    let schema = snapshot
+        .iter()
+        .find(|(table, _)| *table == Table::Meta)
+        .and_then(|(_, entries)| entries.iter().find(|(k, _)| k == SCHEMA_VERSION_KEY))
+        .map(|(_, v)| schema::decode_version(v))
+        .transpose()?
+        .ok_or_else(|| {
+            StoreError::Corrupt("cannot export a store with no schema version".into())
+        })?;
     let header = Header {
         format: EXPORT_FORMAT.into(),
         version: EXPORT_FORMAT_VERSION,
@@ -48,8 +60,8 @@ pub async fn export(store: &dyn Store) -> StoreResult<String> {
     };
     let mut out = serde_json::to_string(&header).expect("header serialises");
     out.push('\n');
-    for table in Table::ALL {
-        for (key, value) in scan_all(store, table).await? {
+    for (table, entries) in snapshot {
+        for (key, value) in entries {
             if table == Table::Meta && key == SCHEMA_VERSION_KEY {
                 continue;
             }

@@ -2,8 +2,8 @@
 //!
 //! Keys and values are `Uint8Array`s; IndexedDB orders binary keys byte-wise, exactly like redb,
 //! so ranges mean the same on both. A write is one readwrite transaction over the tables it
-//! touches, and returns only after the transaction's `complete` event — the durability point for
-//! a tab or browser crash.
+//! touches, opened with `durability: "strict"` (the browser flushes it to disk before `complete`,
+//! so it survives a power cut, not only a tab crash), and returns only after `complete`.
 
 use std::ops::Bound;
 
@@ -12,9 +12,13 @@ use idb::{
     CursorDirection, Database, DatabaseEvent, Factory, ObjectStoreParams, Query, TransactionMode,
 };
 use js_sys::Uint8Array;
+use wasm_bindgen::prelude::wasm_bindgen;
 use wasm_bindgen::{JsCast, JsValue};
+use web_sys::{IdbDatabase, IdbTransaction};
 
-use super::{Direction, Entry, KeyRange, Op, Store, StoreError, StoreResult, Table, WriteBatch};
+use super::{
+    Direction, Entry, KeyRange, Op, Snapshot, Store, StoreError, StoreResult, Table, WriteBatch,
+};
 
 /// Bumped whenever the set of object stores changes; independent of the data schema version
 /// (which lives in the `meta` table and is migrated by [`super::schema`]).
@@ -38,8 +42,28 @@ fn js_bytes(b: &[u8]) -> JsValue {
     Uint8Array::from(b).into()
 }
 
+#[wasm_bindgen]
+extern "C" {
+    /// An `IDBDatabase`, for `transaction(names, mode, options)`: web-sys offers the options
+    /// only behind its unstable-API cfg, and idb not at all.
+    #[wasm_bindgen(js_name = IDBDatabase)]
+    type DatabaseWithOptions;
+
+    #[wasm_bindgen(method, catch, js_name = transaction)]
+    fn transaction_with_options(
+        this: &DatabaseWithOptions,
+        names: &js_sys::Array,
+        mode: &str,
+        options: &JsValue,
+    ) -> Result<IdbTransaction, JsValue>;
+}
+
 pub struct IndexedDbStore {
     db: Database,
+    /// The same connection, for what idb does not wrap (transaction options).
+    raw: IdbDatabase,
+    /// `{durability: "strict"}`, the options of every readwrite transaction.
+    strict: JsValue,
 }
 
 impl IndexedDbStore {
@@ -60,7 +84,8 @@ impl IndexedDbStore {
                 }
             }
         });
-        let db = request.await.map_err(backend)?;
+        let raw: IdbDatabase = request.await.map_err(backend)?.into();
+        let db = Database::from(raw.clone());
         let names = db.store_names();
         for table in Table::ALL {
             if !names.iter().any(|n| n == table.name()) {
@@ -70,7 +95,23 @@ impl IndexedDbStore {
                 )));
             }
         }
-        Ok(Self { db })
+        let strict = js_sys::Object::new();
+        js_sys::Reflect::set(&strict, &"durability".into(), &"strict".into()).map_err(backend)?;
+        Ok(Self {
+            db,
+            raw,
+            strict: strict.into(),
+        })
+    }
+
+    /// A readwrite transaction over `names` that commits only once the data is on disk.
+    fn write_transaction(&self, names: &[&str]) -> StoreResult<idb::Transaction> {
+        let names: js_sys::Array = names.iter().map(|n| JsValue::from_str(n)).collect();
+        self.raw
+            .unchecked_ref::<DatabaseWithOptions>()
+            .transaction_with_options(&names, "readwrite", &self.strict)
+            .map(idb::Transaction::from)
+            .map_err(backend)
     }
 
     /// Deletes the database `name` (for tests and profile removal).
@@ -214,10 +255,7 @@ impl Store for IndexedDbStore {
             .collect();
         names.sort_unstable();
         names.dedup();
-        let tx = self
-            .db
-            .transaction(&names, TransactionMode::ReadWrite)
-            .map_err(backend)?;
+        let tx = self.write_transaction(&names)?;
         // Issue every request at once: IndexedDB runs them in order within the transaction, and
         // awaiting each one would cost a task hop per op.
         for op in &batch.ops {
@@ -242,5 +280,37 @@ impl Store for IndexedDbStore {
                 "IndexedDB transaction aborted".into(),
             ))
         }
+    }
+
+    async fn snapshot(&self) -> StoreResult<Snapshot> {
+        // One readonly transaction over every object store: IndexedDB runs a readwrite
+        // transaction that overlaps its scope wholly before or wholly after it.
+        let names: Vec<&str> = Table::ALL.iter().map(|t| t.name()).collect();
+        let tx = self
+            .db
+            .transaction(&names, TransactionMode::ReadOnly)
+            .map_err(backend)?;
+        let mut requests = Vec::with_capacity(Table::ALL.len());
+        for table in Table::ALL {
+            let store = tx.object_store(table.name()).map_err(backend)?;
+            let keys = store.get_all_keys(None, None).map_err(backend)?;
+            let values = store.get_all(None, None).map_err(backend)?;
+            requests.push((table, keys, values));
+        }
+        let mut out = Vec::with_capacity(requests.len());
+        for (table, keys, values) in requests {
+            let keys = keys.await.map_err(backend)?;
+            let values = values.await.map_err(backend)?;
+            if keys.len() != values.len() {
+                return Err(StoreError::Backend("getAll and getAllKeys disagree".into()));
+            }
+            let entries = keys
+                .iter()
+                .zip(values.iter())
+                .map(|(k, v)| Ok((bytes(k)?, bytes(v)?)))
+                .collect::<StoreResult<Vec<Entry>>>()?;
+            out.push((table, entries));
+        }
+        Ok(out)
     }
 }

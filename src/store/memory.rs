@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Direction, Entry, KeyRange, Op, Store, StoreResult, Table, WriteBatch};
+use super::{Direction, Entry, KeyRange, Op, Snapshot, Store, StoreResult, Table, WriteBatch};
 
 type Tables = BTreeMap<Table, BTreeMap<Vec<u8>, Vec<u8>>>;
 
@@ -68,5 +68,18 @@ impl Store for MemoryStore {
             }
         }
         Ok(())
+    }
+
+    async fn snapshot(&self) -> StoreResult<Snapshot> {
+        let tables = self.tables.lock().expect("memory store lock poisoned");
+        Ok(Table::ALL
+            .into_iter()
+            .map(|t| {
+                let entries = tables.get(&t).map_or_else(Vec::new, |m| {
+                    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+                });
+                (t, entries)
+            })
+            .collect())
     }
 }

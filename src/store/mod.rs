@@ -244,7 +244,16 @@ pub trait Store: MaybeSendSync {
 
     /// Applies every op of the batch atomically; returns once the batch is durable.
     async fn write(&self, batch: WriteBatch) -> StoreResult<()>;
+
+    /// Every entry of every table as of one instant (one read transaction), tables in
+    /// [`Table::ALL`] order: a concurrent [`Store::write`] is in it wholly or not at all. Reading
+    /// table by table instead lets a batch land in between, and an export made so pairs counters
+    /// in `meta` with rows written after them.
+    async fn snapshot(&self) -> StoreResult<Snapshot>;
 }
+
+/// Every table's entries in key order, as [`Store::snapshot`] returns them.
+pub type Snapshot = Vec<(Table, Vec<Entry>)>;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub trait MaybeSendSync: Send + Sync {}

@@ -10,9 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::TableDefinition;
+use redb::{ReadableTable, TableDefinition};
 
-use super::{Direction, Entry, KeyRange, Op, Store, StoreError, StoreResult, Table, WriteBatch};
+use super::{
+    Direction, Entry, KeyRange, Op, Snapshot, Store, StoreError, StoreResult, Table, WriteBatch,
+};
 
 fn definition(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
     TableDefinition::new(table.name())
@@ -165,6 +167,29 @@ impl Store for RedbStore {
             }
             txn.commit()
                 .map_err(|e| StoreError::NotCommitted(e.to_string()))
+        })
+        .await
+    }
+
+    async fn snapshot(&self) -> StoreResult<Snapshot> {
+        self.blocking(|db| {
+            // One read transaction: redb shows it the store as of its start, whatever commits.
+            let txn = db.begin_read().map_err(backend)?;
+            Table::ALL
+                .into_iter()
+                .map(|table| {
+                    let t = txn.open_table(definition(table)).map_err(backend)?;
+                    let entries = t
+                        .iter()
+                        .map_err(backend)?
+                        .map(|item| {
+                            let (k, v) = item.map_err(backend)?;
+                            Ok((k.value().to_vec(), v.value().to_vec()))
+                        })
+                        .collect::<StoreResult<Vec<Entry>>>()?;
+                    Ok((table, entries))
+                })
+                .collect()
         })
         .await
     }

@@ -26,11 +26,15 @@ pub async fn read_version(store: &dyn Store) -> StoreResult<Option<u32>> {
     let Some(raw) = store.get(Table::Meta, SCHEMA_VERSION_KEY).await? else {
         return Ok(None);
     };
+    decode_version(&raw).map(Some)
+}
+
+/// The stored form of a version stamp: u32 big-endian.
+pub fn decode_version(raw: &[u8]) -> StoreResult<u32> {
     let bytes: [u8; 4] = raw
-        .as_slice()
         .try_into()
         .map_err(|_| StoreError::Corrupt("schema version is not 4 bytes".into()))?;
-    Ok(Some(u32::from_be_bytes(bytes)))
+    Ok(u32::from_be_bytes(bytes))
 }
 
 pub fn stamp(batch: &mut WriteBatch, version: u32) {

@@ -2,11 +2,12 @@
 
 use std::ops::Bound;
 
+use futures::channel::oneshot;
 use hyphae::store::export::{export, import};
 use hyphae::store::schema::{self, Migration, CURRENT_SCHEMA_VERSION};
 use hyphae::store::{
-    scan_all, Direction, KeyRange, MaybeSendFuture, Store, StoreError, StoreResult, Table,
-    WriteBatch,
+    scan_all, Direction, KeyRange, MaybeSendFuture, SharedStore, Store, StoreError, StoreResult,
+    Table, WriteBatch,
 };
 
 async fn put(store: &dyn Store, table: Table, key: &[u8], value: &[u8]) {
@@ -275,4 +276,219 @@ pub async fn get_many(store: &dyn Store) {
         ]
     );
     assert!(store.get_many(Table::Events, &[]).await.unwrap().is_empty());
+}
+
+/// Key of the counter [`export_under_writes`] advances together with its rows.
+const COUNTER: &[u8] = b"test_counter";
+
+/// Exports taken while writes keep landing are each one consistent snapshot: every write batch
+/// advances a counter in `meta` together with one row in `events` and one in `timeline` (as the
+/// engine's commits do), so in any export the three must agree. `store` must be empty. Returns
+/// how many exports saw a partly written store (0 on a backend that never yields).
+pub async fn export_under_writes(store: &dyn Store) -> usize {
+    const WRITES: u64 = 150;
+    schema::prepare(store).await.unwrap();
+    let done = std::cell::Cell::new(false);
+    let writer = async {
+        for n in 1..=WRITES {
+            let mut b = WriteBatch::new();
+            b.put(Table::Meta, COUNTER, n.to_be_bytes());
+            b.put(Table::Events, format!("ev{n:08}"), b"event".to_vec());
+            b.put(Table::Timeline, format!("tl{n:08}"), b"position".to_vec());
+            store.write(b).await.unwrap();
+        }
+        done.set(true);
+    };
+    let reader = async {
+        let mut partial = 0;
+        loop {
+            let finished = done.get();
+            let data = export(store).await.unwrap();
+            let copy = hyphae::store::memory::MemoryStore::new();
+            import(&copy, &data).await.unwrap();
+            let counter = copy
+                .get(Table::Meta, COUNTER)
+                .await
+                .unwrap()
+                .map_or(0, |v| u64::from_be_bytes(v.try_into().unwrap()));
+            let events = scan_all(&copy, Table::Events).await.unwrap().len() as u64;
+            let timeline = scan_all(&copy, Table::Timeline).await.unwrap().len() as u64;
+            assert_eq!(
+                (events, timeline),
+                (counter, counter),
+                "an export mixes states of the store"
+            );
+            if (1..WRITES).contains(&counter) {
+                partial += 1;
+            }
+            if finished {
+                return partial;
+            }
+        }
+    };
+    futures::join!(writer, reader).1
+}
+
+/// The ends of one pause: the writer waits for `paused`, writes, then sends `resume`.
+type Pause = (oneshot::Sender<()>, oneshot::Receiver<()>);
+
+/// A store wrapper that, once armed, holds the first read of a table other than `meta` until a
+/// write has landed: the interleaving that made an export read the counters in `meta` before a
+/// write and the rows after it.
+pub struct PauseBeforeRead {
+    pub inner: SharedStore,
+    gate: std::sync::Arc<std::sync::Mutex<Option<Pause>>>,
+}
+
+/// Arms a [`PauseBeforeRead`].
+pub struct Gate(std::sync::Arc<std::sync::Mutex<Option<Pause>>>);
+
+impl Gate {
+    /// Makes the next read of a table other than `meta` wait: returns the ends the writer uses.
+    pub fn arm(&self) -> (oneshot::Receiver<()>, oneshot::Sender<()>) {
+        let (paused_tx, paused) = oneshot::channel();
+        let (resume, resume_rx) = oneshot::channel();
+        *self.0.lock().unwrap() = Some((paused_tx, resume_rx));
+        (paused, resume)
+    }
+}
+
+impl PauseBeforeRead {
+    pub fn new(inner: SharedStore) -> (Self, Gate) {
+        let gate = std::sync::Arc::new(std::sync::Mutex::new(None));
+        (
+            Self {
+                inner,
+                gate: gate.clone(),
+            },
+            Gate(gate),
+        )
+    }
+
+    async fn pause_once(&self) {
+        let taken = self.gate.lock().unwrap().take();
+        if let Some((paused, resume)) = taken {
+            let _ = paused.send(());
+            let _ = resume.await;
+        }
+    }
+}
+
+#[cfg_attr(not(target_arch = "wasm32"), async_trait::async_trait)]
+#[cfg_attr(target_arch = "wasm32", async_trait::async_trait(?Send))]
+impl Store for PauseBeforeRead {
+    async fn get(&self, table: Table, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        self.inner.get(table, key).await
+    }
+
+    async fn scan(
+        &self,
+        table: Table,
+        range: KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        if table != Table::Meta {
+            self.pause_once().await;
+        }
+        self.inner.scan(table, range, direction, limit).await
+    }
+
+    async fn write(&self, batch: WriteBatch) -> StoreResult<()> {
+        self.inner.write(batch).await
+    }
+
+    async fn snapshot(&self) -> StoreResult<hyphae::store::Snapshot> {
+        // One read of everything: a write lands wholly before it (or after).
+        self.pause_once().await;
+        self.inner.snapshot().await
+    }
+}
+
+/// An export taken while the engine keeps sending restores to a store whose engine takes no
+/// stream position twice. `source` and `target` must be empty.
+pub async fn export_while_engine_writes(source: SharedStore, target: SharedStore) {
+    use hyphae::engine::Engine;
+    use hyphae::identity::Identity;
+    let (paused_store, gate) = PauseBeforeRead::new(source);
+    #[cfg(target_arch = "wasm32")]
+    let shared: SharedStore = std::rc::Rc::new(paused_store);
+    #[cfg(not(target_arch = "wasm32"))]
+    let shared: SharedStore = std::sync::Arc::new(paused_store);
+    let engine = Engine::open(shared.clone()).await.unwrap();
+    let local = Identity::load_or_create(engine.store().as_ref())
+        .await
+        .unwrap();
+    let alice: ruma::OwnedUserId = format!("@alice:{}", local.server_name())
+        .try_into()
+        .unwrap();
+    let (room, _) = engine
+        .create_room(&local, &alice, &Default::default(), super::ts(1000))
+        .await
+        .unwrap();
+    let send = |i: u64| {
+        let (engine, local, alice, room) = (&engine, &local, &alice, &room);
+        async move {
+            let body = serde_json::json!({"msgtype": "m.text", "body": format!("message {i}")});
+            engine
+                .send(
+                    local,
+                    room,
+                    alice,
+                    "m.room.message",
+                    None,
+                    body,
+                    super::ts(2000 + i),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    for i in 0..5 {
+        send(i).await;
+    }
+    let (paused, resume) = gate.arm();
+    let writer = async {
+        paused.await.unwrap();
+        send(100).await;
+        resume.send(()).unwrap();
+    };
+    let (data, ()) = futures::join!(export(shared.as_ref()), writer);
+    import(target.as_ref(), &data.unwrap()).await.unwrap();
+
+    let restored = Engine::open(target.clone()).await.unwrap();
+    let timeline_len = || async {
+        scan_all(target.as_ref(), Table::Timeline)
+            .await
+            .unwrap()
+            .len()
+    };
+    let before = timeline_len().await;
+    let highest = scan_all(target.as_ref(), Table::Timeline)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(k, _)| u64::from_be_bytes(k[k.len() - 8..].try_into().unwrap()))
+        .max()
+        .unwrap();
+    assert!(
+        restored.stream_position().await > highest,
+        "the restored store would hand out stream position {} again",
+        restored.stream_position().await
+    );
+    // A new event takes a new position: nothing in the restored timeline is overwritten.
+    let body = serde_json::json!({"msgtype": "m.text", "body": "after the restore"});
+    restored
+        .send(
+            &local,
+            &room,
+            &alice,
+            "m.room.message",
+            None,
+            body,
+            super::ts(9000),
+        )
+        .await
+        .unwrap();
+    assert_eq!(timeline_len().await, before + 1);
 }

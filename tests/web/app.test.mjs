@@ -220,4 +220,20 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await send(c.page, "Restored in a new browser");
     await waitForMessage(b.page, "Restored in a new browser");
   });
+
+  await step("a homeserver that fails in the tab is announced above everything, with a reload", async () => {
+    // What the wasm panic hook dispatches (src/web.rs); the module itself is gone by then.
+    await b.page.evaluate(() =>
+      dispatchEvent(new CustomEvent("hyphae-failed", { detail: { message: "panicked at src/x.rs:1:1: a bug" } })),
+    );
+    const banner = b.page.locator("#homeserver-stopped");
+    await banner.waitFor();
+    assert.match(await banner.textContent(), /The homeserver in this tab stopped/);
+    await b.page.locator("#homeserver-stopped summary").click();
+    assert.match(await banner.locator("pre").textContent(), /a bug/);
+    await b.page.locator("#reload").click();
+    await ready(b.page);
+    assert.equal(await b.page.locator("#homeserver-stopped").count(), 0);
+    await waitForMessage(b.page, "Restored in a new browser");
+  });
 });
