@@ -321,8 +321,8 @@ impl Mallory {
     }
 }
 
-fn rooms_held(n: &P2pNode) -> impl std::future::Future<Output = Vec<OwnedRoomId>> + '_ {
-    async move { n.engine().rooms().await.unwrap() }
+async fn rooms_held(n: &P2pNode) -> Vec<OwnedRoomId> {
+    n.engine().rooms().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1266,7 +1266,7 @@ impl Inner {
         let wanted: Vec<&OwnedEventId> = ids
             .iter()
             .copied()
-            .filter(|id| !self.events.contains_key(*id))
+            .filter(|id| !self.events.contains_key(id))
             .collect();
         let keys: Vec<&[u8]> = wanted.iter().map(|id| id.as_bytes()).collect();
         let values = store.get_many(Table::Events, &keys).await?;
