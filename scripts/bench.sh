@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the figures in docs/benchmarks.md: native ingest and state resolution, a client's
-# latency during a login flood, IndexedDB ingest in headless Chromium, the Client-Server API
-# against Synapse and in the tab, the size of the release wasm, and the web app (cold start,
-# typed → visible, tab memory).
+# latency during a login flood, a member's latency during peer floods, node memory, a long fuzz
+# run, IndexedDB ingest in headless Chromium, the Client-Server API against Synapse and in the
+# tab, the size of the release wasm, and the web app (cold start, typed → visible, tab memory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -15,6 +15,16 @@ cargo bench --bench p2p 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
 
 echo "== native (release): cargo bench --bench login_flood"
 cargo bench --bench login_flood 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
+
+echo "== native (release): cargo bench --bench peer_floods"
+cargo bench --bench peer_floods 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
+
+echo "== native (release): cargo bench --bench memory"
+cargo bench --bench memory 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
+
+echo "== fuzzing (release): every target, ${HYPHAE_FUZZ_CASES:=20000} cases each (panics must be 0)"
+HYPHAE_FUZZ_CASES=$HYPHAE_FUZZ_CASES cargo test --release --test fuzz -- --nocapture --test-threads 1 2>&1 \
+  | grep -E '^FUZZ|test result|panicked'
 
 echo "== browser (release, headless Chromium): IndexedDB ingest"
 WASM_BINDGEN_TEST_TIMEOUT=600 cargo test --release --target wasm32-unknown-unknown --test browser_bench -- --nocapture 2>&1 \

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
+echo "== disk: $(df -h . | tail -1)"
 echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy (native)"

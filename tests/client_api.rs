@@ -1886,3 +1886,48 @@ async fn a_stopped_node_answers_errors_and_ends_long_polls() {
         assert_eq!(body["errcode"], "M_UNKNOWN");
     }
 }
+
+/// Bob declines alice's invite to a room on her peer: his peer forgets it, and his next
+/// `/sync` moves the room from `invite` to `leave`, as clients need to drop it from their list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_remote_invite_moves_to_leave_in_sync() {
+    let (a, api_a) = peer(None).await;
+    let (b, api_b) = peer(Some(&a)).await;
+    assert!(b.wait_for_peers(1, Duration::from_secs(10)).await);
+    let alice = register(&api_a, "alice", "pw-alice-1").await;
+    let mut bob = register(&api_b, "bob", "pw-bob-1").await;
+    let room = alice
+        .create_room(json!({"preset": "private_chat", "invite": [bob.user_id]}))
+        .await;
+    bob.sync_until("the invite", |v| {
+        v["rooms"]["invite"].get(&room).map(|_| ())
+    })
+    .await;
+
+    bob.ok(
+        "POST",
+        &format!(
+            "/_matrix/client/v3/rooms/{}/leave",
+            common::client::enc(&room)
+        ),
+        Some(json!({})),
+    )
+    .await;
+    assert!(b.invites().is_empty(), "the declined invite is still held");
+    let left = bob
+        .sync_until("the room in leave", |v| {
+            v["rooms"]["leave"].get(&room).cloned()
+        })
+        .await;
+    let events = left["timeline"]["events"].as_array().unwrap();
+    assert_eq!(events.last().unwrap()["content"]["membership"], "leave");
+    assert_eq!(events.last().unwrap()["state_key"], bob.user_id.as_str());
+    // Once: the pass after that has neither the invite nor the leave again.
+    let path = format!(
+        "/_matrix/client/v3/sync?timeout=0&since={}",
+        bob.since.clone().unwrap()
+    );
+    let v = bob.ok("GET", &path, None).await;
+    assert!(v["rooms"]["invite"].get(&room).is_none(), "{v}");
+    assert!(v["rooms"]["leave"].get(&room).is_none(), "{v}");
+}

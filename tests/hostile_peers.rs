@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::mallory::Mallory;
 use common::outsider::Outsider;
 use common::peers::{node, PATIENCE};
 use hyphae::engine::create_room::{CreateRoom, Preset};
@@ -207,118 +208,6 @@ async fn forged_replayed_stale_and_unsigned_edus_change_nothing() {
         heard.try_recv().is_err(),
         "a replayed EDU reached the client API"
     );
-}
-
-/// A hostile server of its own: an engine to sign rooms and events with, and an outsider swarm
-/// under the same key that answers requests with `answer`.
-struct Mallory {
-    identity: Identity,
-    engine: hyphae::engine::Engine,
-    user: ruma::OwnedUserId,
-}
-
-impl Mallory {
-    async fn new() -> Self {
-        let identity = Identity::generate();
-        let user = format!("@mallory:{}", identity.server_name())
-            .try_into()
-            .unwrap();
-        let store = std::sync::Arc::new(hyphae::store::memory::MemoryStore::new());
-        let engine = hyphae::engine::Engine::open(store).await.unwrap();
-        Self {
-            identity,
-            engine,
-            user,
-        }
-    }
-
-    /// Rooms of Mallory's own, each as its PDUs (create first) and their ids.
-    async fn rooms(&self, n: usize) -> Vec<(OwnedRoomId, Vec<String>, Vec<OwnedEventId>)> {
-        let mut out = Vec::new();
-        for _ in 0..n {
-            let (room, ids) = self
-                .engine
-                .create_room(
-                    &self.identity,
-                    &self.user,
-                    &CreateRoom::default(),
-                    ruma::MilliSecondsSinceUnixEpoch::now(),
-                )
-                .await
-                .unwrap();
-            let mut pdus = Vec::new();
-            for id in &ids {
-                let ev = self.engine.event(id).await.unwrap().unwrap();
-                pdus.push(ev.pdu.json.get().to_owned());
-            }
-            out.push((room, pdus, ids));
-        }
-        out
-    }
-
-    /// Joins `room` on the node `m` is connected to, as a server would: template, sign, send.
-    async fn join(&self, m: &Outsider, room: &OwnedRoomId) -> Vec<OwnedEventId> {
-        let r = m
-            .ask(FedRequest::MakeJoin {
-                room_id: room.clone(),
-                user_id: self.user.clone(),
-            })
-            .await;
-        let Ok(FedResponse::JoinTemplate { template, .. }) = r else {
-            panic!("make_join: {r:?}")
-        };
-        let rules = hyphae::engine::pdu::rules_for(&template.room_version).unwrap();
-        let (id, pdu) = hyphae::engine::pdu::build_signed(
-            &self.identity,
-            &rules,
-            hyphae::engine::pdu::NewEvent {
-                room_id: Some(room),
-                sender: &self.user,
-                kind: "m.room.member",
-                state_key: Some(self.user.as_str()),
-                content: json!({"membership": "join"}),
-                prev_events: template.prev_events,
-                auth_events: template.auth_events.clone(),
-                depth: template.depth,
-                origin_server_ts: ruma::MilliSecondsSinceUnixEpoch::now(),
-                redacts: None,
-            },
-        )
-        .unwrap();
-        let r = m
-            .ask(FedRequest::SendJoin {
-                pdu: String::from_utf8(pdu).unwrap(),
-            })
-            .await;
-        assert!(matches!(r, Ok(FedResponse::Ok)), "send_join: {r:?}");
-        let mut auth = template.auth_events;
-        auth.push(id);
-        auth
-    }
-
-    /// A well-signed message of Mallory's in `room` that hangs off events nobody has.
-    fn dangling(&self, room: &OwnedRoomId, auth: &[OwnedEventId], n: usize, body: usize) -> String {
-        let rules = hyphae::engine::pdu::rules_for(&ruma::RoomVersionId::V12).unwrap();
-        let fake: OwnedEventId = format!("$dangling{n:0>37}").try_into().unwrap();
-        let (_, pdu) = hyphae::engine::pdu::build_signed(
-            &self.identity,
-            &rules,
-            hyphae::engine::pdu::NewEvent {
-                room_id: Some(room),
-                sender: &self.user,
-                kind: "m.room.message",
-                state_key: None,
-                content: json!({"msgtype": "m.text", "body": "x".repeat(body)}),
-                prev_events: vec![fake],
-                auth_events: auth.to_vec(),
-                depth: 10,
-                origin_server_ts: ruma::MilliSecondsSinceUnixEpoch::now(),
-                redacts: None,
-            },
-        )
-        .unwrap();
-        String::from_utf8(pdu).unwrap()
-    }
 }
 
 async fn rooms_held(n: &P2pNode) -> Vec<OwnedRoomId> {
@@ -620,4 +509,167 @@ async fn wait_for(n: &P2pNode, id: &OwnedEventId) {
         })
         .await;
     assert!(ok, "{id} never arrived");
+}
+
+/// Asks until the node takes the request in (it answers `busy` or `too many requests` while
+/// this peer is over its request rate); any other answer, a refusal included, is returned.
+async fn ask_until_heard(m: &Outsider, request: FedRequest) -> FedResponse {
+    loop {
+        match m.ask(request.clone()).await {
+            Ok(FedResponse::Error { message, .. })
+                if message == "busy" || message == "too many requests" =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Ok(answer) => return answer,
+            Err(e) => panic!("invite not answered: {e}"),
+        }
+    }
+}
+
+/// An invite from `mallory` for `invitee` into one of Mallory's rooms, as an `Invite` request
+/// carrying `room_state`.
+fn invite_from(
+    mallory: &Mallory,
+    (room, ids): (&OwnedRoomId, &[OwnedEventId]),
+    invitee: &str,
+    room_state: Vec<String>,
+) -> FedRequest {
+    let rules = hyphae::engine::pdu::rules_for(&ruma::RoomVersionId::V12).unwrap();
+    let (_, pdu) = hyphae::engine::pdu::build_signed(
+        &mallory.identity,
+        &rules,
+        hyphae::engine::pdu::NewEvent {
+            room_id: Some(room),
+            sender: &mallory.user,
+            kind: "m.room.member",
+            state_key: Some(invitee),
+            content: json!({"membership": "invite"}),
+            prev_events: vec![ids.last().unwrap().clone()],
+            // Room version 12: the create event is implied, never listed.
+            auth_events: ids[1..].to_vec(),
+            depth: ids.len() as u64 + 1,
+            origin_server_ts: ruma::MilliSecondsSinceUnixEpoch::now(),
+            redacts: None,
+        },
+    )
+    .unwrap();
+    FedRequest::Invite {
+        room_version: ruma::RoomVersionId::V12,
+        pdu: String::from_utf8(pdu).unwrap(),
+        room_state,
+    }
+}
+
+/// Invites cost the inviter, not us: 20 held from one inviting server, 500 in all, each with at
+/// most 16 KiB of stripped state of known types; what is over is refused with `LimitExceeded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_flood_is_held_to_its_caps() {
+    use hyphae::rooms::invites::{MAX_INVITES, MAX_INVITES_PER_SERVER, MAX_INVITE_STATE_BYTES};
+    let a = node(&[]).await;
+    let m = outsider_at(&a).await;
+    let victim = |n: usize| format!("@victim{n}:{}", a.server_name());
+
+    // The first inviting server: each invite carries 16 state events, 4 KiB apiece: every
+    // stripped-state type twice over, then types and shapes that are not stripped state.
+    let first = Mallory::new().await;
+    let (room, _, ids) = first.rooms(1).await.pop().unwrap();
+    let mut state: Vec<String> = hyphae::rooms::STRIPPED_STATE
+        .iter()
+        .chain(hyphae::rooms::STRIPPED_STATE.iter().take(5))
+        .map(|kind| {
+            json!({"type": kind, "state_key": "", "sender": first.user,
+                   "content": {"name": "n".repeat(4000)}})
+            .to_string()
+        })
+        .collect();
+    state.push(
+        json!({"type": "m.room.power_levels", "state_key": "", "sender": first.user,
+                      "content": {"users": {first.user.as_str(): 100}}})
+        .to_string(),
+    );
+    state.push(
+        json!({"type": "m.room.topic", "state_key": "x", "sender": first.user,
+                      "content": {"topic": "not stripped state"}})
+        .to_string(),
+    );
+    state.push("not json".into());
+    state.push(
+        json!({"type": "m.room.topic", "state_key": "", "sender": "nobody",
+                      "content": {"topic": "bad sender"}})
+        .to_string(),
+    );
+    for n in 0..MAX_INVITES_PER_SERVER + 5 {
+        let answer = ask_until_heard(
+            &m,
+            invite_from(&first, (&room, &ids), &victim(n), state.clone()),
+        )
+        .await;
+        if n < MAX_INVITES_PER_SERVER {
+            assert_eq!(answer, FedResponse::Ok, "invite {n}");
+        } else {
+            assert!(
+                matches!(
+                    answer,
+                    FedResponse::Error {
+                        code: FedErrorCode::LimitExceeded,
+                        ..
+                    }
+                ),
+                "invite {n} over the per-server cap: {answer:?}"
+            );
+        }
+    }
+    let held = a.invites();
+    assert_eq!(held.len(), MAX_INVITES_PER_SERVER);
+    for inv in &held {
+        let bytes: usize = inv.room_state.iter().map(|e| e.to_string().len()).sum();
+        assert!(
+            bytes <= MAX_INVITE_STATE_BYTES,
+            "{bytes} bytes of stripped state"
+        );
+        let kinds: Vec<&str> = inv
+            .room_state
+            .iter()
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        let distinct: std::collections::HashSet<&&str> = kinds.iter().collect();
+        assert_eq!(distinct.len(), kinds.len(), "one event per type: {kinds:?}");
+        assert!(!kinds.is_empty());
+        assert!(
+            kinds
+                .iter()
+                .all(|k| hyphae::rooms::STRIPPED_STATE.contains(k)),
+            "{kinds:?}"
+        );
+    }
+
+    // More inviting servers, each under its own cap, up to the cap for all of them.
+    let mut n = MAX_INVITES_PER_SERVER + 5;
+    let mut refused = 0;
+    while refused == 0 {
+        let other = Mallory::new().await;
+        let (room, _, ids) = other.rooms(1).await.pop().unwrap();
+        for _ in 0..MAX_INVITES_PER_SERVER {
+            let answer = ask_until_heard(
+                &m,
+                invite_from(&other, (&room, &ids), &victim(n), Vec::new()),
+            )
+            .await;
+            n += 1;
+            match answer {
+                FedResponse::Ok => {}
+                FedResponse::Error {
+                    code: FedErrorCode::LimitExceeded,
+                    ..
+                } => refused += 1,
+                other => panic!("invite {n}: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        a.invites().len(),
+        MAX_INVITES,
+        "the node holds the cap, no more"
+    );
 }

@@ -97,6 +97,9 @@ pub struct ClientApi {
     txns: KeyedLocks,
     /// Invites to rooms on other peers, with the client-data position they were first seen at.
     seen_invites: Mutex<HashMap<OwnedEventId, u64>>,
+    /// Remote invites a user declined, with the client-data position of the decline, so the
+    /// next `/sync` moves the room from `invite` to `leave`. Bounded like the invites themselves.
+    declined_invites: Mutex<HashMap<(OwnedUserId, OwnedRoomId), u64>>,
     /// This API itself, for tasks it starts (typing expiry) that must not keep it alive.
     me: std::sync::Weak<ClientApi>,
 }
@@ -288,6 +291,7 @@ impl ClientApi {
             logins: LoginLimiter::default(),
             txns: KeyedLocks::default(),
             seen_invites: Mutex::new(HashMap::new()),
+            declined_invites: Mutex::new(HashMap::new()),
             me: std::sync::Weak::new(),
         })
     }

@@ -299,10 +299,14 @@ impl ClientApi {
     ) -> ApiResult<ApiResponse> {
         let body = body_object(req)?;
         let room = room_id(room)?;
-        // An invite to a room not held here is declined by forgetting it.
+        // An invite to a room not held here is declined by forgetting it; the next /sync moves
+        // the room to `leave` so clients drop the invite too.
         if self.node.engine().room(&room).await?.is_none()
             && self.node.decline_invite(&room, &s.user_id).await?
         {
+            let pos = self.data.bump().await?;
+            self.note_declined_invite(&s.user_id, &room, pos);
+            self.node.changed();
             return ok(json!({}));
         }
         let state = self.state_of(&room).await?;

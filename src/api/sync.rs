@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use ruma::RoomId;
+use ruma::{OwnedRoomId, RoomId, UserId};
 use serde_json::{json, Value};
 
 use super::accounts::Session;
@@ -310,6 +310,32 @@ impl ClientApi {
             );
         }
 
+        // Remote invites declined since the last pass: the room moves to `leave` once.
+        if since.is_some() {
+            let declined: Vec<(OwnedRoomId, u64)> = self
+                .declined_invites
+                .lock()
+                .expect("invites lock")
+                .iter()
+                .filter(|((user, room), pos)| {
+                    *user == s.user_id && **pos >= from.client && !known_rooms.contains(room)
+                })
+                .map(|((_, room), pos)| (room.clone(), *pos))
+                .collect();
+            for (room, pos) in declined {
+                let leave_event = json!({
+                    "type": "m.room.member", "state_key": s.user_id, "sender": s.user_id,
+                    "content": {"membership": "leave"},
+                    "event_id": format!("$declined-{pos}"),
+                    "origin_server_ts": now(),
+                });
+                leave.insert(
+                    room.to_string(),
+                    json!({"timeline": {"events": [leave_event]}, "state": {"events": []}}),
+                );
+            }
+        }
+
         let mut global_account = Vec::new();
         for (room, kind, content) in &account {
             if room.is_none() {
@@ -578,6 +604,21 @@ impl ClientApi {
             page *= 4;
         }
         Ok(n)
+    }
+
+    /// Remembers that `user` declined a remote invite to `room` at client-data position `pos`.
+    pub(super) fn note_declined_invite(&self, user: &UserId, room: &RoomId, pos: u64) {
+        let mut declined = self.declined_invites.lock().expect("invites lock");
+        declined.insert((user.to_owned(), room.to_owned()), pos);
+        // As many as invites can be held; the oldest declines were long since synced.
+        while declined.len() > crate::rooms::invites::MAX_INVITES {
+            let oldest = declined
+                .iter()
+                .min_by_key(|(_, pos)| **pos)
+                .map(|(k, _)| k.clone())
+                .expect("not empty");
+            declined.remove(&oldest);
+        }
     }
 
     /// Stripped state an invitee sees: enough to name the room and know who invited them.

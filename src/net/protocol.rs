@@ -24,6 +24,14 @@ pub const MAX_RESPONSE_BYTES: usize = 8 << 20;
 /// Most PDUs one push carries.
 pub const MAX_PUSH_PDUS: usize = 100;
 
+/// The codec for [`FED_PROTOCOL`], with its size limits set explicitly: every answer is built
+/// to stay under them (a larger message would be dropped by the codec, not truncated).
+pub fn fed_codec() -> libp2p::request_response::cbor::codec::Codec<FedRequest, FedResponse> {
+    libp2p::request_response::cbor::codec::Codec::default()
+        .set_request_size_maximum(MAX_REQUEST_BYTES as u64)
+        .set_response_size_maximum(MAX_RESPONSE_BYTES as u64)
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum FedRequest {
     /// One event by id.

@@ -9,9 +9,7 @@ use libp2p::{identify, noise, ping, request_response, yamux, StreamProtocol, Swa
 #[cfg(not(target_arch = "wasm32"))]
 use libp2p::{kad, mdns, relay, rendezvous, tcp};
 
-use super::protocol::{
-    FedRequest, FedResponse, FED_PROTOCOL, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
-};
+use super::protocol::{FedRequest, FedResponse, FED_PROTOCOL};
 use super::rt::Duration;
 use crate::identity::Identity;
 #[cfg(not(target_arch = "wasm32"))]
@@ -118,13 +116,8 @@ pub(super) async fn build_swarm(
     #[cfg(not(target_arch = "wasm32"))]
     let _ = rustls::crypto::ring::default_provider().install_default();
     let fed = || {
-        // The codec's limits are set here, explicitly, and every answer is built to stay under
-        // them (a larger message would be dropped by the codec, not truncated).
-        let codec = request_response::cbor::codec::Codec::default()
-            .set_request_size_maximum(MAX_REQUEST_BYTES as u64)
-            .set_response_size_maximum(MAX_RESPONSE_BYTES as u64);
         request_response::cbor::Behaviour::with_codec(
-            codec,
+            super::protocol::fed_codec(),
             [(
                 StreamProtocol::new(FED_PROTOCOL),
                 request_response::ProtocolSupport::Full,
