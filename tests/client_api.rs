@@ -8,93 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::client::{register, scenario, Transport};
+use common::in_process::{peer, redb_peer, InProcess};
 use hyphae::api::{Caller, ClientApi, Registration};
-use hyphae::rooms::{NodeConfig, P2pNode};
-use hyphae::store::memory::MemoryStore;
-use hyphae::store::redb::RedbStore;
-use hyphae::store::{scan_all, SharedStore, Table, WriteBatch};
+use hyphae::rooms::P2pNode;
+use hyphae::store::{scan_all, Table, WriteBatch};
 use serde_json::{json, Value};
-
-struct InProcess(Arc<ClientApi>);
-
-impl Transport for InProcess {
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-        self.raw(method, path, token, body).await
-    }
-}
-
-impl InProcess {
-    async fn raw(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Vec<u8>,
-    ) -> (u16, Value) {
-        let mut req = http::Request::builder().method(method).uri(path);
-        if let Some(t) = token {
-            req = req.header("Authorization", format!("Bearer {t}"));
-        }
-        let resp = self
-            .0
-            .handle(req.body(body).unwrap(), Caller { local: true })
-            .await;
-        let status = resp.status().as_u16();
-        let json = serde_json::from_slice(resp.body()).unwrap_or(Value::Null);
-        (status, json)
-    }
-}
-
-impl InProcess {
-    /// Sends a request built by the test (headers and all) as a local caller.
-    async fn send(&self, req: http::Request<Vec<u8>>) -> (u16, Value) {
-        let resp = self.0.handle(req, Caller { local: true }).await;
-        let json = serde_json::from_slice(resp.body()).unwrap_or(Value::Null);
-        (resp.status().as_u16(), json)
-    }
-}
-
-async fn peer(bootstrap: Option<&P2pNode>) -> (P2pNode, InProcess) {
-    peer_on(Arc::new(MemoryStore::new()), bootstrap).await
-}
-
-/// A peer on a redb store in `dir`, as `hyphae-node` runs: its reads and writes yield, so
-/// requests that race each other really interleave.
-async fn redb_peer(dir: &tempfile::TempDir) -> (P2pNode, InProcess) {
-    let store = RedbStore::open(&dir.path().join("hyphae.redb")).unwrap();
-    peer_on(Arc::new(store), None).await
-}
-
-async fn peer_on(store: SharedStore, bootstrap: Option<&P2pNode>) -> (P2pNode, InProcess) {
-    let mut addrs = Vec::new();
-    if let Some(b) = bootstrap {
-        addrs.push(b.listen_addrs().await[0].clone());
-    }
-    let config = NodeConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap: addrs,
-        anti_entropy_every: Duration::from_secs(2),
-        mdns: false,
-        start_offline: false,
-    };
-    let node = P2pNode::start(store, config).await.unwrap();
-    let api = ClientApi::start(
-        node.clone(),
-        Registration::Loopback {
-            web_origins: vec![],
-        },
-    )
-    .await
-    .unwrap();
-    (node, InProcess(api))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_users_on_one_peer() {

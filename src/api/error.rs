@@ -15,6 +15,8 @@ pub struct ApiError {
     pub message: String,
     /// For `M_LIMIT_EXCEEDED`: when the client may retry.
     pub retry_after_ms: Option<u64>,
+    /// A field some errors carry beside `errcode` and `error` (`current_version`).
+    pub extra: Option<(&'static str, serde_json::Value)>,
 }
 
 impl ApiError {
@@ -24,6 +26,14 @@ impl ApiError {
             errcode,
             message: message.into(),
             retry_after_ms: None,
+            extra: None,
+        }
+    }
+
+    pub fn with_field(self, name: &'static str, value: serde_json::Value) -> Self {
+        Self {
+            extra: Some((name, value)),
+            ..self
         }
     }
 
@@ -102,6 +112,9 @@ impl ApiError {
         let mut body = json!({ "errcode": self.errcode, "error": self.message });
         if let Some(ms) = self.retry_after_ms {
             body["retry_after_ms"] = ms.into();
+        }
+        if let Some((name, value)) = &self.extra {
+            body[*name] = value.clone();
         }
         body
     }

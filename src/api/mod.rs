@@ -9,12 +9,16 @@
 pub mod accounts;
 pub mod error;
 pub mod events;
+mod key_backup;
+mod key_data;
+pub mod keys;
 mod limits;
 mod passwords;
 mod rooms;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod server;
 mod sync;
+mod to_device;
 mod user_data;
 mod visibility;
 
@@ -74,7 +78,14 @@ pub struct Caller {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum UiaPurpose {
     Register,
-    DeleteDevice { user: OwnedUserId, device: String },
+    DeleteDevice {
+        user: OwnedUserId,
+        device: String,
+    },
+    /// Replacing the user's cross-signing keys.
+    CrossSigning {
+        user: OwnedUserId,
+    },
 }
 
 /// Who is typing where, with expiry; kept in memory only, like every homeserver does.
@@ -100,6 +111,10 @@ pub struct ClientApi {
     /// Remote invites a user declined, with the client-data position of the decline, so the
     /// next `/sync` moves the room from `invite` to `leave`. Bounded like the invites themselves.
     declined_invites: Mutex<HashMap<(OwnedUserId, OwnedRoomId), u64>>,
+    /// Keys of other servers' users, as their servers last answered.
+    remote_keys: Mutex<keys::RemoteKeys>,
+    /// Wakes the to-device outbox (messages were queued).
+    outbox_wake: std::sync::Arc<tokio::sync::Notify>,
     /// This API itself, for tasks it starts (typing expiry) that must not keep it alive.
     me: std::sync::Weak<ClientApi>,
 }
@@ -292,6 +307,8 @@ impl ClientApi {
             txns: KeyedLocks::default(),
             seen_invites: Mutex::new(HashMap::new()),
             declined_invites: Mutex::new(HashMap::new()),
+            remote_keys: Mutex::new(keys::RemoteKeys::default()),
+            outbox_wake: std::sync::Arc::new(tokio::sync::Notify::new()),
             me: std::sync::Weak::new(),
         })
     }
@@ -313,6 +330,19 @@ impl ClientApi {
         // A notice that trips a bug must not end typing and receipts for good: restart.
         crate::net::rt::spawn_restarting("peer EDUs", api.node.edus(), move |edus| {
             Box::pin(apply_edus(weak.clone(), edus))
+        });
+        if let Some(requests) = api.node.take_device_requests() {
+            let weak = std::sync::Arc::downgrade(&api);
+            crate::net::rt::spawn_restarting("peer device requests", requests, move |requests| {
+                Box::pin(keys::serve_device_requests(weak.clone(), requests))
+            });
+        }
+        let waker = to_device::OutboxWaker {
+            connected: api.node.connected_peer_events(),
+        };
+        let weak = std::sync::Arc::downgrade(&api);
+        crate::net::rt::spawn_restarting("to-device outbox", waker, move |waker| {
+            Box::pin(to_device::deliver_outbox(weak.clone(), waker))
         });
         Ok(api)
     }
@@ -511,7 +541,12 @@ impl ClientApi {
             (&M::POST, ["keys", "upload"]) => self.upload_keys(req, s).await,
             (&M::POST, ["keys", "query"]) => self.query_keys(req, s).await,
             (&M::POST, ["keys", "claim"]) => self.claim_keys(req, s).await,
-            (&M::GET, ["keys", "changes"]) => ok(json!({"changed": [], "left": []})),
+            (&M::GET, ["keys", "changes"]) => self.key_changes(req, s).await,
+            (&M::POST, ["keys", "device_signing", "upload"]) => {
+                self.upload_cross_signing(req, s).await
+            }
+            (&M::POST, ["keys", "signatures", "upload"]) => self.upload_signatures(req, s).await,
+            (_, ["room_keys", ..]) => self.room_keys(req, s, &path[1..]).await,
             (&M::PUT, ["sendToDevice", kind, txn]) => self.send_to_device(req, s, kind, txn).await,
             (&M::GET, ["presence", _user, "status"]) => ok(json!({"presence": "online"})),
             (&M::PUT, ["presence", _user, "status"]) => {
@@ -567,6 +602,8 @@ impl ClientApi {
                 | ["user", _, "rooms", _, "account_data", _]
                 | ["user", _, "filter", ..]
                 | ["keys", "upload" | "query" | "claim" | "changes"]
+                | ["keys", "device_signing" | "signatures", "upload"]
+                | ["room_keys", ..]
                 | ["sendToDevice", _, _]
                 | ["presence", _, "status"]
         )
@@ -802,6 +839,8 @@ impl ClientApi {
             .filter(|d| all || d.device_id == s.device_id)
             .collect();
         self.accounts.remove_devices(&s.user_id, &gone).await?;
+        let ids: Vec<String> = gone.iter().map(|d| d.device_id.to_string()).collect();
+        self.devices_removed(&s.user_id, &ids).await?;
         ok(json!({}))
     }
 
@@ -850,7 +889,6 @@ impl ClientApi {
         device: &str,
     ) -> ApiResult<ApiResponse> {
         use ruma::api::client::device::delete_device::v3::Request;
-        use ruma::api::client::uiaa::{AuthData, UserIdentifier};
         let r: Request = parse(req, &[device])?;
         let d = self
             .accounts
@@ -861,9 +899,27 @@ impl ClientApi {
             user: s.user_id.clone(),
             device: device.to_owned(),
         };
-        let auth = match r.auth {
+        if let Some(challenge) = self.password_uia(r.auth, s, purpose).await? {
+            return Ok(challenge);
+        }
+        self.accounts.remove_devices(&s.user_id, &[d]).await?;
+        self.devices_removed(&s.user_id, &[device.to_owned()])
+            .await?;
+        ok(json!({}))
+    }
+
+    /// User-interactive auth by password for `purpose`: `None` once the user has given their
+    /// password in a session opened for it, else the challenge to answer with.
+    async fn password_uia(
+        &self,
+        auth: Option<ruma::api::client::uiaa::AuthData>,
+        s: &Session,
+        purpose: UiaPurpose,
+    ) -> ApiResult<Option<ApiResponse>> {
+        use ruma::api::client::uiaa::{AuthData, UserIdentifier};
+        let auth = match auth {
             Some(AuthData::Password(p)) if self.uia_open(p.session.as_deref(), &purpose) => p,
-            _ => return Ok(self.uia_challenge("m.login.password", purpose)),
+            _ => return Ok(Some(self.uia_challenge("m.login.password", purpose))),
         };
         let UserIdentifier::Matrix(id) = &auth.identifier else {
             return Err(ApiError::forbidden("authenticate with your user name"));
@@ -875,8 +931,7 @@ impl ClientApi {
         if let Some(session) = &auth.session {
             self.uia_take(session, &purpose);
         }
-        self.accounts.remove_devices(&s.user_id, &[d]).await?;
-        ok(json!({}))
+        Ok(None)
     }
 
     // ---- typing ---------------------------------------------------------------------------

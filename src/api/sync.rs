@@ -61,6 +61,11 @@ impl SyncToken {
 }
 
 /// The event position of a `/messages` or sync token.
+/// The client-data position of a sync token (for `/keys/changes`).
+pub fn client_position(token: &str) -> ApiResult<u64> {
+    Ok(SyncToken::parse(token)?.client)
+}
+
 pub fn parse_position(token: &str) -> ApiResult<u64> {
     if let Some(n) = token.strip_prefix('t') {
         return n
@@ -347,24 +352,37 @@ impl ClientApi {
             global_account.push(json!({"type": "m.push_rules", "content": {"global": rules}}));
         }
         // Independent reads: issued together, so in the tab their IndexedDB round trips overlap.
-        let (to_device, otk_counts) = futures::try_join!(
+        let (to_device, otk_counts, fallback_types) = futures::try_join!(
             self.data.to_device(s, from.client, next.client),
             self.data
                 .one_time_key_counts(&s.user_id, s.device_id.as_str()),
+            self.data
+                .unused_fallback_key_types(&s.user_id, s.device_id.as_str()),
         )?;
+        // Device changes of the user and of those sharing a room with them (an initial sync
+        // has none: the client queries every user it tracks).
+        let devices_changed = match since {
+            Some(_) => {
+                self.changed_devices_for(s, from.client, next.client)
+                    .await?
+            }
+            None => Vec::new(),
+        };
         let empty = join.is_empty()
             && invite.is_empty()
             && leave.is_empty()
             && global_account.is_empty()
-            && to_device.is_empty();
+            && to_device.is_empty()
+            && devices_changed.is_empty();
         let body = json!({
             "next_batch": next.render(),
             "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
             "account_data": {"events": global_account},
             "presence": {"events": []},
             "to_device": {"events": to_device},
-            "device_lists": {"changed": [], "left": []},
+            "device_lists": {"changed": devices_changed, "left": []},
             "device_one_time_keys_count": otk_counts,
+            "device_unused_fallback_key_types": fallback_types,
         });
         Ok(Delta { body, empty })
     }

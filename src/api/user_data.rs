@@ -29,7 +29,9 @@ const CLIENT_STREAM_KEY: &[u8] = b"client_stream";
 const PRIVATE_READ: &str = "m.read.private";
 
 pub struct UserData {
-    store: SharedStore,
+    pub(super) store: SharedStore,
+    /// Held by read-check-write sequences of E2EE data (incoming to-device, backup versions).
+    pub(super) incoming: Mutex<()>,
     /// Aliases some request is creating right now (see [`UserData::claim_alias`]).
     claimed_aliases: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The next position; every position below it is durable.
@@ -38,17 +40,17 @@ pub struct UserData {
     visible: std::sync::atomic::AtomicU64,
 }
 
-fn key(parts: &[&str]) -> Vec<u8> {
+pub(super) fn key(parts: &[&str]) -> Vec<u8> {
     parts.join("\0").into_bytes()
 }
 
-fn prefix(parts: &[&str]) -> Vec<u8> {
+pub(super) fn prefix(parts: &[&str]) -> Vec<u8> {
     let mut k = key(parts);
     k.push(0);
     k
 }
 
-fn decode(v: &[u8]) -> ApiResult<Value> {
+pub(super) fn decode(v: &[u8]) -> ApiResult<Value> {
     serde_json::from_slice(v).map_err(|e| ApiError::unknown(format!("stored client data: {e}")))
 }
 
@@ -107,6 +109,7 @@ impl UserData {
         };
         Ok(Self {
             store,
+            incoming: Mutex::new(()),
             claimed_aliases: Default::default(),
             next: Mutex::new(next),
             visible: std::sync::atomic::AtomicU64::new(next),
@@ -119,7 +122,10 @@ impl UserData {
     }
 
     /// Writes what `build` puts in a batch, handing it the position of this change.
-    async fn write_at(&self, build: impl FnOnce(u64, &mut WriteBatch)) -> ApiResult<u64> {
+    pub(super) async fn write_at(
+        &self,
+        build: impl FnOnce(u64, &mut WriteBatch),
+    ) -> ApiResult<u64> {
         let mut next = self.next.lock().await;
         let pos = *next;
         let mut batch = WriteBatch::new();
@@ -132,14 +138,14 @@ impl UserData {
         Ok(pos)
     }
 
-    async fn get(&self, k: &[u8]) -> ApiResult<Option<Value>> {
+    pub(super) async fn get(&self, k: &[u8]) -> ApiResult<Option<Value>> {
         match self.store.get(Table::ClientData, k).await? {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
     }
 
-    async fn scan(&self, p: &[u8]) -> ApiResult<Vec<Entry>> {
+    pub(super) async fn scan(&self, p: &[u8]) -> ApiResult<Vec<Entry>> {
         Ok(self
             .store
             .scan(
@@ -856,141 +862,5 @@ impl ClientApi {
             Some(f) => ok(f),
             None => Err(ApiError::not_found("no such filter")),
         }
-    }
-
-    pub(super) async fn upload_keys(
-        &self,
-        req: &ApiRequest,
-        s: &Session,
-    ) -> ApiResult<ApiResponse> {
-        use ruma::api::client::keys::upload_keys::v3::Request;
-        let _: Request = parse(req, &[])?;
-        let body = body_object(req)?;
-        if let Some(keys) = body.get("device_keys") {
-            serde_json::from_value::<ruma::encryption::DeviceKeys>(keys.clone())
-                .map_err(|e| ApiError::bad_json(format!("device_keys: {e}")))?;
-            if keys["user_id"] != json!(s.user_id) || keys["device_id"] != json!(s.device_id) {
-                return Err(ApiError::bad_json("device_keys are for another device"));
-            }
-            self.data
-                .put_device_keys(&s.user_id, s.device_id.as_str(), keys.clone())
-                .await?;
-        }
-        if let Some(Value::Object(otks)) = body.get("one_time_keys") {
-            self.data
-                .put_one_time_keys(&s.user_id, s.device_id.as_str(), otks)
-                .await?;
-        }
-        let counts = self
-            .data
-            .one_time_key_counts(&s.user_id, s.device_id.as_str())
-            .await?;
-        ok(json!({ "one_time_key_counts": counts }))
-    }
-
-    pub(super) async fn query_keys(
-        &self,
-        req: &ApiRequest,
-        _s: &Session,
-    ) -> ApiResult<ApiResponse> {
-        use ruma::api::client::keys::get_keys::v3::Request;
-        let r: Request = parse(req, &[])?;
-        let mut device_keys = serde_json::Map::new();
-        let mut failures = serde_json::Map::new();
-        for (user, wanted) in &r.device_keys {
-            if user.server_name().as_str() != self.node.server_name().to_string() {
-                // Device lists of other peers' users come with a later protocol.
-                failures.insert(user.server_name().to_string(), json!({}));
-                continue;
-            }
-            let mut devices = serde_json::Map::new();
-            for (device, keys) in self.data.device_keys(user).await? {
-                if wanted.is_empty() || wanted.iter().any(|d| d.as_str() == device) {
-                    devices.insert(device, keys);
-                }
-            }
-            device_keys.insert(user.to_string(), Value::Object(devices));
-        }
-        ok(json!({ "device_keys": device_keys, "failures": failures }))
-    }
-
-    pub(super) async fn claim_keys(
-        &self,
-        req: &ApiRequest,
-        _s: &Session,
-    ) -> ApiResult<ApiResponse> {
-        use ruma::api::client::keys::claim_keys::v3::Request;
-        let r: Request = parse(req, &[])?;
-        let mut claimed = serde_json::Map::new();
-        for (user, devices) in &r.one_time_keys {
-            let mut per_device = serde_json::Map::new();
-            for (device, algorithm) in devices {
-                if let Some((id, key)) = self
-                    .data
-                    .claim_one_time_key(user, device.as_str(), algorithm.as_str())
-                    .await?
-                {
-                    per_device.insert(device.to_string(), json!({ id: key }));
-                }
-            }
-            if !per_device.is_empty() {
-                claimed.insert(user.to_string(), Value::Object(per_device));
-            }
-        }
-        ok(json!({ "one_time_keys": claimed, "failures": {} }))
-    }
-
-    pub(super) async fn send_to_device(
-        &self,
-        req: &ApiRequest,
-        s: &Session,
-        kind: &str,
-        txn: &str,
-    ) -> ApiResult<ApiResponse> {
-        use ruma::api::client::to_device::send_event_to_device::v3::Request;
-        let r: Request = parse(req, &[kind, txn])?;
-        let txn_key = format!("todevice:{txn}");
-        let _one_at_a_time = self.txn_lock(s, &txn_key).await;
-        if self.data.txn(s, &txn_key).await?.is_some() {
-            return ok(json!({}));
-        }
-        let mut out = Vec::new();
-        for (user, targets) in &r.messages {
-            if user.server_name().as_str() != self.node.server_name().to_string() {
-                continue;
-            }
-            let devices: Vec<String> = self
-                .accounts
-                .devices(user)
-                .await?
-                .into_iter()
-                .map(|d| d.device_id.to_string())
-                .collect();
-            for (target, content) in targets {
-                let content: Value = serde_json::from_str(content.json().get())
-                    .map_err(|e| ApiError::bad_json(e.to_string()))?;
-                let msg = json!({"type": kind, "sender": s.user_id, "content": content});
-                match target {
-                    ruma::to_device::DeviceIdOrAllDevices::AllDevices => {
-                        for d in &devices {
-                            out.push((user.clone(), d.clone(), msg.clone()));
-                        }
-                    }
-                    ruma::to_device::DeviceIdOrAllDevices::DeviceId(d) => {
-                        if devices.iter().any(|x| x == d.as_str()) {
-                            out.push((user.clone(), d.to_string(), msg.clone()));
-                        }
-                    }
-                }
-            }
-        }
-        if !out.is_empty() {
-            self.data.put_to_device(out).await?;
-        }
-        let marker: ruma::OwnedEventId = ruma::OwnedEventId::try_from("$to_device")
-            .map_err(|e| ApiError::unknown(e.to_string()))?;
-        self.data.put_txn(s, &txn_key, &marker).await?;
-        self.node.changed();
-        ok(json!({}))
     }
 }

@@ -6,6 +6,8 @@
 //! private channel. The asking peer's PeerId is its server name, so every request is
 //! authorised by who asks.
 
+use std::collections::BTreeMap;
+
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId};
 use serde::{Deserialize, Serialize};
 
@@ -68,7 +70,34 @@ pub enum FedRequest {
     },
     /// A signed EDU (typing, receipt; see [`Edu`]) pushed to the room's member servers.
     Edu { edu: String },
+    /// The device keys and cross-signing keys of users of the answering server.
+    QueryKeys { user_ids: Vec<OwnedUserId> },
+    /// One one-time key (or the fallback key) per device, for devices of the answering
+    /// server's users: user → device → algorithm.
+    ClaimKeys {
+        claims: BTreeMap<OwnedUserId, BTreeMap<String, String>>,
+    },
+    /// To-device messages from `sender` (a user of the asking server), JSON
+    /// `{user: {device or "*": content}}`. `seq` grows with every message the asking server
+    /// sends this one, so a retried message is taken once and in order.
+    ToDevice {
+        seq: u64,
+        sender: OwnedUserId,
+        kind: String,
+        messages: String,
+    },
+    /// `user_id` (of the asking server) added or removed a device or changed its keys:
+    /// keys cached for that user are stale.
+    DeviceListChanged {
+        user_id: OwnedUserId,
+        stream_id: u64,
+    },
 }
+
+/// Most bytes of one `ToDevice` request's messages.
+pub const MAX_TO_DEVICE_BYTES: usize = 128 << 10;
+/// Most devices one `ClaimKeys` request may name.
+pub const MAX_CLAIMED_DEVICES: usize = 1000;
 
 /// Stripped state events an invite carries at most.
 pub const MAX_INVITE_STATE: usize = 16;
@@ -98,6 +127,20 @@ impl FedRequest {
                 Err("PDU over the size limit".into())
             }
             FedRequest::Edu { edu } if edu.len() > MAX_EDU_BYTES => Err("EDU too large".into()),
+            FedRequest::QueryKeys { user_ids } if user_ids.len() > MAX_IDS_PER_REQUEST => {
+                Err(format!("at most {MAX_IDS_PER_REQUEST} users per query"))
+            }
+            FedRequest::ClaimKeys { claims }
+                if claims.len() > MAX_IDS_PER_REQUEST
+                    || claims.values().map(BTreeMap::len).sum::<usize>() > MAX_CLAIMED_DEVICES =>
+            {
+                Err(format!("at most {MAX_CLAIMED_DEVICES} devices per claim"))
+            }
+            FedRequest::ToDevice { kind, messages, .. }
+                if messages.len() > MAX_TO_DEVICE_BYTES || kind.len() > 255 =>
+            {
+                Err("to-device message too large".into())
+            }
             FedRequest::Invite { room_state, .. }
                 if room_state.len() > MAX_INVITE_STATE
                     || room_state
@@ -136,6 +179,11 @@ pub enum FedResponse {
     JoinTemplate {
         room_id: OwnedRoomId,
         template: Template,
+    },
+    /// Keys asked for with `QueryKeys` or `ClaimKeys`, as the JSON of the client API's answer
+    /// (`device_keys`, `master_keys`, `self_signing_keys`; or `one_time_keys`).
+    Keys {
+        json: String,
     },
     Ok,
     Error {

@@ -102,6 +102,12 @@ impl P2pNode {
                         .await?
                 }
                 FedRequest::Edu { edu } => self.take_edu(peer, &edu).await?,
+                request @ (FedRequest::QueryKeys { .. }
+                | FedRequest::ClaimKeys { .. }
+                | FedRequest::ToDevice { .. }
+                | FedRequest::DeviceListChanged { .. }) => {
+                    self.answer_devices(&asker, request).await?
+                }
                 // Pushes are queued for ingest by `take_request`, never answered here.
                 FedRequest::Push { .. } => {
                     FedResponse::error(FedErrorCode::BadRequest, "a push is not a pull")

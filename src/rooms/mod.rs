@@ -12,6 +12,7 @@
 pub mod answer;
 pub mod anti_entropy;
 pub mod catch_up;
+pub mod devices;
 pub mod edu;
 pub mod ingest;
 pub mod invites;
@@ -133,6 +134,10 @@ pub(crate) struct Shared {
     catch_up: Mutex<CatchUpProgress>,
     catch_ups: Mutex<catch_up::Running>,
     edu_guard: Mutex<edu::EduGuard>,
+    /// Peers' device requests, for the client API.
+    devices: devices::DeviceQueue,
+    /// Each peer as it connects.
+    connected: tokio::sync::broadcast::Sender<PeerId>,
 }
 
 /// A running peer: the room service over its swarm. Cheap to clone; the swarm stops on
@@ -185,6 +190,8 @@ impl P2pNode {
                 catch_up: Mutex::new(CatchUpProgress::default()),
                 catch_ups: Mutex::new(catch_up::Running::default()),
                 edu_guard: Mutex::new(edu::EduGuard::default()),
+                devices: devices::DeviceQueue::new(),
+                connected: tokio::sync::broadcast::channel(256).0,
             }),
         };
         let (weak, every) = (Arc::downgrade(&node.shared), config.anti_entropy_every);
@@ -406,6 +413,7 @@ async fn serve(
                         });
                     }
                     NetEvent::Connected(peer) => {
+                        let _ = node.shared.connected.send(peer);
                         rt::spawn(async move { node.anti_entropy_logged(peer).await });
                     }
                     NetEvent::Disconnected(_) => {}

@@ -5,6 +5,8 @@
 pub mod client;
 pub mod conformance;
 #[cfg(not(target_arch = "wasm32"))]
+pub mod in_process;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod mallory;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod node_process;

@@ -1,0 +1,311 @@
+//! Devices across peers: key queries and claims, to-device messages and device-list changes.
+//!
+//! The keys themselves live with the client API, in its store. The room service decides who may
+//! ask: a server is told about a user's devices, may claim their keys, may send them to-device
+//! messages and may announce its own users' device changes only when the two users' servers
+//! share a room (each side joined or invited), or when an invite from that server is pending
+//! here. Everything else is refused as if the user had no devices. What passes goes to the
+//! client API through a bounded queue; a full queue answers `LimitExceeded`.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use ruma::events::StateEventType;
+use ruma::{OwnedUserId, UserId};
+use tokio::sync::{mpsc, oneshot};
+
+use super::visibility::Membership;
+use super::{NodeError, P2pNode};
+use crate::identity::ServerName;
+use crate::net::protocol::{FedErrorCode, FedRequest, FedResponse};
+use crate::net::rt;
+
+/// Device requests from peers waiting for the client API; past this a peer is told `busy`.
+pub const DEVICE_QUEUE: usize = 64;
+
+/// What a peer asks of this server's users' devices, once the room service let it through.
+#[derive(Debug)]
+pub enum DeviceAsk {
+    /// Keys of these users (each shares a room with the asker).
+    QueryKeys { user_ids: Vec<OwnedUserId> },
+    /// One key per device of these users (each shares a room with the asker).
+    ClaimKeys {
+        claims: BTreeMap<OwnedUserId, BTreeMap<String, String>>,
+    },
+    /// Messages from `sender` for these local users (each shares a room with the sender).
+    ToDevice {
+        seq: u64,
+        sender: OwnedUserId,
+        kind: String,
+        messages: BTreeMap<OwnedUserId, serde_json::Map<String, serde_json::Value>>,
+    },
+    /// The asker's user changed its devices.
+    DeviceListChanged { user_id: OwnedUserId },
+}
+
+/// One request for the client API to answer through `reply`.
+#[derive(Debug)]
+pub struct DeviceRequest {
+    pub asker: ServerName,
+    pub ask: DeviceAsk,
+    pub reply: oneshot::Sender<FedResponse>,
+}
+
+/// The two ends of the queue; the client API takes the receiver once.
+pub(super) struct DeviceQueue {
+    pub(super) tx: mpsc::Sender<DeviceRequest>,
+    pub(super) rx: std::sync::Mutex<Option<mpsc::Receiver<DeviceRequest>>>,
+}
+
+impl DeviceQueue {
+    pub(super) fn new() -> Self {
+        let (tx, rx) = mpsc::channel(DEVICE_QUEUE);
+        Self {
+            tx,
+            rx: std::sync::Mutex::new(Some(rx)),
+        }
+    }
+}
+
+fn refuse(code: FedErrorCode, reason: impl Into<String>) -> FedResponse {
+    FedResponse::error(code, reason)
+}
+
+impl P2pNode {
+    /// The queue of device requests peers make (for the client API, which answers them).
+    /// `None` once taken.
+    pub fn take_device_requests(&self) -> Option<mpsc::Receiver<DeviceRequest>> {
+        self.shared.devices.rx.lock().expect("device queue").take()
+    }
+
+    /// Answers a device request from `asker` (through the client API, if it passes).
+    pub(super) async fn answer_devices(
+        &self,
+        asker: &ServerName,
+        request: FedRequest,
+    ) -> Result<FedResponse, NodeError> {
+        let own = |user: &UserId| ServerName::try_from(user.server_name()).ok();
+        let me = self.server_name();
+        let ask = match request {
+            FedRequest::QueryKeys { user_ids } => {
+                let mut allowed = Vec::new();
+                for user in user_ids {
+                    if own(&user) == Some(me) && self.shares_room(&user, asker, None).await? {
+                        allowed.push(user);
+                    }
+                }
+                DeviceAsk::QueryKeys { user_ids: allowed }
+            }
+            FedRequest::ClaimKeys { claims } => {
+                let mut allowed = BTreeMap::new();
+                for (user, devices) in claims {
+                    if own(&user) == Some(me) && self.shares_room(&user, asker, None).await? {
+                        allowed.insert(user, devices);
+                    }
+                }
+                DeviceAsk::ClaimKeys { claims: allowed }
+            }
+            FedRequest::ToDevice {
+                seq,
+                sender,
+                kind,
+                messages,
+            } => {
+                if own(&sender) != Some(*asker) {
+                    tracing::warn!(server = %asker, %sender, "to-device for another server's user refused");
+                    return Ok(refuse(
+                        FedErrorCode::Forbidden,
+                        "a server sends to-device only for its own users",
+                    ));
+                }
+                let Ok(parsed) = serde_json::from_str::<
+                    BTreeMap<OwnedUserId, serde_json::Map<String, serde_json::Value>>,
+                >(&messages) else {
+                    tracing::warn!(server = %asker, "malformed to-device messages refused");
+                    return Ok(refuse(
+                        FedErrorCode::BadRequest,
+                        "messages: not user → device → content",
+                    ));
+                };
+                let mut allowed = BTreeMap::new();
+                for (user, devices) in parsed {
+                    if own(&user) != Some(me) {
+                        continue;
+                    }
+                    if self.shares_room(&user, asker, Some(&sender)).await? {
+                        allowed.insert(user, devices);
+                    } else {
+                        tracing::info!(server = %asker, %user, "to-device for a user sharing no room dropped");
+                    }
+                }
+                DeviceAsk::ToDevice {
+                    seq,
+                    sender,
+                    kind,
+                    messages: allowed,
+                }
+            }
+            FedRequest::DeviceListChanged { user_id, .. } => {
+                if own(&user_id) != Some(*asker) {
+                    return Ok(refuse(
+                        FedErrorCode::Forbidden,
+                        "a server speaks only for its own users",
+                    ));
+                }
+                if self.servers_sharing_with(&user_id).await?.is_empty() {
+                    return Ok(FedResponse::Ok);
+                }
+                DeviceAsk::DeviceListChanged { user_id }
+            }
+            _ => return Ok(refuse(FedErrorCode::BadRequest, "not a device request")),
+        };
+        let (reply, answer) = oneshot::channel();
+        let request = DeviceRequest {
+            asker: *asker,
+            ask,
+            reply,
+        };
+        if self.shared.devices.tx.try_send(request).is_err() {
+            return Ok(refuse(FedErrorCode::LimitExceeded, "busy"));
+        }
+        Ok(answer
+            .await
+            .unwrap_or_else(|_| refuse(FedErrorCode::Internal, "the client API is not running")))
+    }
+
+    /// Whether local `user` shares a room with `server` (with its user `other`, if named):
+    /// both joined or invited to one room, or an invite from that server (user) pending here.
+    async fn shares_room(
+        &self,
+        user: &UserId,
+        server: &ServerName,
+        other: Option<&UserId>,
+    ) -> Result<bool, NodeError> {
+        let pending = self.invites().into_iter().any(|i| {
+            i.invitee == user
+                && match other {
+                    Some(o) => i.sender == o,
+                    None => ServerName::try_from(i.sender.server_name()).ok() == Some(*server),
+                }
+        });
+        if pending {
+            return Ok(true);
+        }
+        let engine = &self.shared.engine;
+        for room in engine.rooms().await? {
+            let members = present_members(self, &room).await?;
+            if !members.contains(user) {
+                continue;
+            }
+            let shares = members.iter().any(|m| match other {
+                Some(o) => m == o,
+                None => ServerName::try_from(m.server_name()).ok() == Some(*server),
+            });
+            if shares {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The other servers with a member (joined or invited) in a room where `user` is joined or
+    /// invited: who is told of `user`'s device changes.
+    pub async fn servers_sharing_with(
+        &self,
+        user: &UserId,
+    ) -> Result<BTreeSet<ServerName>, NodeError> {
+        let mut servers = BTreeSet::new();
+        for room in self.shared.engine.rooms().await? {
+            let members = present_members(self, &room).await?;
+            if !members.contains(user) {
+                continue;
+            }
+            servers.extend(
+                members
+                    .iter()
+                    .filter_map(|m| ServerName::try_from(m.server_name()).ok()),
+            );
+        }
+        for invite in self.invites() {
+            if invite.invitee == user {
+                servers.extend(ServerName::try_from(invite.sender.server_name()).ok());
+            }
+        }
+        servers.remove(&self.server_name());
+        Ok(servers)
+    }
+
+    /// Whether two users (local or not) share a room held here (both joined or invited).
+    pub async fn users_share_room(&self, a: &UserId, b: &UserId) -> Result<bool, NodeError> {
+        for room in self.shared.engine.rooms().await? {
+            let members = present_members(self, &room).await?;
+            if members.contains(a) && members.contains(b) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Tells every server sharing a room with `user` (of this server) that its devices changed.
+    /// Best effort: a server that is away re-queries when its cache entry expires.
+    pub fn announce_device_change(&self, user: &UserId, stream_id: u64) {
+        let node = self.clone();
+        let user = user.to_owned();
+        rt::spawn(async move {
+            let Ok(servers) = node.servers_sharing_with(&user).await else {
+                return;
+            };
+            for server in servers {
+                let request = FedRequest::DeviceListChanged {
+                    user_id: user.clone(),
+                    stream_id,
+                };
+                let node = node.clone();
+                rt::spawn(async move {
+                    if let Err(e) = node.request_with(server.peer_id(), request, false).await {
+                        tracing::debug!(%server, error = %e, "device change not delivered");
+                    }
+                });
+            }
+        });
+    }
+
+    /// Peers as they connect, so work waiting for one (to-device retries) can go on.
+    pub fn connected_peer_events(&self) -> tokio::sync::broadcast::Receiver<libp2p::PeerId> {
+        self.shared.connected.subscribe()
+    }
+}
+
+/// The users joined to or invited to `room`, as its current state says.
+async fn present_members(
+    node: &P2pNode,
+    room: &ruma::RoomId,
+) -> Result<HashSet<OwnedUserId>, NodeError> {
+    let engine = &node.shared.engine;
+    let Some(state) = engine.current_state_map(room).await? else {
+        return Ok(HashSet::new());
+    };
+    let members: Vec<(OwnedUserId, &ruma::OwnedEventId)> = state
+        .iter()
+        .filter(|((kind, _), _)| *kind == StateEventType::RoomMember)
+        .filter_map(|((_, key), id)| Some((OwnedUserId::try_from(key.as_str()).ok()?, id)))
+        .collect();
+    let ids: Vec<&ruma::OwnedEventId> = members.iter().map(|(_, id)| *id).collect();
+    let present: HashSet<ruma::OwnedEventId> = engine
+        .events(&ids)
+        .await?
+        .into_iter()
+        .filter(|ev| {
+            let content = serde_json::from_str(ev.pdu.content.get()).unwrap_or_default();
+            matches!(
+                Membership::parse(&content),
+                Membership::Join | Membership::Invite
+            )
+        })
+        .map(|ev| ev.pdu.event_id.clone())
+        .collect();
+    Ok(members
+        .into_iter()
+        .filter(|(_, id)| present.contains(*id))
+        .map(|(user, _)| user)
+        .collect())
+}
