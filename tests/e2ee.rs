@@ -15,7 +15,7 @@ use common::mallory::Mallory;
 use common::outsider::Outsider;
 use hyphae::net::protocol::{FedErrorCode, FedRequest, FedResponse};
 use hyphae::rooms::P2pNode;
-use ruma::signatures::{Ed25519KeyPair, KeyPair};
+use ruma::signatures::Ed25519KeyPair;
 use ruma::CanonicalJsonValue;
 use serde_json::{json, Value};
 
@@ -287,4 +287,410 @@ async fn keys_claims_and_to_device_across_two_peers() {
         2,
         "{q}"
     );
+}
+
+/// A cross-signing key: an ed25519 pair whose key id is its own public key.
+fn cross_signing_pair() -> (Ed25519KeyPair, String) {
+    let der = Ed25519KeyPair::generate();
+    let probe = Ed25519KeyPair::from_der(&der, String::new()).unwrap();
+    let public = base64::engine::general_purpose::STANDARD_NO_PAD.encode(probe.public_key());
+    (
+        Ed25519KeyPair::from_der(&der, public.clone()).unwrap(),
+        public,
+    )
+}
+
+fn cross_signing_key(user: &str, usage: &str, public: &str) -> Value {
+    json!({"user_id": user, "usage": [usage], "keys": {format!("ed25519:{public}"): public}})
+}
+
+/// A peer with no room in common with alice asks for her keys, claims them, sends her
+/// devices messages and speaks for her: it learns nothing, takes nothing, and reaches no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_learns_no_keys_and_reaches_no_device() {
+    let (a, api_a) = peer(None).await;
+    let mut alice = register(&api_a, "alice", "pw-alice-1").await;
+    let device = whoami_device(&alice).await;
+    let key = DeviceKey::new(&device);
+    upload(&alice, &key, 2, true).await;
+    let m = Outsider::dial(a.listen_addrs().await[0].clone(), a.peer_id(), Vec::new()).await;
+    let stranger: ruma::OwnedUserId = format!(
+        "@eve:{}",
+        hyphae::identity::ServerName::from_peer_id(&m.peer_id).unwrap()
+    )
+    .try_into()
+    .unwrap();
+    let alice_id: ruma::OwnedUserId = alice.user_id.clone().try_into().unwrap();
+
+    let r = m
+        .ask(FedRequest::QueryKeys {
+            user_ids: vec![alice_id.clone()],
+        })
+        .await
+        .unwrap();
+    let FedResponse::Keys { json } = r else {
+        panic!("{r:?}")
+    };
+    let keys: Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        keys["device_keys"].get(alice.user_id.as_str()).is_none(),
+        "{keys}"
+    );
+
+    let mut claims = std::collections::BTreeMap::new();
+    claims.insert(
+        alice_id.clone(),
+        [(device.clone(), "signed_curve25519".to_owned())].into(),
+    );
+    let r = m.ask(FedRequest::ClaimKeys { claims }).await.unwrap();
+    let FedResponse::Keys { json } = r else {
+        panic!("{r:?}")
+    };
+    assert!(!json.contains("AAAA"), "a stranger claimed a key: {json}");
+
+    let message = |sender: &ruma::OwnedUserId, seq: u64| FedRequest::ToDevice {
+        seq,
+        sender: sender.clone(),
+        kind: "m.room.encrypted".into(),
+        messages: json!({alice.user_id.as_str(): {"*": {"ciphertext": "from a stranger"}}})
+            .to_string(),
+    };
+    assert_eq!(m.ask(message(&stranger, 1)).await.unwrap(), FedResponse::Ok);
+    let r = m.ask(message(&alice_id, 2)).await.unwrap();
+    assert!(
+        matches!(
+            r,
+            FedResponse::Error {
+                code: FedErrorCode::Forbidden,
+                ..
+            }
+        ),
+        "a to-device message in alice's own name: {r:?}"
+    );
+    let flood = FedRequest::ToDevice {
+        seq: 3,
+        sender: stranger.clone(),
+        kind: "m.room.encrypted".into(),
+        messages: "x".repeat(200 << 10),
+    };
+    let r = m.ask(flood).await.unwrap();
+    assert!(
+        matches!(
+            r,
+            FedResponse::Error {
+                code: FedErrorCode::BadRequest,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    let r = m
+        .ask(FedRequest::DeviceListChanged {
+            user_id: alice_id.clone(),
+            stream_id: 1,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        r,
+        FedResponse::Error {
+            code: FedErrorCode::Forbidden,
+            ..
+        }
+    ));
+
+    let v = alice.ok("GET", "/_matrix/client/v3/sync", None).await;
+    assert_eq!(v["to_device"]["events"], json!([]), "{v}");
+    assert_eq!(v["device_one_time_keys_count"]["signed_curve25519"], 2);
+    assert_eq!(
+        v["device_unused_fallback_key_types"],
+        json!(["signed_curve25519"])
+    );
+    alice.since = v["next_batch"].as_str().map(str::to_owned);
+}
+
+/// A member server answers a key query with forged keys: devices whose signature does not
+/// verify, that name another device, keys for a user of another server, and a self-signing key
+/// its master key never signed. Only what verifies reaches alice's client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_keys_from_a_member_server_are_dropped() {
+    let (a, api_a) = peer(None).await;
+    let alice = register(&api_a, "alice", "pw-alice-1").await;
+    let alice_device = whoami_device(&alice).await;
+    let alice_key = DeviceKey::new(&alice_device);
+    upload(&alice, &alice_key, 0, false).await;
+    let room = alice.create_room(json!({"preset": "public_chat"})).await;
+
+    let mallory = Mallory::new().await;
+    let mu = mallory.user.to_string();
+    let good = DeviceKey::new("GOOD");
+    let mut tampered = DeviceKey::new("BAD").device_keys(&mu);
+    tampered["keys"]["curve25519:BAD"] = json!("swapped");
+    let misnamed = DeviceKey::new("OTHER").device_keys(&mu);
+    let evil = DeviceKey::new("EVIL").device_keys(&alice.user_id);
+    let (master_pair, master_pub) = cross_signing_pair();
+    let (_, ssk_pub) = cross_signing_pair();
+    let master = sign_with(
+        &master_pair,
+        &mu,
+        cross_signing_key(&mu, "master", &master_pub),
+    );
+    let unsigned_ssk = cross_signing_key(&mu, "self_signing", &ssk_pub);
+    let forged = json!({
+        "device_keys": {
+            mu.as_str(): {"GOOD": good.device_keys(&mu), "BAD": tampered, "NOT-OTHER": misnamed},
+            alice.user_id.as_str(): {"EVIL": evil},
+        },
+        "master_keys": {mu.as_str(): master},
+        "self_signing_keys": {mu.as_str(): unsigned_ssk},
+    })
+    .to_string();
+    let answer: common::outsider::Answer = Arc::new(move |r| match r {
+        FedRequest::QueryKeys { .. } => FedResponse::Keys {
+            json: forged.clone(),
+        },
+        _ => FedResponse::error(FedErrorCode::NotFound, "no"),
+    });
+    let m = Outsider::dial_as(
+        mallory.identity.libp2p_keypair().clone(),
+        a.listen_addrs().await[0].clone(),
+        a.peer_id(),
+        Vec::new(),
+        answer,
+    )
+    .await;
+    mallory
+        .join(&m, &ruma::OwnedRoomId::try_from(room.as_str()).unwrap())
+        .await;
+
+    let q = query(&alice, &mu).await;
+    let devices = q["device_keys"][&mu].as_object().unwrap();
+    assert_eq!(devices.keys().collect::<Vec<_>>(), ["GOOD"], "{q}");
+    assert_eq!(q["master_keys"][&mu], master, "{q}");
+    assert!(q["self_signing_keys"].get(&mu).is_none(), "{q}");
+    // Alice's own devices are what her server holds, whatever a peer claims.
+    let own = query(&alice, &alice.user_id).await;
+    assert_eq!(
+        own["device_keys"][&alice.user_id]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        [&alice_device]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_unsigned_key_uploads_are_refused() {
+    let (_a, api_a) = peer(None).await;
+    let alice = register(&api_a, "alice", "pw-alice-1").await;
+    let device = whoami_device(&alice).await;
+    let key = DeviceKey::new(&device);
+    upload(&alice, &key, 5, false).await;
+    let path = "/_matrix/client/v3/keys/upload";
+    let many: serde_json::Map<String, Value> = (0..201)
+        .map(|n| key.one_time_key(&alice.user_id, 1000 + n))
+        .collect();
+    alice
+        .fails(
+            "POST",
+            path,
+            Some(json!({"one_time_keys": many})),
+            "M_TOO_LARGE",
+        )
+        .await;
+    let big = json!({"signed_curve25519:BIG": {"key": "k".repeat(5000)}});
+    alice
+        .fails(
+            "POST",
+            path,
+            Some(json!({"one_time_keys": big})),
+            "M_TOO_LARGE",
+        )
+        .await;
+    let mut forged = key.device_keys(&alice.user_id);
+    forged["keys"][format!("curve25519:{device}")] = json!("swapped");
+    alice
+        .fails(
+            "POST",
+            path,
+            Some(json!({"device_keys": forged})),
+            "M_BAD_JSON",
+        )
+        .await;
+    let counts = alice.ok("POST", path, Some(json!({}))).await;
+    assert_eq!(counts["one_time_key_counts"]["signed_curve25519"], 5);
+    let q = query(&alice, &alice.user_id).await;
+    assert_eq!(
+        q["device_keys"][&alice.user_id][&device],
+        key.device_keys(&alice.user_id)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_signing_keys_and_signatures() {
+    let (a, api_a, _b, api_b) = two_peers().await;
+    let (alice, bob, _room) = alice_and_bob(&a, &api_a, &api_b).await;
+    let user = bob.user_id.clone();
+    let device = whoami_device(&bob).await;
+    let key = DeviceKey::new(&device);
+    upload(&bob, &key, 0, false).await;
+    let (master_pair, master_pub) = cross_signing_pair();
+    let (ssk_pair, ssk_pub) = cross_signing_pair();
+    let (_, usk_pub) = cross_signing_pair();
+    let master = cross_signing_key(&user, "master", &master_pub);
+    let ssk = sign_with(
+        &master_pair,
+        &user,
+        cross_signing_key(&user, "self_signing", &ssk_pub),
+    );
+    let usk = sign_with(
+        &master_pair,
+        &user,
+        cross_signing_key(&user, "user_signing", &usk_pub),
+    );
+    let path = "/_matrix/client/v3/keys/device_signing/upload";
+    // A self-signing key the master key did not sign is refused.
+    let unsigned = cross_signing_key(&user, "self_signing", &ssk_pub);
+    bob.fails(
+        "POST",
+        path,
+        Some(json!({"master_key": master, "self_signing_key": unsigned})),
+        "M_BAD_JSON",
+    )
+    .await;
+    bob.ok(
+        "POST",
+        path,
+        Some(json!({"master_key": master, "self_signing_key": ssk, "user_signing_key": usk})),
+    )
+    .await;
+
+    // Bob signs his device with the self-signing key.
+    let signed_device = sign_with(&ssk_pair, &user, key.device_keys(&user));
+    let r = bob
+        .ok(
+            "POST",
+            "/_matrix/client/v3/keys/signatures/upload",
+            Some(json!({ user.as_str(): { device.as_str(): signed_device } })),
+        )
+        .await;
+    assert_eq!(r["failures"], json!({}), "{r}");
+
+    // Alice, on another server, sees his master and self-signing keys and the signed device;
+    // the user-signing key stays his own.
+    let q = query(&alice, &user).await;
+    assert_eq!(q["master_keys"][&user], master, "{q}");
+    assert_eq!(q["self_signing_keys"][&user], ssk, "{q}");
+    assert!(q["user_signing_keys"].get(&user).is_none(), "{q}");
+    let sigs = &q["device_keys"][&user][&device]["signatures"][&user];
+    assert!(sigs.get(format!("ed25519:{ssk_pub}")).is_some(), "{q}");
+    let own = query(&bob, &user).await;
+    assert_eq!(own["user_signing_keys"][&user], usk);
+
+    // Replacing the master key needs bob's password.
+    let (_, other_pub) = cross_signing_pair();
+    let new_master = cross_signing_key(&user, "master", &other_pub);
+    let (status, challenge) = bob
+        .call("POST", path, Some(json!({"master_key": new_master})))
+        .await;
+    assert_eq!(status, 401, "{challenge}");
+    let session = challenge["session"].as_str().unwrap();
+    bob.ok(
+        "POST",
+        path,
+        Some(json!({"master_key": new_master, "auth": {
+            "type": "m.login.password", "session": session, "password": "pw-bob-1",
+            "identifier": {"type": "m.id.user", "user": "bob"}}})),
+    )
+    .await;
+    let own = query(&bob, &user).await;
+    assert_eq!(own["master_keys"][&user], new_master);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_backup_versions_and_keys() {
+    let (_a, api_a) = peer(None).await;
+    let alice = register(&api_a, "alice", "pw-alice-1").await;
+    let version_path = "/_matrix/client/v3/room_keys/version";
+    alice.fails("GET", version_path, None, "M_NOT_FOUND").await;
+    let auth_data = json!({"public_key": "abc", "signatures": {}});
+    let v = alice
+        .ok(
+            "POST",
+            version_path,
+            Some(json!({"algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": auth_data})),
+        )
+        .await;
+    let version = v["version"].as_str().unwrap().to_owned();
+    let session = |index: u64, verified: bool| {
+        json!({"first_message_index": index, "forwarded_count": 0, "is_verified": verified,
+               "session_data": {"ciphertext": format!("c{index}"), "ephemeral": "e", "mac": "m"}})
+    };
+    let keys_path = format!("/_matrix/client/v3/room_keys/keys?version={version}");
+    let put = |sessions: Value| json!({"rooms": {"!r:x": {"sessions": sessions}}});
+    let r = alice
+        .ok(
+            "PUT",
+            &keys_path,
+            Some(put(json!({"s1": session(5, false)}))),
+        )
+        .await;
+    assert_eq!(
+        (r["count"].clone(), r["etag"].clone()),
+        (json!(1), json!("1"))
+    );
+    // A worse copy (a later first index) changes nothing; a better one replaces it.
+    let r = alice
+        .ok(
+            "PUT",
+            &keys_path,
+            Some(put(json!({"s1": session(9, false)}))),
+        )
+        .await;
+    assert_eq!(
+        (r["count"].clone(), r["etag"].clone()),
+        (json!(1), json!("1"))
+    );
+    let r = alice
+        .ok(
+            "PUT",
+            &keys_path,
+            Some(put(
+                json!({"s1": session(2, false), "s2": session(0, true)}),
+            )),
+        )
+        .await;
+    assert_eq!(
+        (r["count"].clone(), r["etag"].clone()),
+        (json!(2), json!("2"))
+    );
+    let one = alice
+        .ok(
+            "GET",
+            &format!(
+                "/_matrix/client/v3/room_keys/keys/{}/s1?version={version}",
+                enc("!r:x")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(one, session(2, false));
+    let info = alice.ok("GET", version_path, None).await;
+    assert_eq!(info["count"], 2);
+    assert_eq!(info["version"], version.as_str());
+    let (status, wrong) = alice
+        .call(
+            "PUT",
+            "/_matrix/client/v3/room_keys/keys?version=99",
+            Some(put(json!({"s3": session(0, false)}))),
+        )
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(wrong["errcode"], "M_WRONG_ROOM_KEYS_VERSION");
+    assert_eq!(wrong["current_version"], version.as_str());
+    alice
+        .ok("DELETE", &format!("{version_path}/{version}"), None)
+        .await;
+    alice.fails("GET", version_path, None, "M_NOT_FOUND").await;
 }
