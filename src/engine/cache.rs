@@ -30,8 +30,9 @@ pub(super) struct EventCache {
     clock: Cell<u64>,
 }
 
+/// What an event holds in memory: its JSON, and its content again as a value of its own.
 fn weight(ev: &StoredEvent) -> usize {
-    ev.pdu.json.get().len() + PER_EVENT_OVERHEAD
+    ev.pdu.json.get().len() + ev.pdu.content.get().len() + PER_EVENT_OVERHEAD
 }
 
 impl EventCache {

@@ -24,6 +24,10 @@ fn backend<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// redb's page cache. Its default (1 GiB) grows with every page written and read, so a node's
+/// memory would follow the size of its store; the engine keeps its own event cache on top.
+pub const REDB_CACHE_BYTES: usize = 64 << 20;
+
 pub struct RedbStore {
     db: Arc<redb::Database>,
 }
@@ -31,7 +35,10 @@ pub struct RedbStore {
 impl RedbStore {
     /// Opens (or creates) the database file at `path` and makes sure every table exists.
     pub fn open(path: &Path) -> StoreResult<Self> {
-        let db = redb::Database::create(path).map_err(backend)?;
+        let db = redb::Builder::new()
+            .set_cache_size(REDB_CACHE_BYTES)
+            .create(path)
+            .map_err(backend)?;
         let txn = db.begin_write().map_err(backend)?;
         for table in Table::ALL {
             txn.open_table(definition(table)).map_err(backend)?;

@@ -80,7 +80,7 @@ export async function startNode({ bootstrap = [], name = "node", listen = ["/ip4
   process.once("exit", killOnExit);
   exited.then(() => process.off("exit", killOnExit));
 
-  const node = { name, url: undefined, serverName: undefined, peerId: undefined, listen: [], mark, logs };
+  const node = { name, url: undefined, serverName: undefined, peerId: undefined, listen: [], mark, logs, data };
   let stopping;
   node.stop = () => {
     stopping ??= (async () => {
