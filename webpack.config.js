@@ -3,7 +3,6 @@
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import CopyPlugin from "copy-webpack-plugin";
-import webpack from "webpack";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
@@ -13,6 +12,9 @@ export default (_env, argv) => ({
   output: {
     path: path.join(here, "dist"),
     filename: "app.js",
+    // matrix-js-sdk's end-to-end encryption (its own wasm module) is a chunk of its own, loaded
+    // when the chat starts rather than with the page.
+    chunkFilename: "[name].[contenthash:8].js",
     // The wasm module, emitted from pkg/hyphae.js's `new URL("hyphae_bg.wasm", import.meta.url)`.
     assetModuleFilename: "[name].[contenthash:8][ext]",
     clean: true,
@@ -20,9 +22,6 @@ export default (_env, argv) => ({
   devtool: false,
   performance: { hints: false },
   plugins: [
-    // matrix-js-sdk loads its end-to-end encryption module (5 MB of wasm) only when asked to;
-    // the app does not ask, so it is left out of the build.
-    new webpack.IgnorePlugin({ resourceRegExp: /^@matrix-org\/matrix-sdk-crypto-wasm$/ }),
     new CopyPlugin({
       patterns: [{ from: "www/static", to: "." }],
     }),

@@ -5,7 +5,7 @@ import { logger as sdkLogger } from "matrix-js-sdk/lib/logger.js";
 import init, { Hyphae, wasmMemoryBytes } from "../pkg/hyphae.js";
 import { h, toast, describe, fail, screen, serverNameBox } from "./dom.js";
 import { DB_NAME, LOCK, PROFILE, loadSession, saveSession, localpartFor, restore } from "./profile.js";
-import { Chat } from "./chat.js";
+import { Chat, cryptoStoreHolds } from "./chat.js";
 import { loadSettings, applyTheme } from "./settings.js";
 
 // The SDK logs every request; warnings and errors are what a person debugging needs.
@@ -109,6 +109,39 @@ async function resume(hs) {
   }
 }
 
+/**
+ * The session to run end-to-end encryption in. A device's secret keys live in this browser's
+ * crypto store; a profile restored in another browser has the session but not those keys, so
+ * it signs in as a new device (and retires the old one) rather than reuse keys it cannot have.
+ */
+async function cryptoDevice(hs, session) {
+  if (cryptoStoreHolds(session.user_id, session.device_id)) return session;
+  const client = clientFor(hs, session);
+  const keys = await client.http
+    .authedRequest(sdk.Method.Post, "/keys/query", undefined, { device_keys: { [session.user_id]: [session.device_id] } })
+    .catch(() => null);
+  if (!keys?.device_keys?.[session.user_id]?.[session.device_id] || !session.password) return session;
+  const identifier = { type: "m.id.user", user: session.user_id };
+  const res = await clientFor(hs, null).loginRequest({
+    type: "m.login.password",
+    identifier,
+    password: session.password,
+    initial_device_display_name: "Hyphae web",
+  });
+  const renewed = { ...session, access_token: res.access_token, device_id: res.device_id };
+  saveSession(renewed);
+  // Best effort: the old device's keys should not be encrypted to any more.
+  const old = session.device_id;
+  await clientFor(hs, renewed)
+    .deleteDevice(old)
+    .catch((err) => {
+      const auth = { type: "m.login.password", identifier, password: session.password, session: err.data?.session };
+      return clientFor(hs, renewed).deleteDevice(old, auth);
+    })
+    .catch(() => {});
+  return renewed;
+}
+
 /** First run: ask for a display name (or a backup to restore); resolves to a session. */
 function onboard(hs) {
   return new Promise((resolve) => {
@@ -175,7 +208,7 @@ async function holdProfile(handedOver) {
   window.hyphae = hs;
   let chat;
   try {
-    const signedIn = (async () => (await resume(hs)) ?? (await onboard(hs)))();
+    const signedIn = (async () => cryptoDevice(hs, (await resume(hs)) ?? (await onboard(hs))))();
     const session = await Promise.race([signedIn, handedOver.then(() => null)]);
     if (session) {
       chat = new Chat({ root, hs, client: clientFor(hs, session), session });

@@ -4,6 +4,7 @@ import {
   ClientEvent,
   EventStatus,
   EventTimeline,
+  MatrixEventEvent,
   NotificationCountType,
   RoomEvent,
   RoomMemberEvent,
@@ -23,6 +24,42 @@ const TYPING_IDLE_MS = 4000;
 const RECEIPT_PAUSE_MS = 1000;
 
 const serverOf = (userId) => userId.slice(userId.indexOf(":") + 1);
+
+/** The state that turns on end-to-end encryption (megolm) for a new room. */
+export const ENCRYPTION = { type: "m.room.encryption", state_key: "", content: { algorithm: "m.megolm.v1.aes-sha2" } };
+/**
+ * matrix-js-sdk keeps one crypto store per origin, under a name of its own; which user's device
+ * it holds the keys of is noted here, so a store of another device is never opened for this one.
+ */
+const CRYPTO_HOLDER = "hyphae:crypto-device";
+const CRYPTO_STORE_PREFIX = "matrix-js-sdk::";
+
+export function cryptoStoreHolds(userId, deviceId) {
+  return localStorage.getItem(CRYPTO_HOLDER) === `${userId}|${deviceId}`;
+}
+
+/** Opens end-to-end encryption for the client's device, replacing a store of another device. */
+async function startCrypto(client) {
+  const holder = `${client.getUserId()}|${client.getDeviceId()}`;
+  if (localStorage.getItem(CRYPTO_HOLDER) !== holder) {
+    const stores = ((await indexedDB.databases?.()) ?? []).filter((d) => d.name?.startsWith(CRYPTO_STORE_PREFIX));
+    await Promise.all(
+      stores.map(
+        (d) =>
+          new Promise((resolve, reject) => {
+            const req = indexedDB.deleteDatabase(d.name);
+            req.onsuccess = resolve;
+            req.onerror = () => reject(req.error);
+          }),
+      ),
+    );
+  }
+  await client.initRustCrypto();
+  localStorage.setItem(CRYPTO_HOLDER, holder);
+}
+
+/** An encrypted event this device cannot read (yet): its key has not arrived. */
+const undecryptable = (ev) => ev.isDecryptionFailure();
 
 /** The join link for a room: its id, a server in it, and where that peer can be dialled. */
 export function joinLink(roomId, via, peerAddr) {
@@ -77,6 +114,8 @@ export class Chat {
       [c, RoomStateEvent.Members, rerender],
       [c, ClientEvent.Room, rerender],
       [c, ClientEvent.DeleteRoom, rerender],
+      // A message whose key arrives later is shown once it is readable.
+      [c, MatrixEventEvent.Decrypted, rerender],
     ]) {
       emitter.on(event, fn);
       this.cleanups.push(() => emitter.off(event, fn));
@@ -106,11 +145,15 @@ export class Chat {
       };
       c.on(ClientEvent.Sync, onSync);
     });
-    // The profile and the first sync are independent: ask for both at once.
+    // The profile and the first sync are independent: ask for both at once. End-to-end
+    // encryption (matrix-js-sdk's Rust crypto, its own wasm module in a chunk of its own) loads
+    // now, not with the page, and keeps its keys in IndexedDB.
     const profile = c.getProfileInfo(this.me).then(
       (p) => (this.displayName = p.displayname),
       () => {},
     );
+    await startCrypto(c);
+    performance.mark("hyphae-crypto-ready");
     await c.startClient({ initialSyncLimit: PAGE, lazyLoadMembers: false });
     await Promise.all([prepared, profile]);
     performance.mark("hyphae-first-sync");
@@ -349,7 +392,19 @@ export class Chat {
     this.header.replaceChildren(
       h("button.icon.back", { onclick: () => this.els.shell.classList.remove("in-room"), "aria-label": "Back to rooms" }, "←"),
       avatar(room.name, room.roomId),
-      h("div.titles", {}, h("h2", { id: "room-name" }, room.name), topic ? h("div.topic", { id: "room-topic" }, topic) : ""),
+      h(
+        "div.titles",
+        {},
+        h(
+          "h2",
+          { id: "room-name" },
+          room.hasEncryptionStateEvent()
+            ? h("span.lock", { id: "room-encrypted", title: "End-to-end encrypted", "aria-label": "End-to-end encrypted" }, "🔒 ")
+            : "",
+          room.name,
+        ),
+        topic ? h("div.topic", { id: "room-topic" }, topic) : "",
+      ),
       h("button", { id: "edit-room-button", onclick: () => this.editRoomDialog(room) }, "Edit"),
       h("button", { id: "invite-button", onclick: () => this.inviteDialog(room) }, "Invite"),
       h("button", { id: "share-button", onclick: () => this.shareDialog(room) }, "Share link"),
@@ -414,7 +469,7 @@ export class Chat {
     const readHere = shown.map(() => false);
     let lastMessage = null;
     shown.forEach((ev, i) => {
-      const isMessage = ev.getType() === "m.room.message" && !hidden(ev);
+      const isMessage = (ev.getType() === "m.room.message" || undecryptable(ev)) && !hidden(ev);
       if (isMessage) lastMessage = ev.getId();
       const target = isMessage ? ev.getId() : lastMessage;
       const users = room.getUsersReadUpTo(ev).filter((u) => u !== this.me);
@@ -426,7 +481,23 @@ export class Chat {
     for (let i = readLater.length - 2; i >= 0; i--) readLater[i] ||= readLater[i + 1];
     shown.forEach((ev, i) => {
       if (hidden(ev)) return;
-      if (ev.getType() === "m.room.message") {
+      if (undecryptable(ev)) {
+        const sender = room.getMember(ev.getSender())?.name ?? ev.getSender();
+        rows.push(
+          h(
+            "div.msg.undecryptable",
+            { dataset: { eventId: ev.getId() ?? "", sender: ev.getSender() } },
+            avatar(sender, ev.getSender()),
+            h(
+              "div.main",
+              {},
+              h("div.meta", {}, h("span.sender", { style: `color:${colourFor(ev.getSender())}` }, sender), h("span.time", {}, timeOf(ev.getTs()))),
+              h("div.content", {}, h("div.undecrypted", {}, "🔒 This message cannot be read yet: its key has not reached this device.")),
+            ),
+          ),
+        );
+        previous = null;
+      } else if (ev.getType() === "m.room.message") {
         const edit = edits.get(editKey(ev.getId(), ev.getSender()));
         const cont = previous && previous.getSender() === ev.getSender() && ev.getTs() - previous.getTs() < GROUP_MS;
         rows.push(
@@ -456,7 +527,8 @@ export class Chat {
   messageRow(room, ev, { edit, reactions, cont, peerHasIt, readBy }) {
     const mine = ev.getSender() === this.me;
     const sender = room.getMember(ev.getSender())?.name ?? ev.getSender();
-    const content = edit ? edit.getWireContent()["m.new_content"] ?? ev.getOriginalContent() : ev.getOriginalContent();
+    // An edit's new text is inside its (possibly encrypted) content.
+    const content = edit ? edit.getOriginalContent()["m.new_content"] ?? ev.getOriginalContent() : ev.getOriginalContent();
     const body = h("div.content");
     const replyId = ev.getWireContent()["m.relates_to"]?.["m.in_reply_to"]?.event_id;
     if (replyId && !ev.isRedacted()) {
@@ -828,6 +900,15 @@ export class Chat {
       const topic = h("input", { type: "text", id: "room-topic-input", maxlength: 200 });
       const priv = h("input", { type: "radio", name: "visibility", value: "private", checked: true });
       const pub = h("input", { type: "radio", name: "visibility", value: "public" });
+      // Private rooms are encrypted unless asked otherwise; open rooms only when asked.
+      const encrypted = h("input", { type: "checkbox", id: "room-encrypted-input", checked: true });
+      let touched = false;
+      encrypted.addEventListener("change", () => (touched = true));
+      for (const radio of [priv, pub]) {
+        radio.addEventListener("change", () => {
+          if (!touched) encrypted.checked = priv.checked;
+        });
+      }
       const create = h("button.primary", { type: "submit", id: "create-room" }, "Create");
       return h(
         "form",
@@ -841,6 +922,7 @@ export class Chat {
                 topic: topic.value.trim() || undefined,
                 preset: pub.checked ? "public_chat" : "private_chat",
                 visibility: pub.checked ? "public" : "private",
+                initial_state: encrypted.checked ? [ENCRYPTION] : [],
               }),
             );
             close();
@@ -854,6 +936,7 @@ export class Chat {
         topic,
         h("label", {}, "Who can join"),
         h("div.radio", {}, h("label", {}, priv, "Invited people only"), h("label", {}, pub, "Anyone with the link")),
+        h("label.check", { for: "room-encrypted-input" }, encrypted, "End-to-end encrypted"),
         h("div.actions", {}, h("button", { type: "button", onclick: () => close() }, "Cancel"), create),
       );
     });

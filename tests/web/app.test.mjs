@@ -130,8 +130,20 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     const invite = b.page.locator(".invite-item", { hasText: "Seeds" });
     await invite.locator("button", { hasText: "Join" }).click();
     await b.page.locator("#room-name", { hasText: "Seeds" }).waitFor();
+    // A private room is end-to-end encrypted by default: both show the lock, and the message
+    // crosses the peers as ciphertext that both browsers' crypto reads.
+    for (const p of [a.page, b.page]) await p.locator("#room-encrypted").waitFor();
     await send(b.page, "Thanks for the invite");
     await waitForMessage(a.page, "Thanks for the invite");
+    await send(a.page, "Encrypted on the way");
+    await waitForMessage(b.page, "Encrypted on the way");
+    const wire = await a.page.evaluate((text) => {
+      const client = window.hyphaeClient;
+      const room = client.getRooms().find((r) => r.name === "Seeds");
+      const ev = room.getLiveTimeline().getEvents().find((e) => e.getContent().body === text);
+      return { type: ev.getWireType(), body: ev.getWireContent().body ?? null };
+    }, "Thanks for the invite");
+    assert.deepEqual(wire, { type: "m.room.encrypted", body: null }, "the message travelled encrypted");
     // Back to the first room for the steps that follow.
     for (const p of [a.page, b.page]) {
       await p.locator(".room-item", { hasText: "Garden" }).click();
@@ -149,6 +161,14 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     }
     await send(b.page, "Back after a reload");
     await waitForMessage(a.page, "Back after a reload");
+    // The keys of the encrypted room came back with the page: its history still reads.
+    for (const p of [a.page, b.page]) {
+      await p.locator(".room-item", { hasText: "Seeds" }).click();
+      await waitForMessage(p, "Thanks for the invite");
+      await waitForMessage(p, "Encrypted on the way");
+      await p.locator(".room-item", { hasText: "Garden" }).click();
+      await p.locator("#room-name", { hasText: "Garden" }).waitFor();
+    }
   });
 
   await step("Bob misses 50 messages and a rename while offline, and catches up without a reload", async () => {
@@ -219,6 +239,11 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await waitForMessage(c.page, "while you were away 50");
     await send(c.page, "Restored in a new browser");
     await waitForMessage(b.page, "Restored in a new browser");
+    // The restored profile signs in as a new device: the encrypted room's old messages say
+    // they cannot be read (no key backup to restore them from yet).
+    await c.page.locator(".room-item", { hasText: "Seeds" }).click();
+    await c.page.locator("#room-encrypted").waitFor();
+    await c.page.locator(".msg.undecryptable").first().waitFor();
   });
 
   await step("a homeserver that fails in the tab is announced above everything, with a reload", async () => {
