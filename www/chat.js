@@ -12,6 +12,7 @@ import {
 } from "matrix-js-sdk";
 import { h, attempt, avatar, colourFor, copy, dialog, describe, short, timeOf, toast } from "./dom.js";
 import { openSettings } from "./settings.js";
+import { isVerified, listenForRequests, verifyUser } from "./verify.js";
 
 const QUICK_REACTIONS = ["👍", "❤️", "😄", "🎉"];
 /** Messages from one sender within this long are shown as one group. */
@@ -153,6 +154,8 @@ export class Chat {
       () => {},
     );
     await startCrypto(c);
+    const nameOf = (userId) => this.client.getRoom(this.roomId)?.getMember(userId)?.name ?? userId;
+    this.cleanups.push(listenForRequests(c, nameOf, () => this.side && this.renderSide()));
     performance.mark("hyphae-crypto-ready");
     await c.startClient({ initialSyncLimit: PAGE, lazyLoadMembers: false });
     await Promise.all([prepared, profile]);
@@ -817,14 +820,30 @@ export class Chat {
     const room = this.roomId && this.client.getRoom(this.roomId);
     if (!room) return [h("h3", {}, "Members", close)];
     const online = this.onlineServers();
-    const row = (m) =>
-      h(
+    // In an encrypted room, each other member's device can be verified by emoji.
+    const encrypted = room.hasEncryptionStateEvent();
+    const row = (m) => {
+      const el = h(
         "div.member",
-        { title: m.userId },
+        { title: m.userId, dataset: { user: m.userId } },
         h("span.dot" + (online.has(serverOf(m.userId)) ? ".on" : ""), { title: online.has(serverOf(m.userId)) ? "Peer connected" : "Peer not connected" }),
         avatar(m.name, m.userId, true),
         h("span.who", {}, m.userId === this.me ? `${m.name} (you)` : m.name),
       );
+      if (encrypted && m.userId !== this.me && m.membership === "join") {
+        const verify = h(
+          "button.small.verify",
+          { type: "button", onclick: () => verifyUser(this.client, m.userId, m.name).then(() => this.side && this.renderSide()) },
+          "Verify",
+        );
+        el.append(verify);
+        isVerified(this.client, m.userId).then(
+          (yes) => yes && verify.replaceWith(h("span.tag.verified", { title: "You verified this person's device" }, "✓ Verified")),
+          () => {},
+        );
+      }
+      return el;
+    };
     const joined = room.getJoinedMembers().sort((a, b) => a.name.localeCompare(b.name));
     const invited = room.getMembersWithMembership("invite");
     return [

@@ -151,6 +151,37 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     }
   });
 
+  await step("Alice and Bob verify each other's devices by comparing emoji", async () => {
+    for (const p of [a.page, b.page]) {
+      await p.locator(".room-item", { hasText: "Seeds" }).click();
+      await p.locator("#room-encrypted").waitFor();
+    }
+    await a.page.locator("#members-button").click();
+    await a.page.locator(`.member[data-user="${bobId}"] .verify`).click();
+    // Every step of it crosses the peers as to-device messages.
+    await b.page.locator("#verify-accept").click();
+    const emojiOf = async (p) => {
+      await p.locator("#verify-emoji .emoji").first().waitFor();
+      return p.locator("#verify-emoji .emoji").allTextContents();
+    };
+    const [onAlice, onBob] = await Promise.all([emojiOf(a.page), emojiOf(b.page)]);
+    assert.equal(onAlice.length, 7, `seven emoji: ${onAlice}`);
+    assert.deepEqual(onAlice, onBob, "both screens show the same emoji");
+    await screenshot(a.page, "verify.png");
+    await a.page.locator("#verify-match").click();
+    await b.page.locator("#verify-match").click();
+    for (const p of [a.page, b.page]) {
+      await p.locator("#verify-status", { hasText: "device is verified" }).waitFor();
+      await p.locator("#verify-done").click();
+    }
+    await a.page.locator(`.member[data-user="${bobId}"] .verified`).waitFor();
+    await a.page.locator("#members-button").click();
+    for (const p of [a.page, b.page]) {
+      await p.locator(".room-item", { hasText: "Garden" }).click();
+      await p.locator("#room-name", { hasText: "Garden" }).waitFor();
+    }
+  });
+
   await step("after a reload both pages come back from IndexedDB and chat goes on", async () => {
     await Promise.all([a.page.reload(), b.page.reload()]);
     await Promise.all([ready(a.page), ready(b.page)]);
