@@ -19,6 +19,9 @@ cargo bench --bench login_flood 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Runni
 echo "== native (release): cargo bench --bench peer_floods"
 cargo bench --bench peer_floods 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
 
+echo "== native (release): cargo bench --bench keys"
+cargo bench --bench keys 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
+
 echo "== native (release): cargo bench --bench memory"
 cargo bench --bench memory 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
 

@@ -23,11 +23,13 @@ const kb = (x) => `${(x / 1000).toFixed(1)} KB`;
 
 async function sizes() {
   const dist = path.join(ROOT, "dist");
-  const out = { wasm: { raw: 0, gzip: 0 }, js: { raw: 0, gzip: 0 }, other: { raw: 0, gzip: 0 } };
+  const out = { wasm: { raw: 0, gzip: 0 }, js: { raw: 0, gzip: 0 }, crypto: { raw: 0, gzip: 0 }, other: { raw: 0, gzip: 0 } };
   for (const name of await readdir(dist)) {
     if (name.endsWith(".gz")) continue; // the precompressed copies the node serves
     const data = await readFile(path.join(dist, name));
-    const kind = name.endsWith(".wasm") ? "wasm" : name.endsWith(".js") ? "js" : "other";
+    // End-to-end encryption (its wasm and the chunk that loads it) comes after the page.
+    const lazy = name.startsWith("matrix_sdk_crypto") || (name.endsWith(".js") && name !== "app.js");
+    const kind = lazy ? "crypto" : name.endsWith(".wasm") ? "wasm" : name.endsWith(".js") ? "js" : "other";
     out[kind].raw += data.length;
     out[kind].gzip += gzipSync(data, { level: 9 }).length;
   }
@@ -40,11 +42,41 @@ async function interactiveAt(page, phases) {
     const mark = (name) => performance.getEntriesByName(name)[0]?.startTime;
     while (!mark("hyphae-interactive")) await new Promise((r) => setTimeout(r, 5));
     return Object.fromEntries(
-      ["hyphae-wasm-ready", "hyphae-homeserver-open", "hyphae-first-sync", "hyphae-interactive"].map((n) => [n, mark(n)]),
+      ["hyphae-wasm-ready", "hyphae-homeserver-open", "hyphae-crypto-ready", "hyphae-first-sync", "hyphae-interactive"].map((n) => [
+        n,
+        mark(n),
+      ]),
     );
   });
   phases?.push(marks);
   return marks["hyphae-interactive"];
+}
+
+/** Typed on `from` → shown on `to`, LATENCY_SAMPLES times, for messages "`tag` <n>". */
+async function typedToVisible(from, to, tag) {
+  await to.evaluate((tag) => {
+    window.seenAt = new Map();
+    const pattern = new RegExp(`^${tag} (\\d+)$`);
+    new MutationObserver(() => {
+      for (const el of document.querySelectorAll("#timeline .msg .text")) {
+        const m = pattern.exec(el.textContent);
+        if (m && !window.seenAt.has(m[1])) window.seenAt.set(m[1], performance.timeOrigin + performance.now());
+      }
+    }).observe(document.getElementById("app"), { childList: true, subtree: true, characterData: true });
+  }, tag);
+  const latencies = [];
+  for (let i = 0; i < LATENCY_SAMPLES; i++) {
+    const sentAt = await from.evaluate((text) => {
+      const box = document.getElementById("composer");
+      box.value = text;
+      const t = performance.timeOrigin + performance.now();
+      box.dispatchEvent(new KeyboardEvent("keydown", { key: "Enter", bubbles: true }));
+      return t;
+    }, `${tag} ${i}`);
+    const seenAt = await to.waitForFunction((i) => window.seenAt.get(String(i)), i).then((h) => h.jsonValue());
+    latencies.push(seenAt - sentAt);
+  }
+  return { samples: latencies.length, p50: pct(latencies, 50), p99: pct(latencies, 99) };
 }
 
 async function firstRunFormAt(page) {
@@ -128,6 +160,7 @@ async function main() {
       phases_ms: {
         wasm_ready: phase("hyphae-wasm-ready"),
         homeserver_open: phase("hyphae-homeserver-open"),
+        crypto_ready: phase("hyphae-crypto-ready"),
         first_sync: phase("hyphae-first-sync"),
         interactive: phase("hyphae-interactive"),
       },
@@ -142,28 +175,21 @@ async function main() {
     await a.page.keyboard.press("Escape");
     await b.page.goto(link);
     await b.page.locator("#room-name", { hasText: "History" }).waitFor();
-    await b.page.evaluate(() => {
-      window.seenAt = new Map();
-      new MutationObserver(() => {
-        for (const el of document.querySelectorAll("#timeline .msg .text")) {
-          const m = /^typed (\d+)$/.exec(el.textContent);
-          if (m && !window.seenAt.has(m[1])) window.seenAt.set(m[1], performance.timeOrigin + performance.now());
-        }
-      }).observe(document.getElementById("app"), { childList: true, subtree: true, characterData: true });
-    });
-    const latencies = [];
-    for (let i = 0; i < LATENCY_SAMPLES; i++) {
-      const sentAt = await a.page.evaluate((text) => {
-        const box = document.getElementById("composer");
-        box.value = text;
-        const t = performance.timeOrigin + performance.now();
-        box.dispatchEvent(new KeyboardEvent("keydown", { key: "Enter", bubbles: true }));
-        return t;
-      }, `typed ${i}`);
-      const seenAt = await b.page.waitForFunction((i) => window.seenAt.get(String(i)), i).then((h) => h.jsonValue());
-      latencies.push(seenAt - sentAt);
-    }
-    results.typed_to_visible_ms = { samples: latencies.length, p50: pct(latencies, 50), p99: pct(latencies, 99) };
+    results.typed_to_visible_ms = await typedToVisible(a.page, b.page, "typed");
+
+    // The same in an end-to-end encrypted room (open, so Bob joins by its link).
+    await createRoom(a.page, "Secret", { encrypted: true });
+    await a.page.locator("#share-button").click();
+    const secretLink = await a.page.locator("#join-link").inputValue();
+    await a.page.keyboard.press("Escape");
+    await b.page.goto(secretLink);
+    await b.page.locator("#room-name", { hasText: "Secret" }).waitFor();
+    await b.page.locator("#room-encrypted").waitFor();
+    results.typed_to_visible_encrypted_ms = await typedToVisible(a.page, b.page, "secret");
+    await a.page.locator(".room-item", { hasText: "History" }).click();
+    await b.page.locator(".room-item", { hasText: "History" }).click();
+    await b.page.locator("#room-name", { hasText: "History" }).waitFor();
+
 
     // Tab memory after MEMORY_MESSAGES more messages (sent by Alice, received by Bob).
     await fill(a.page, room, MEMORY_MESSAGES);
@@ -182,15 +208,18 @@ async function main() {
   const lines = [
     ["wasm (gzip -9)", `${kb(r.sizes.wasm.gzip)} (raw ${kb(r.sizes.wasm.raw)})`],
     ["JS bundle (gzip -9)", `${kb(r.sizes.js.gzip)} (raw ${kb(r.sizes.js.raw)})`],
+    ["end-to-end encryption, loaded after the page (gzip -9)", `${kb(r.sizes.crypto.gzip)} (raw ${kb(r.sizes.crypto.raw)})`],
     ["cold start, empty profile", ms(r.cold_start_empty_ms)],
     [`cold start, ${HISTORY}-message room, new browser`, ms(r.cold_start_history.new_browser_ms)],
     [`cold start, ${HISTORY}-message room, reload`, ms(r.cold_start_history.reload_ms)],
     [
-      "  phases (new browser): wasm / homeserver open / first sync",
-      Object.values(r.cold_start_history.phases_ms).slice(0, 3).map(ms).join(" / "),
+      "  phases (new browser): wasm / homeserver open / crypto ready / first sync",
+      Object.values(r.cold_start_history.phases_ms).slice(0, 4).map(ms).join(" / "),
     ],
     ["typed → visible on the other peer, p50", ms(r.typed_to_visible_ms.p50)],
     ["typed → visible on the other peer, p99", ms(r.typed_to_visible_ms.p99)],
+    ["the same, encrypted room, p50", ms(r.typed_to_visible_encrypted_ms.p50)],
+    ["the same, encrypted room, p99", ms(r.typed_to_visible_encrypted_ms.p99)],
     [`sender tab after ${r.memory_after.messages} messages: JS heap + wasm`, `${mib(r.memory_after.sender.js_heap)} + ${mib(r.memory_after.sender.wasm)}`],
     [`receiver tab after ${r.memory_after.messages} messages: JS heap + wasm`, `${mib(r.memory_after.receiver.js_heap)} + ${mib(r.memory_after.receiver.wasm)}`],
   ];

@@ -91,11 +91,12 @@ export async function ready(page) {
   await page.locator("body[data-ready=true]").waitFor();
 }
 
-export async function createRoom(page, name, { topic = "", visibility = "public" } = {}) {
+export async function createRoom(page, name, { topic = "", visibility = "public", encrypted } = {}) {
   await page.locator("#new-room").click();
   await page.locator("#room-name-input").fill(name);
   if (topic) await page.locator("#room-topic-input").fill(topic);
   await page.locator(`input[name=visibility][value=${visibility}]`).check();
+  if (encrypted !== undefined) await page.locator("#room-encrypted-input").setChecked(encrypted);
   await page.locator("#create-room").click();
   await page.locator("#room-name", { hasText: name }).waitFor();
 }
