@@ -28,21 +28,37 @@ mod native {
             mdns: false,
             start_offline: false,
         };
-        let node = P2pNode::start(Arc::new(MemoryStore::new()), config).await.unwrap();
-        let api = ClientApi::start(node.clone(), Registration::Open).await.unwrap();
+        let node = P2pNode::start(Arc::new(MemoryStore::new()), config)
+            .await
+            .unwrap();
+        let api = ClientApi::start(node.clone(), Registration::Open)
+            .await
+            .unwrap();
         (node, api)
     }
 
-    async fn call(api: &ClientApi, method: &str, path: &str, token: Option<&str>, body: Value) -> Value {
+    async fn call(
+        api: &ClientApi,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Value,
+    ) -> Value {
         let mut req = http::Request::builder().method(method).uri(path);
         if let Some(t) = token {
             req = req.header("Authorization", format!("Bearer {t}"));
         }
         let resp = api
-            .handle(req.body(body.to_string().into_bytes()).unwrap(), Caller { local: true })
+            .handle(
+                req.body(body.to_string().into_bytes()).unwrap(),
+                Caller { local: true },
+            )
             .await;
         let v: Value = serde_json::from_slice(resp.body()).unwrap_or(Value::Null);
-        assert!(resp.status().is_success() || resp.status() == 401, "{path}: {v}");
+        assert!(
+            resp.status().is_success() || resp.status() == 401,
+            "{path}: {v}"
+        );
         v
     }
 
@@ -61,14 +77,17 @@ mod native {
     fn device_keys(user: &str, device: &str) -> Value {
         use base64::Engine as _;
         use ruma::signatures::Ed25519KeyPair;
-        let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), device.to_owned()).unwrap();
+        let pair =
+            Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), device.to_owned()).unwrap();
         let public = base64::engine::general_purpose::STANDARD_NO_PAD.encode(pair.public_key());
         let keys = json!({
             "user_id": user, "device_id": device,
             "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
             "keys": {format!("curve25519:{device}"): "curve", format!("ed25519:{device}"): public},
         });
-        let ruma::CanonicalJsonValue::Object(mut o) = ruma::CanonicalJsonValue::try_from(keys).unwrap() else {
+        let ruma::CanonicalJsonValue::Object(mut o) =
+            ruma::CanonicalJsonValue::try_from(keys).unwrap()
+        else {
             unreachable!()
         };
         ruma::signatures::sign_json(user, &pair, &mut o).unwrap();
@@ -111,7 +130,14 @@ mod native {
         let query = json!({"device_keys": users.iter().map(|u| (u.clone(), json!([]))).collect::<serde_json::Map<_, _>>()});
         let ask = || async {
             let start = Instant::now();
-            let v = call(&api_a, "POST", "/_matrix/client/v3/keys/query", Some(&alice), query.clone()).await;
+            let v = call(
+                &api_a,
+                "POST",
+                "/_matrix/client/v3/keys/query",
+                Some(&alice),
+                query.clone(),
+            )
+            .await;
             assert_eq!(v["failures"], json!({}), "{v}");
             assert_eq!(v["device_keys"].as_object().unwrap().len(), USERS);
             start.elapsed().as_secs_f64() * 1000.0

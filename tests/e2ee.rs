@@ -694,3 +694,31 @@ async fn key_backup_versions_and_keys() {
         .await;
     alice.fails("GET", version_path, None, "M_NOT_FOUND").await;
 }
+
+/// A key query for a user whose server cannot be reached yet waits for it to come (within the
+/// query's timeout) instead of answering "no devices": a tab that has just started finds its
+/// peers within seconds, and a message encrypted meanwhile would reach nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_query_waits_for_a_server_that_is_coming() {
+    let (a, api_a, b, api_b) = two_peers().await;
+    let (alice, bob, _room) = alice_and_bob(&a, &api_a, &api_b).await;
+    let device = whoami_device(&bob).await;
+    let key = DeviceKey::new(&device);
+    upload(&bob, &key, 1, false).await;
+    b.set_offline(true).unwrap();
+    let body = json!({"device_keys": {bob.user_id.as_str(): []}, "timeout": 10_000});
+    let asked = alice.call("POST", "/_matrix/client/v3/keys/query", Some(body));
+    let back = async {
+        // Bob's server is away for a moment (its first attempt fails at once: the node refuses
+        // every connection while offline), then comes back.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.set_offline(false).unwrap();
+    };
+    let ((status, q), ()) = tokio::join!(asked, back);
+    assert_eq!(status, 200, "{q}");
+    assert_eq!(q["failures"], json!({}), "{q}");
+    assert_eq!(
+        q["device_keys"][&bob.user_id][&device],
+        key.device_keys(&bob.user_id)
+    );
+}

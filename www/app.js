@@ -6,6 +6,7 @@ import init, { Hyphae, wasmMemoryBytes } from "../pkg/hyphae.js";
 import { h, toast, describe, fail, screen, serverNameBox } from "./dom.js";
 import { DB_NAME, LOCK, PROFILE, loadSession, saveSession, localpartFor, restore } from "./profile.js";
 import { Chat, cryptoStoreHolds } from "./chat.js";
+import { cryptoCallbacks } from "./recovery.js";
 import { loadSettings, applyTheme } from "./settings.js";
 
 // The SDK logs every request; warnings and errors are what a person debugging needs.
@@ -64,6 +65,7 @@ export function clientFor(hs, session) {
     accessToken: session?.access_token,
     deviceId: session?.device_id,
     timelineSupport: true,
+    cryptoCallbacks,
   });
 }
 

@@ -12,6 +12,7 @@ import {
 } from "matrix-js-sdk";
 import { h, attempt, avatar, colourFor, copy, dialog, describe, short, timeOf, toast } from "./dom.js";
 import { openSettings } from "./settings.js";
+import { secureHistory } from "./recovery.js";
 import { isVerified, listenForRequests, verifyUser } from "./verify.js";
 
 const QUICK_REACTIONS = ["👍", "❤️", "😄", "🎉"];
@@ -169,6 +170,17 @@ export class Chat {
     this.setOnline();
     this.followJoinLink();
     this.refreshStatus();
+    // Key backup after the first screen: set up on a first run, restored on a new device.
+    this.history = secureHistory(c).then(
+      (done) => {
+        document.body.dataset.history = done;
+        this.scheduleRender();
+      },
+      (err) => {
+        document.body.dataset.history = `failed: ${describe(err)}`;
+        toast(`Encrypted history is not backed up: ${describe(err)}`, { error: true });
+      },
+    );
   }
 
   stop() {

@@ -1,4 +1,5 @@
 // Settings kept in this browser (not in the profile): bootstrap peers and the theme.
+import { recoveryKey } from "./recovery.js";
 import { h, dialog, toast, serverNameBox } from "./dom.js";
 import { backup, restore } from "./profile.js";
 
@@ -81,6 +82,12 @@ export function openSettings({ hs, displayName, onRename }) {
         h("button", { type: "button", id: "import", onclick: () => file.click() }, "Import profile…"),
         file,
       ),
+      recoveryKey()
+        ? [
+            h("label", { for: "settings-recovery-key" }, "Recovery key for encrypted messages (the export holds it too)"),
+            h("input.mono", { id: "settings-recovery-key", type: "text", readonly: true, value: recoveryKey(), onfocus: (e) => e.target.select() }),
+          ]
+        : "",
       h(
         "div.actions",
         {},

@@ -334,16 +334,9 @@ impl ClientApi {
         let request = FedRequest::QueryKeys {
             user_ids: missing.clone(),
         };
-        let asked = rt::timeout(
-            std::time::Duration::from_millis(timeout_ms),
-            self.node.request(server.peer_id(), request),
-        )
-        .await;
-        let json = match asked {
-            None => return Err("the user's server did not answer in time".into()),
-            Some(Err(e)) => return Err(e.to_string()),
-            Some(Ok(FedResponse::Keys { json })) => json,
-            Some(Ok(other)) => return Err(format!("unexpected answer {other:?}")),
+        let json = match self.ask_server(server, request, timeout_ms).await? {
+            FedResponse::Keys { json } => json,
+            other => return Err(format!("unexpected answer {other:?}")),
         };
         let answer: Value = serde_json::from_str(&json).map_err(|e| e.to_string())?;
         let mut cache = self.remote_keys.lock().expect("remote keys");
@@ -363,6 +356,33 @@ impl ClientApi {
             out.insert(user, keys);
         }
         Ok(out)
+    }
+
+    /// Asks `server`, and asks again each time a peer connects while it cannot be reached (a
+    /// tab that has just started finds its peers through the relay within seconds), until
+    /// `timeout_ms` have passed.
+    async fn ask_server(
+        &self,
+        server: ServerName,
+        request: FedRequest,
+        timeout_ms: u64,
+    ) -> Result<FedResponse, String> {
+        let deadline = Instant::now() + std::time::Duration::from_millis(timeout_ms);
+        let mut connected = self.node.connected_peer_events();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rt::timeout(left, self.node.request(server.peer_id(), request.clone())).await {
+                None => return Err("the user's server did not answer in time".into()),
+                Some(Ok(answer)) => return Ok(answer),
+                Some(Err(crate::rooms::NodeError::Network(e))) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if rt::timeout(left, connected.recv()).await.is_none() {
+                        return Err(format!("network: {e}"));
+                    }
+                }
+                Some(Err(e)) => return Err(e.to_string()),
+            }
+        }
     }
 
     pub(super) async fn claim_keys(
@@ -407,16 +427,12 @@ impl ClientApi {
             let request = FedRequest::ClaimKeys {
                 claims: claims.clone(),
             };
-            let answer = rt::timeout(
-                std::time::Duration::from_millis(timeout),
-                self.node.request(server.peer_id(), request),
-            )
-            .await;
+            let answer = self.ask_server(server, request, timeout).await;
             (server, claims, answer)
         });
         for (server, claims, answer) in futures::future::join_all(asked).await {
             let json = match answer {
-                Some(Ok(FedResponse::Keys { json })) => json,
+                Ok(FedResponse::Keys { json }) => json,
                 _ => {
                     failures.insert(server.to_string(), json!({"status": 503}));
                     continue;

@@ -247,7 +247,10 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
   });
 
   await step("Alice exports her profile", async () => {
+    // Her encrypted history is backed up under a recovery key, which Settings shows.
+    await a.page.waitForFunction(() => document.body.dataset.history === "set up" || document.body.dataset.history === "backing up");
     await a.page.locator("#settings-button").click();
+    assert.match(await a.page.locator("#settings-recovery-key").inputValue(), /^(\w{4} ){11}\w{4}$/);
     const [download] = await Promise.all([a.page.waitForEvent("download"), a.page.locator("#export").click()]);
     // Kept outside the browser profile, which goes away with Alice's browser.
     downloaded = path.join(await mkdtemp(path.join(tmpdir(), "hyphae-backup-")), download.suggestedFilename());
@@ -270,11 +273,19 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await waitForMessage(c.page, "while you were away 50");
     await send(c.page, "Restored in a new browser");
     await waitForMessage(b.page, "Restored in a new browser");
-    // The restored profile signs in as a new device: the encrypted room's old messages say
-    // they cannot be read (no key backup to restore them from yet).
+    // The restored profile signs in as a new device, without the old device's keys; its
+    // recovery key (in the export) restores the room keys from the server's key backup, so the
+    // encrypted room's history reads here too, and what is said now reaches Bob.
     await c.page.locator(".room-item", { hasText: "Seeds" }).click();
     await c.page.locator("#room-encrypted").waitFor();
-    await c.page.locator(".msg.undecryptable").first().waitFor();
+    await c.page.waitForFunction(() => document.body.dataset.history);
+    assert.match(await c.page.evaluate(() => document.body.dataset.history), /^restored [1-9]\d* of \d+ keys$/);
+    await waitForMessage(c.page, "Thanks for the invite");
+    await waitForMessage(c.page, "Encrypted on the way");
+    await send(c.page, "Encrypted from the restored profile");
+    await b.page.locator(".room-item", { hasText: "Seeds" }).click();
+    await waitForMessage(b.page, "Encrypted from the restored profile");
+    await b.page.locator(".room-item", { hasText: "Orchard" }).click();
   });
 
   await step("a homeserver that fails in the tab is announced above everything, with a reload", async () => {

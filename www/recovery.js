@@ -1,0 +1,58 @@
+// Encrypted history that outlives a browser: on first run the app sets up cross-signing,
+// secret storage and server-side key backup under a recovery key, and every room key is backed
+// up (encrypted; the homeserver cannot read it). The recovery key is kept with the session, so
+// it travels in the profile's export file, and Settings shows it to write down. A profile
+// restored elsewhere signs in as a new device and restores the backup with that key, so the
+// history from before reads there too.
+import { decodeRecoveryKey } from "matrix-js-sdk/lib/crypto-api/recovery-key.js";
+import { loadSession, saveSession } from "./profile.js";
+
+/** The recovery key this profile knows (encoded, as shown to people), if any. */
+export function recoveryKey() {
+  return loadSession()?.recovery_key ?? null;
+}
+
+/** For the client's `cryptoCallbacks`: the secret storage key, from this profile's recovery key. */
+export const cryptoCallbacks = {
+  async getSecretStorageKey({ keys }) {
+    const encoded = pending?.encodedPrivateKey ?? recoveryKey();
+    const keyId = Object.keys(keys)[0];
+    if (!encoded || !keyId) return null;
+    return [keyId, pending?.privateKey ?? decodeRecoveryKey(encoded)];
+  },
+};
+
+/** A key being created, until it is saved with the session. */
+let pending = null;
+
+/**
+ * Makes sure this device's room keys are backed up and the backup is readable here: sets
+ * everything up on a first run, or restores the backup on a device that has the recovery key
+ * but not the keys. Runs after the chat is on screen; resolves to what it did.
+ */
+export async function secureHistory(client) {
+  const crypto = client.getCrypto();
+  const backup = await crypto.getKeyBackupInfo();
+  const key = recoveryKey();
+  if (!backup || !key) {
+    if (backup && !key) return "a backup exists but this profile has no recovery key for it";
+    pending = await crypto.createRecoveryKeyFromPassphrase();
+    // The first upload of cross-signing keys needs no password (there were none before).
+    await crypto.bootstrapCrossSigning({ authUploadDeviceSigningKeys: (makeRequest) => makeRequest(null) });
+    await crypto.bootstrapSecretStorage({
+      createSecretStorageKey: async () => pending,
+      setupNewSecretStorage: true,
+      setupNewKeyBackup: true,
+    });
+    saveSession({ ...loadSession(), recovery_key: pending.encodedPrivateKey });
+    pending = null;
+    return "set up";
+  }
+  if ((await crypto.getActiveSessionBackupVersion()) && (await crypto.getSessionBackupPrivateKey())) return "backing up";
+  // A new device of this profile: the backup key comes from secret storage, and the room keys
+  // from the backup.
+  await crypto.loadSessionBackupPrivateKeyFromSecretStorage();
+  const { total, imported } = await crypto.restoreKeyBackup();
+  await crypto.checkKeyBackupAndEnable();
+  return `restored ${imported} of ${total} keys`;
+}
