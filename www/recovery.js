@@ -53,6 +53,19 @@ export async function secureHistory(client) {
   // from the backup.
   await crypto.loadSessionBackupPrivateKeyFromSecretStorage();
   const { total, imported } = await crypto.restoreKeyBackup();
-  await crypto.checkKeyBackupAndEnable();
-  return `restored ${imported} of ${total} keys`;
+  console.info(`key backup ${backup.version} (${backup.count} keys): restored ${imported} of ${total}`);
+  // Then this device takes the identity's cross-signing keys from secret storage and signs
+  // itself, which makes the backup trusted here, so this device's own keys are backed up too.
+  // The identity must be known first, or the crypto stack would make a new one.
+  let trusted = "";
+  try {
+    await crypto.getUserDeviceInfo([client.getUserId()], true);
+    await crypto.bootstrapCrossSigning({
+      authUploadDeviceSigningKeys: () => Promise.reject(new Error("the identity's keys are in secret storage")),
+    });
+    trusted = (await crypto.checkKeyBackupAndEnable())?.backupInfo ? ", backing up" : "";
+  } catch (err) {
+    console.warn("this device is not cross-signed:", err);
+  }
+  return `restored ${imported} of ${total} keys${trusted}`;
 }

@@ -249,6 +249,12 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
   await step("Alice exports her profile", async () => {
     // Her encrypted history is backed up under a recovery key, which Settings shows.
     await a.page.waitForFunction(() => document.body.dataset.history === "set up" || document.body.dataset.history === "backing up");
+    // The crypto stack uploads room keys to the backup a few seconds after they appear: wait
+    // until the Seeds room's two sessions (Alice's and Bob's) are in it.
+    await a.page.waitForFunction(async () => (await window.hyphaeClient.getCrypto().getKeyBackupInfo())?.count >= 2, null, {
+      timeout: 60_000,
+      polling: 250,
+    });
     await a.page.locator("#settings-button").click();
     assert.match(await a.page.locator("#settings-recovery-key").inputValue(), /^(\w{4} ){11}\w{4}$/);
     const [download] = await Promise.all([a.page.waitForEvent("download"), a.page.locator("#export").click()]);
@@ -279,7 +285,8 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await c.page.locator(".room-item", { hasText: "Seeds" }).click();
     await c.page.locator("#room-encrypted").waitFor();
     await c.page.waitForFunction(() => document.body.dataset.history);
-    assert.match(await c.page.evaluate(() => document.body.dataset.history), /^restored [1-9]\d* of \d+ keys$/);
+    const info = await c.page.evaluate(async () => JSON.stringify(await window.hyphaeClient.getCrypto().getKeyBackupInfo()));
+    assert.match(await c.page.evaluate(() => document.body.dataset.history), /^restored [1-9]\d* of \d+ keys, backing up$/, info);
     await waitForMessage(c.page, "Thanks for the invite");
     await waitForMessage(c.page, "Encrypted on the way");
     await send(c.page, "Encrypted from the restored profile");
