@@ -84,24 +84,21 @@ impl P2pNode {
         request: FedRequest,
     ) -> Result<FedResponse, NodeError> {
         let own = |user: &UserId| ServerName::try_from(user.server_name()).ok();
-        let me = self.server_name();
         let ask = match request {
             FedRequest::QueryKeys { user_ids } => {
-                let mut allowed = Vec::new();
-                for user in user_ids {
-                    if own(&user) == Some(me) && self.shares_room(&user, asker, None).await? {
-                        allowed.push(user);
-                    }
-                }
+                let sharing = self.local_users_sharing_with(asker, None).await?;
+                let allowed = user_ids
+                    .into_iter()
+                    .filter(|u| sharing.contains(u))
+                    .collect();
                 DeviceAsk::QueryKeys { user_ids: allowed }
             }
             FedRequest::ClaimKeys { claims } => {
-                let mut allowed = BTreeMap::new();
-                for (user, devices) in claims {
-                    if own(&user) == Some(me) && self.shares_room(&user, asker, None).await? {
-                        allowed.insert(user, devices);
-                    }
-                }
+                let sharing = self.local_users_sharing_with(asker, None).await?;
+                let allowed = claims
+                    .into_iter()
+                    .filter(|(u, _)| sharing.contains(u))
+                    .collect();
                 DeviceAsk::ClaimKeys { claims: allowed }
             }
             FedRequest::ToDevice {
@@ -126,12 +123,10 @@ impl P2pNode {
                         "messages: not user → device → content",
                     ));
                 };
+                let sharing = self.local_users_sharing_with(asker, Some(&sender)).await?;
                 let mut allowed = BTreeMap::new();
                 for (user, devices) in parsed {
-                    if own(&user) != Some(me) {
-                        continue;
-                    }
-                    if self.shares_room(&user, asker, Some(&sender)).await? {
+                    if sharing.contains(&user) {
                         allowed.insert(user, devices);
                     } else {
                         tracing::info!(server = %asker, %user, "to-device for a user sharing no room dropped");
@@ -172,39 +167,33 @@ impl P2pNode {
             .unwrap_or_else(|_| refuse(FedErrorCode::Internal, "the client API is not running")))
     }
 
-    /// Whether local `user` shares a room with `server` (with its user `other`, if named):
-    /// both joined or invited to one room, or an invite from that server (user) pending here.
-    async fn shares_room(
+    /// The local users who share a room with `server` (with its user `other`, if named): both
+    /// joined or invited to one room held here, or an invite from that server (user) pending
+    /// here. One pass over the rooms, however many users a request names.
+    async fn local_users_sharing_with(
         &self,
-        user: &UserId,
         server: &ServerName,
         other: Option<&UserId>,
-    ) -> Result<bool, NodeError> {
-        let pending = self.invites().into_iter().any(|i| {
-            i.invitee == user
-                && match other {
-                    Some(o) => i.sender == o,
-                    None => ServerName::try_from(i.sender.server_name()).ok() == Some(*server),
-                }
-        });
-        if pending {
-            return Ok(true);
-        }
-        let engine = &self.shared.engine;
-        for room in engine.rooms().await? {
+    ) -> Result<HashSet<OwnedUserId>, NodeError> {
+        let me = self.server_name();
+        let server_of = |u: &UserId| ServerName::try_from(u.server_name()).ok();
+        let theirs = |u: &UserId| match other {
+            Some(o) => u == o,
+            None => server_of(u) == Some(*server),
+        };
+        let mut sharing: HashSet<OwnedUserId> = self
+            .invites()
+            .into_iter()
+            .filter(|i| theirs(&i.sender))
+            .map(|i| i.invitee)
+            .collect();
+        for room in self.shared.engine.rooms().await? {
             let members = present_members(self, &room).await?;
-            if !members.contains(user) {
-                continue;
-            }
-            let shares = members.iter().any(|m| match other {
-                Some(o) => m == o,
-                None => ServerName::try_from(m.server_name()).ok() == Some(*server),
-            });
-            if shares {
-                return Ok(true);
+            if members.iter().any(|m| theirs(m)) {
+                sharing.extend(members.into_iter().filter(|m| server_of(m) == Some(me)));
             }
         }
-        Ok(false)
+        Ok(sharing)
     }
 
     /// The other servers with a member (joined or invited) in a room where `user` is joined or
