@@ -722,3 +722,54 @@ async fn a_key_query_waits_for_a_server_that_is_coming() {
         key.device_keys(&bob.user_id)
     );
 }
+
+/// While a server is away its to-device messages wait in the sender's outbox, up to a bound;
+/// past it the sender is told to wait. When the server is back, every waiting message arrives,
+/// once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_for_a_server_that_is_away_is_bounded_and_delivered_in_order() {
+    use hyphae::api::to_device::MAX_OUTBOX_PER_SERVER;
+    let (a, api_a, b, api_b) = two_peers().await;
+    let (alice, mut bob, _room) = alice_and_bob(&a, &api_a, &api_b).await;
+    let device = whoami_device(&bob).await;
+    b.set_offline(true).unwrap();
+    for i in 0..MAX_OUTBOX_PER_SERVER {
+        send_to_device(
+            &alice,
+            &bob.user_id,
+            &device,
+            &format!("t{i}"),
+            &format!("m{i}"),
+        )
+        .await;
+    }
+    let path = "/_matrix/client/v3/sendToDevice/m.room.encrypted/over";
+    let body = json!({"messages": {bob.user_id.as_str(): {device.as_str(): {"ciphertext": "one too many"}}}});
+    alice
+        .fails("PUT", path, Some(body), "M_LIMIT_EXCEEDED")
+        .await;
+    b.set_offline(false).unwrap();
+    // They arrive over several syncs: collect until all are in (or the patience runs out).
+    let deadline = std::time::Instant::now() + common::peers::PATIENCE;
+    let mut got: Vec<String> = Vec::new();
+    while got.len() < MAX_OUTBOX_PER_SERVER && std::time::Instant::now() < deadline {
+        let path = match &bob.since {
+            Some(s) => format!("/_matrix/client/v3/sync?timeout=2000&since={s}"),
+            None => "/_matrix/client/v3/sync".to_owned(),
+        };
+        let v = bob.ok("GET", &path, None).await;
+        bob.since = v["next_batch"].as_str().map(str::to_owned);
+        for m in v["to_device"]["events"].as_array().into_iter().flatten() {
+            got.push(
+                m["content"]["ciphertext"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+    }
+    let sent: Vec<String> = (0..MAX_OUTBOX_PER_SERVER)
+        .map(|i| format!("m{i}"))
+        .collect();
+    assert_eq!(got, sent, "every message once, in order");
+}

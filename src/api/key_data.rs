@@ -202,21 +202,54 @@ impl UserData {
         Ok(Some((k, (pos << 20) | u64::from(index), out)))
     }
 
-    /// Servers with to-device messages waiting.
+    /// Servers with to-device messages waiting: one lookup per server, however many wait.
     pub async fn outgoing_servers(&self) -> ApiResult<Vec<ServerName>> {
         let p = prefix(&["outbox"]);
-        let mut servers: Vec<ServerName> = self
-            .scan(&p)
+        let mut servers = Vec::new();
+        let mut from = std::ops::Bound::Included(p.clone());
+        loop {
+            let range = KeyRange {
+                start: from,
+                end: KeyRange::prefix(&p).end,
+            };
+            let first = self
+                .store
+                .scan(Table::ClientData, range, Direction::Forward, 1)
+                .await?;
+            let Some((k, _)) = first.into_iter().next() else {
+                return Ok(servers);
+            };
+            let rest = &k[p.len()..];
+            let name = rest
+                .iter()
+                .position(|b| *b == 0)
+                .and_then(|end| std::str::from_utf8(&rest[..end]).ok());
+            let Some(name) = name else {
+                return Err(ApiError::unknown("outbox key without a server"));
+            };
+            if let Ok(server) = name.parse() {
+                servers.push(server);
+            }
+            // Past every key of this server: its prefix with the separator bumped.
+            let mut next = prefix(&["outbox", name]);
+            *next.last_mut().expect("not empty") += 1;
+            from = std::ops::Bound::Included(next);
+        }
+    }
+
+    /// How many batches wait for `server`, counting up to `limit`.
+    pub async fn outgoing_count(&self, server: &ServerName, limit: usize) -> ApiResult<usize> {
+        let p = prefix(&["outbox", &server.to_string()]);
+        Ok(self
+            .store
+            .scan(
+                Table::ClientData,
+                KeyRange::prefix(&p),
+                Direction::Forward,
+                limit,
+            )
             .await?
-            .into_iter()
-            .filter_map(|(k, _)| {
-                let rest = &k[p.len()..];
-                let end = rest.iter().position(|b| *b == 0)?;
-                std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
-            })
-            .collect();
-        servers.dedup();
-        Ok(servers)
+            .len())
     }
 
     pub async fn drop_outgoing(&self, k: Vec<u8>) -> ApiResult<()> {

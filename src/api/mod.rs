@@ -18,7 +18,7 @@ mod rooms;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod server;
 mod sync;
-mod to_device;
+pub mod to_device;
 mod user_data;
 mod visibility;
 

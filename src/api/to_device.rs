@@ -25,6 +25,13 @@ use crate::rooms::NodeError;
 pub const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long one delivery may take before it is retried later.
 const DELIVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long to wait when the receiving server says this one is over its request rate, or a
+/// delivery failed on the network.
+const RATE_BACKOFF: std::time::Duration = std::time::Duration::from_millis(500);
+/// Network failures in a row retried at once before waiting for the next wake-up.
+const NETWORK_RETRIES: u32 = 3;
+/// Batches kept for one server that is away; past this, senders are told to wait.
+pub const MAX_OUTBOX_PER_SERVER: usize = 1000;
 
 impl ClientApi {
     pub(super) async fn send_to_device(
@@ -68,6 +75,15 @@ impl ClientApi {
         }
         let mut batches = Vec::new();
         for (server, messages) in remote {
+            if self
+                .data
+                .outgoing_count(&server, MAX_OUTBOX_PER_SERVER)
+                .await?
+                >= MAX_OUTBOX_PER_SERVER
+            {
+                // That server has been away long enough to hold this many: try again later.
+                return Err(ApiError::limit_exceeded(RETRY_EVERY.as_millis() as u64));
+            }
             let messages = Value::Object(messages);
             if messages.to_string().len() > MAX_TO_DEVICE_BYTES {
                 return Err(ApiError::new(
@@ -153,6 +169,9 @@ impl ClientApi {
     /// Sends `server` its queued batches, oldest first, until it is empty (`true`) or a batch
     /// fails (`false`).
     async fn deliver_to(&self, server: ServerName) -> ApiResult<bool> {
+        // Failed attempts in a row: a stream or connection that drops mid-burst is retried
+        // after a moment, a server that stays unreachable waits for the next wake-up.
+        let mut failures = 0;
         while let Some((key, seq, out)) = self.data.next_outgoing(&server).await? {
             let request = FedRequest::ToDevice {
                 seq,
@@ -166,7 +185,15 @@ impl ClientApi {
             )
             .await
             {
-                Some(Ok(_)) => self.data.drop_outgoing(key).await?,
+                Some(Ok(_)) => {
+                    failures = 0;
+                    self.data.drop_outgoing(key).await?;
+                }
+                Some(Err(NodeError::Refused(FedErrorCode::LimitExceeded, _))) => {
+                    // Over that server's request rate (a long outbox drains in a burst): wait
+                    // a moment, then go on with the same batch.
+                    rt::sleep(RATE_BACKOFF).await;
+                }
                 Some(Err(NodeError::Refused(
                     code @ (FedErrorCode::Forbidden | FedErrorCode::BadRequest),
                     reason,
@@ -174,6 +201,11 @@ impl ClientApi {
                     // The server will never take it: drop it rather than block the rest.
                     tracing::warn!(%server, ?code, reason, "to-device batch refused; dropped");
                     self.data.drop_outgoing(key).await?;
+                }
+                Some(Err(e)) if failures < NETWORK_RETRIES => {
+                    tracing::debug!(%server, error = %e, "to-device not delivered; retrying");
+                    failures += 1;
+                    rt::sleep(RATE_BACKOFF).await;
                 }
                 Some(Err(e)) => {
                     tracing::debug!(%server, error = %e, "to-device not delivered yet");
