@@ -1,7 +1,8 @@
 // End-to-end encryption across two nodes with matrix-js-sdk's Rust crypto: alice on nodeA and
 // bob on nodeB exchange encrypted messages both ways (keys queried and claimed across peers,
 // room keys sent as to-device messages over libp2p), neither node's store holds a message in
-// plaintext, and bob's second device reads what alice sends after it signs in.
+// plaintext, bob's second device reads what alice sends after it signs in, and what alice sends
+// while bob's node is away reaches both his devices once it is back.
 
 import assert from "node:assert/strict";
 import { readdir, readFile } from "node:fs/promises";
@@ -79,7 +80,7 @@ test("two nodes: encrypted messages with matrix-js-sdk's Rust crypto", { timeout
   t.after(() => nodeA.stop());
   const [addr] = nodeA.listen;
   const dial = addr.includes("/p2p/") ? addr : `${addr}/p2p/${nodeA.peerId}`;
-  const nodeB = await startNode({ name: "nodeB", bootstrap: [dial] });
+  let nodeB = await startNode({ name: "nodeB", bootstrap: [dial] });
   t.after(() => nodeB.stop());
   const step = stepper(t, [nodeA, nodeB]);
   const clients = [];
@@ -129,10 +130,27 @@ test("two nodes: encrypted messages with matrix-js-sdk's Rust crypto", { timeout
     await decrypted(bob2, roomId, "a second device listens");
   });
 
+  await step("room keys sent while bob's node is away reach him once it is back", async () => {
+    // Bob's node stops (his clients keep running and retry); alice sends. Her node keeps the
+    // message's room key for bob's devices in its outbox, and bob's node, started again on its
+    // data and address, gets the key and the message when it is back.
+    const { data, url } = nodeB;
+    await nodeB.stop({ keep: true });
+    await alice.sendTextMessage(roomId, "sent while you were away");
+    nodeB = await startNode({ name: "nodeB", bootstrap: [dial], data, http: new URL(url).host });
+    await decrypted(bob, roomId, "sent while you were away");
+    await decrypted(bob2, roomId, "sent while you were away");
+  });
+
   await step("neither node's store holds a message in plaintext", async () => {
     for (const node of [nodeA, nodeB]) {
       const bytes = await allBytes(node.data);
-      for (const secret of ["the owl flies at midnight", "the river runs north", "a second device listens"]) {
+      for (const secret of [
+        "the owl flies at midnight",
+        "the river runs north",
+        "a second device listens",
+        "sent while you were away",
+      ]) {
         assert.equal(bytes.indexOf(secret), -1, `${node.name}'s store holds "${secret}"`);
       }
       assert.notEqual(bytes.indexOf("m.room.encrypted"), -1, `${node.name} holds the encrypted events`);

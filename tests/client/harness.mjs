@@ -41,13 +41,22 @@ export function uniqueName(prefix) {
  * Starts `hyphae-node` on loopback with a fresh data directory and resolves once it has printed
  * its client API URL and at least one libp2p listen address.
  */
-export async function startNode({ bootstrap = [], name = "node", listen = ["/ip4/127.0.0.1/tcp/0"], args: extra = [] } = {}) {
+export async function startNode({
+  bootstrap = [],
+  name = "node",
+  listen = ["/ip4/127.0.0.1/tcp/0"],
+  args: extra = [],
+  data: dataDir,
+  http = "127.0.0.1:0",
+} = {}) {
   const bin = path.resolve(ROOT, process.env.HYPHAE_NODE_BIN ?? "target/debug/hyphae-node");
   await access(bin).catch(() => {
     throw new Error(`no hyphae-node binary at ${bin} (build it, or set HYPHAE_NODE_BIN)`);
   });
-  const data = await mkdtemp(path.join(tmpdir(), "hyphae-client-test-"));
-  const args = ["--data", data, "--no-mdns", "--http", "127.0.0.1:0", ...extra];
+  // A node restarted on the data of an earlier one (`data`) keeps it when it stops: its first
+  // run's `stop({ keep: true })` left it for this one.
+  const data = dataDir ?? (await mkdtemp(path.join(tmpdir(), "hyphae-client-test-")));
+  const args = ["--data", data, "--no-mdns", "--http", http, ...extra];
   for (const addr of listen) args.push("--listen", addr);
   for (const addr of bootstrap) args.push("--bootstrap", addr);
   const child = spawn(bin, args, {
@@ -82,7 +91,7 @@ export async function startNode({ bootstrap = [], name = "node", listen = ["/ip4
 
   const node = { name, url: undefined, serverName: undefined, peerId: undefined, listen: [], mark, logs, data };
   let stopping;
-  node.stop = () => {
+  node.stop = ({ keep = false } = {}) => {
     stopping ??= (async () => {
       // (No pid: it never started, and there is no exit to wait for.)
       if (child.pid !== undefined && child.exitCode === null && child.signalCode === null) {
@@ -91,7 +100,7 @@ export async function startNode({ bootstrap = [], name = "node", listen = ["/ip4
         await exited;
         clearTimeout(force);
       }
-      if (!process.env.HYPHAE_KEEP_DATA) await rm(data, { recursive: true, force: true });
+      if (!keep && !process.env.HYPHAE_KEEP_DATA) await rm(data, { recursive: true, force: true });
     })();
     return stopping;
   };
