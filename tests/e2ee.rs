@@ -773,3 +773,70 @@ async fn the_outbox_for_a_server_that_is_away_is_bounded_and_delivered_in_order(
         .collect();
     assert_eq!(got, sent, "every message once, in order");
 }
+
+/// Bob adds a device while his server and alice's are apart, so its change notice never
+/// reaches alice's server; when the two connect again, alice's server forgets what it cached of
+/// bob's keys, and her next query finds the new device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_change_missed_while_apart_is_seen_after_reconnecting() {
+    let (a, api_a, b, api_b) = two_peers().await;
+    let (alice, bob, _room) = alice_and_bob(&a, &api_a, &api_b).await;
+    upload(&bob, &DeviceKey::new(&whoami_device(&bob).await), 0, false).await;
+    let q = query(&alice, &bob.user_id).await;
+    assert_eq!(
+        q["device_keys"][&bob.user_id].as_object().unwrap().len(),
+        1,
+        "{q}"
+    );
+
+    b.set_offline(true).unwrap();
+    // Apart for sure before bob's new device is announced.
+    while !b.connected_peers().await.unwrap().is_empty()
+        || a.connected_peers().await.unwrap().contains(&b.peer_id())
+    {
+        tokio::task::yield_now().await;
+    }
+    let (status, login) = api_b
+        .raw(
+            "POST",
+            "/_matrix/client/v3/login",
+            None,
+            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "bob"}, "password": "pw-bob-1"})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+    assert_eq!(status, 200, "{login}");
+    let second = Client {
+        t: &api_b,
+        token: login["access_token"].as_str().unwrap().to_owned(),
+        user_id: bob.user_id.clone(),
+        since: None,
+        filter: None,
+    };
+    upload(
+        &second,
+        &DeviceKey::new(login["device_id"].as_str().unwrap()),
+        0,
+        false,
+    )
+    .await;
+    b.set_offline(false).unwrap();
+    // The reconnection reaches alice's server's key cache a moment after the connection count:
+    // ask until the new device shows (the cache would keep the old answer for ten minutes).
+    let deadline = std::time::Instant::now() + common::peers::PATIENCE;
+    loop {
+        let q = query(&alice, &bob.user_id).await;
+        let devices = q["device_keys"][&bob.user_id]
+            .as_object()
+            .map_or(0, |d| d.len());
+        if devices == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {devices} device(s): {q}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -798,6 +798,33 @@ fn entry<'a>(answer: &'a mut Map<String, Value>, field: &str) -> &'a mut Map<Str
     v.as_object_mut().expect("an object")
 }
 
+/// Drops the cached keys of a server's users whenever its peer connects: a device-list change
+/// it announced while the two were apart never arrived.
+pub(super) async fn forget_keys_on_reconnect(
+    api: std::sync::Weak<ClientApi>,
+    connected: &mut tokio::sync::broadcast::Receiver<libp2p::PeerId>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let peer = connected.recv().await;
+        let Some(api) = api.upgrade() else { return };
+        let mut cache = api.remote_keys.lock().expect("remote keys");
+        match peer {
+            Ok(peer) => {
+                let Some(server) = ServerName::from_peer_id(&peer) else {
+                    continue;
+                };
+                cache.users.retain(|user, _| {
+                    ServerName::try_from(user.server_name()).ok() != Some(server)
+                });
+            }
+            // Missed some connections: forget them all.
+            Err(RecvError::Lagged(_)) => cache.users.clear(),
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 /// Runs the answers to peers' device requests, a few at a time.
 pub(super) async fn serve_device_requests(
     api: std::sync::Weak<ClientApi>,

@@ -337,6 +337,12 @@ impl ClientApi {
                 Box::pin(keys::serve_device_requests(weak.clone(), requests))
             });
         }
+        let weak = std::sync::Arc::downgrade(&api);
+        crate::net::rt::spawn_restarting(
+            "remote keys on reconnect",
+            api.node.connected_peer_events(),
+            move |connected| Box::pin(keys::forget_keys_on_reconnect(weak.clone(), connected)),
+        );
         let waker = to_device::OutboxWaker {
             connected: api.node.connected_peer_events(),
         };
