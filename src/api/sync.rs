@@ -60,12 +60,12 @@ impl SyncToken {
     }
 }
 
-/// The event position of a `/messages` or sync token.
 /// The client-data position of a sync token (for `/keys/changes`).
 pub fn client_position(token: &str) -> ApiResult<u64> {
     Ok(SyncToken::parse(token)?.client)
 }
 
+/// The event position of a `/messages` or sync token.
 pub fn parse_position(token: &str) -> ApiResult<u64> {
     if let Some(n) = token.strip_prefix('t') {
         return n
@@ -323,7 +323,11 @@ impl ClientApi {
                 .expect("invites lock")
                 .iter()
                 .filter(|((user, room), pos)| {
-                    *user == s.user_id && **pos >= from.client && !known_rooms.contains(room)
+                    // In this pass's window only: a decline after it took its positions is
+                    // the next pass's.
+                    *user == s.user_id
+                        && (from.client..next.client).contains(*pos)
+                        && !known_rooms.contains(room)
                 })
                 .map(|((_, room), pos)| (room.clone(), *pos))
                 .collect();
