@@ -52,15 +52,11 @@ impl UserData {
     ) -> ApiResult<()> {
         let algorithm = key_id.split(':').next().unwrap_or_default();
         let record = json!({"key_id": key_id, "key": value, "used": false});
-        self.write_at(|_, b| {
-            b.put(
-                Table::ClientData,
-                key(&["fallback", user.as_str(), device, algorithm]),
-                record.to_string(),
-            )
-        })
-        .await?;
-        Ok(())
+        self.put_value(
+            key(&["fallback", user.as_str(), device, algorithm]),
+            &record,
+        )
+        .await
     }
 
     /// The fallback key of `algorithm` for a device, marked used (it stays until replaced).
@@ -80,8 +76,7 @@ impl UserData {
         );
         if record["used"] != true {
             record["used"] = true.into();
-            self.write_at(|_, b| b.put(Table::ClientData, k, record.to_string()))
-                .await?;
+            self.put_value(k, &record).await?;
         }
         Ok(Some(found))
     }
@@ -296,37 +291,12 @@ impl UserData {
         usage: &str,
         value: &Value,
     ) -> ApiResult<()> {
-        self.write_at(|_, b| {
-            b.put(
-                Table::ClientData,
-                key(&["xsign", user.as_str(), usage]),
-                value.to_string(),
-            )
-        })
-        .await?;
-        Ok(())
+        self.put_value(key(&["xsign", user.as_str(), usage]), value)
+            .await
     }
 
     pub async fn cross_signing_key(&self, user: &UserId, usage: &str) -> ApiResult<Option<Value>> {
         self.get(&key(&["xsign", user.as_str(), usage])).await
-    }
-
-    /// Replaces one device's stored keys (a signature was added to them).
-    pub async fn replace_device_keys(
-        &self,
-        user: &UserId,
-        device: &str,
-        value: &Value,
-    ) -> ApiResult<()> {
-        self.write_at(|_, b| {
-            b.put(
-                Table::ClientData,
-                key(&["keys", user.as_str(), device]),
-                value.to_string(),
-            )
-        })
-        .await?;
-        Ok(())
     }
 
     /// The newest key-backup version of `user` that is not deleted: (version, record).
@@ -385,15 +355,8 @@ impl UserData {
         version: &str,
         record: &Value,
     ) -> ApiResult<()> {
-        self.write_at(|_, b| {
-            b.put(
-                Table::ClientData,
-                key(&["backup", user.as_str(), version]),
-                record.to_string(),
-            )
-        })
-        .await?;
-        Ok(())
+        self.put_value(key(&["backup", user.as_str(), version]), record)
+            .await
     }
 
     /// Deletes a backup version and every key in it.

@@ -160,9 +160,7 @@ impl ClientApi {
                 .find(|(d, _)| d == device)
                 .map(|(_, k)| k);
             if stored.as_ref() != Some(keys) {
-                self.data
-                    .put_device_keys(&s.user_id, device, keys.clone())
-                    .await?;
+                self.data.put_device_keys(&s.user_id, device, keys).await?;
                 self.devices_changed(&s.user_id).await?;
             }
         }
@@ -650,7 +648,7 @@ impl ClientApi {
                     let mut merged = stored.clone();
                     merged["signatures"][user][&ssk_id] = new_sigs[&ssk_id].clone();
                     self.data
-                        .replace_device_keys(&s.user_id, key_id, &merged)
+                        .put_device_keys(&s.user_id, key_id, &merged)
                         .await?;
                     changed = true;
                 } else if let Some(master) = master.as_ref().filter(|m| {

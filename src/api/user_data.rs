@@ -402,16 +402,21 @@ impl UserData {
         Ok((!content.is_empty()).then_some(Value::Object(content)))
     }
 
-    pub async fn put_device_keys(&self, user: &UserId, device: &str, keys: Value) -> ApiResult<()> {
-        self.write_at(|_, b| {
-            b.put(
-                Table::ClientData,
-                key(&["keys", user.as_str(), device]),
-                keys.to_string(),
-            )
-        })
-        .await?;
+    /// Stores one JSON value at `k`, at the next position.
+    pub(super) async fn put_value(&self, k: Vec<u8>, value: &Value) -> ApiResult<()> {
+        self.write_at(|_, b| b.put(Table::ClientData, k, value.to_string()))
+            .await?;
         Ok(())
+    }
+
+    pub async fn put_device_keys(
+        &self,
+        user: &UserId,
+        device: &str,
+        keys: &Value,
+    ) -> ApiResult<()> {
+        self.put_value(key(&["keys", user.as_str(), device]), keys)
+            .await
     }
 
     pub async fn device_keys(&self, user: &UserId) -> ApiResult<Vec<(String, Value)>> {
