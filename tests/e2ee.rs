@@ -840,3 +840,134 @@ async fn a_device_change_missed_while_apart_is_seen_after_reconnecting() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Whether `user` is in a sync response's (or `/keys/changes` answer's) device-list `field`.
+fn listed(v: &Value, field: &str, user: &str) -> bool {
+    let list = v.get("device_lists").unwrap_or(v);
+    list[field]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|u| u == user)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_and_leaving_drive_device_lists() {
+    let (a, api_a, _b, api_b) = two_peers().await;
+    let mut alice = register(&api_a, "alice", "pw-alice-1").await;
+    let mut bob = register(&api_b, "bob", "pw-bob-1").await;
+    let room = alice
+        .create_room(json!({"preset": "private_chat", "invite": [bob.user_id]}))
+        .await;
+    alice.sync_until("caught up", |_| Some(())).await;
+    let before = alice.since.clone().unwrap();
+    bob.sync_until("the invite", |v| {
+        v["rooms"]["invite"].get(&room).map(|_| ())
+    })
+    .await;
+    let join = format!(
+        "/_matrix/client/v3/join/{}?via={}",
+        enc(&room),
+        a.server_name()
+    );
+    bob.ok("POST", &join, Some(json!({}))).await;
+
+    // Bob joining makes him someone alice's client must track, and alice someone bob's must.
+    let bob_id = bob.user_id.clone();
+    alice
+        .sync_until("bob in changed", |v| {
+            listed(v, "changed", &bob_id).then_some(())
+        })
+        .await;
+    let alice_id = alice.user_id.clone();
+    bob.sync_until("alice in changed", |v| {
+        listed(v, "changed", &alice_id).then_some(())
+    })
+    .await;
+    let joined = alice.since.clone().unwrap();
+    let changes = alice
+        .ok(
+            "GET",
+            &format!("/_matrix/client/v3/keys/changes?from={before}&to={joined}"),
+            None,
+        )
+        .await;
+    assert!(listed(&changes, "changed", &bob_id), "{changes}");
+    assert!(!listed(&changes, "left", &bob_id), "{changes}");
+
+    // Bob leaving their only shared room: alice stops tracking him, and he her.
+    bob.ok(
+        "POST",
+        &format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)),
+        Some(json!({})),
+    )
+    .await;
+    alice
+        .sync_until("bob in left", |v| {
+            assert!(!listed(v, "changed", &bob_id), "{v}");
+            listed(v, "left", &bob_id).then_some(())
+        })
+        .await;
+    bob.sync_until("alice in left", |v| {
+        listed(v, "left", &alice_id).then_some(())
+    })
+    .await;
+    let after = alice.since.clone().unwrap();
+    let changes = alice
+        .ok(
+            "GET",
+            &format!("/_matrix/client/v3/keys/changes?from={joined}&to={after}"),
+            None,
+        )
+        .await;
+    assert!(listed(&changes, "left", &bob_id), "{changes}");
+
+    // A leave from one of two shared rooms changes nothing: they still share the other.
+    let second = alice
+        .create_room(json!({"preset": "private_chat", "invite": [bob.user_id]}))
+        .await;
+    let third = alice
+        .create_room(json!({"preset": "private_chat", "invite": [bob.user_id]}))
+        .await;
+    let mut invited = std::collections::HashSet::new();
+    bob.sync_until("both invites", |v| {
+        for r in [&second, &third] {
+            if v["rooms"]["invite"].get(r).is_some() {
+                invited.insert(r.clone());
+            }
+        }
+        (invited.len() == 2).then_some(())
+    })
+    .await;
+    for r in [&second, &third] {
+        let join = format!("/_matrix/client/v3/join/{}?via={}", enc(r), a.server_name());
+        bob.ok("POST", &join, Some(json!({}))).await;
+    }
+    alice
+        .sync_until("bob joined both", |v| {
+            v["rooms"]["join"][&third]["timeline"]["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e["type"] == "m.room.member" && e["state_key"] == bob_id.as_str())
+                .then_some(())
+        })
+        .await;
+    bob.ok(
+        "POST",
+        &format!("/_matrix/client/v3/rooms/{}/leave", enc(&second)),
+        Some(json!({})),
+    )
+    .await;
+    alice
+        .sync_until("bob's leave of one room", |v| {
+            assert!(!listed(v, "left", &bob_id), "{v}");
+            v["rooms"]["join"][&second]["timeline"]["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e["type"] == "m.room.member" && e["content"]["membership"] == "leave")
+                .then_some(())
+        })
+        .await;
+}

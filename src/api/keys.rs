@@ -15,6 +15,7 @@ use serde_json::{json, Map, Value};
 
 use super::accounts::Session;
 use super::error::{ApiError, ApiResult};
+use super::sync::SyncToken;
 use super::{body_object, ok, ApiRequest, ApiResponse, ClientApi, Instant};
 use crate::identity::ServerName;
 use crate::net::protocol::{FedRequest, FedResponse};
@@ -485,7 +486,7 @@ impl ClientApi {
     }
 
     /// `/keys/changes`: users whose devices changed between two sync tokens, among those who
-    /// share a room with the caller.
+    /// share a room with the caller, and those the caller stopped sharing any room with.
     pub(super) async fn key_changes(
         &self,
         req: &ApiRequest,
@@ -496,28 +497,36 @@ impl ClientApi {
             let t = query
                 .get(name)
                 .ok_or_else(|| ApiError::invalid_param(format!("`{name}` is required")))?;
-            super::sync::client_position(t)
+            SyncToken::parse(t)
         };
         let (from, to) = (token("from")?, token("to")?);
-        let changed = self.changed_devices_for(s, from, to).await?;
-        ok(json!({"changed": changed, "left": []}))
+        let (changed, left) = self.device_list_changes(s, from, to).await?;
+        ok(json!({"changed": changed, "left": left}))
     }
 
-    /// Users whose devices changed at client-data positions `from..to` that `s`'s user should
-    /// hear of: the user themself and anyone sharing a room with them.
-    pub(super) async fn changed_devices_for(
+    /// Device-list news for `s`'s user between two sync tokens: whose devices to fetch again
+    /// (the user themself and anyone sharing a room with them whose devices changed, and anyone
+    /// they newly share a room with) and whom to stop tracking.
+    pub(super) async fn device_list_changes(
         &self,
         s: &Session,
-        from: u64,
-        to: u64,
-    ) -> ApiResult<Vec<OwnedUserId>> {
-        let mut out = Vec::new();
-        for user in self.data.device_changes(from, to).await? {
+        from: SyncToken,
+        to: SyncToken,
+    ) -> ApiResult<(Vec<OwnedUserId>, Vec<OwnedUserId>)> {
+        let (mut changed, left) = self
+            .node
+            .membership_device_changes(&s.user_id, from.events, to.events)
+            .await?;
+        for user in self.data.device_changes(from.client, to.client).await? {
+            if changed.contains(&user) {
+                continue;
+            }
             if user == s.user_id || self.node.users_share_room(&s.user_id, &user).await? {
-                out.push(user);
+                changed.insert(user);
             }
         }
-        Ok(out)
+        let left = left.into_iter().filter(|u| !changed.contains(u)).collect();
+        Ok((changed.into_iter().collect(), left))
     }
 
     /// `/keys/device_signing/upload`: the user's master, self-signing and user-signing keys.

@@ -33,14 +33,14 @@ const UNREAD_SCAN_LIMIT: usize = 100;
 const MAX_HIDDEN_SCAN: usize = 200;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct SyncToken {
-    events: u64,
-    client: u64,
+pub(super) struct SyncToken {
+    pub(super) events: u64,
+    pub(super) client: u64,
     typing: u64,
 }
 
 impl SyncToken {
-    fn parse(s: &str) -> ApiResult<Self> {
+    pub(super) fn parse(s: &str) -> ApiResult<Self> {
         let bad = || ApiError::invalid_param(format!("`{s}` is not a sync token of this server"));
         let rest = s.strip_prefix('s').ok_or_else(bad)?;
         let mut parts = rest.split('_').map(|p| p.parse::<u64>().map_err(|_| bad()));
@@ -58,11 +58,6 @@ impl SyncToken {
     fn render(&self) -> String {
         format!("s{}_{}_{}", self.events, self.client, self.typing)
     }
-}
-
-/// The client-data position of a sync token (for `/keys/changes`).
-pub fn client_position(token: &str) -> ApiResult<u64> {
-    Ok(SyncToken::parse(token)?.client)
 }
 
 /// The event position of a `/messages` or sync token.
@@ -363,28 +358,26 @@ impl ClientApi {
             self.data
                 .unused_fallback_key_types(&s.user_id, s.device_id.as_str()),
         )?;
-        // Device changes of the user and of those sharing a room with them (an initial sync
-        // has none: the client queries every user it tracks).
-        let devices_changed = match since {
-            Some(_) => {
-                self.changed_devices_for(s, from.client, next.client)
-                    .await?
-            }
-            None => Vec::new(),
+        // Device changes of the user and of those sharing a room with them, and who joined or
+        // left (an initial sync has none: the client queries every user it tracks).
+        let (devices_changed, devices_left) = match since {
+            Some(_) => self.device_list_changes(s, from, next).await?,
+            None => Default::default(),
         };
         let empty = join.is_empty()
             && invite.is_empty()
             && leave.is_empty()
             && global_account.is_empty()
             && to_device.is_empty()
-            && devices_changed.is_empty();
+            && devices_changed.is_empty()
+            && devices_left.is_empty();
         let body = json!({
             "next_batch": next.render(),
             "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
             "account_data": {"events": global_account},
             "presence": {"events": []},
             "to_device": {"events": to_device},
-            "device_lists": {"changed": devices_changed, "left": []},
+            "device_lists": {"changed": devices_changed, "left": devices_left},
             "device_one_time_keys_count": otk_counts,
             "device_unused_fallback_key_types": fallback_types,
         });

@@ -234,6 +234,72 @@ impl P2pNode {
         Ok(false)
     }
 
+    /// What membership between event-stream positions `from..to` means for `user`'s device
+    /// lists: the users they now share a room with because someone (they, or the other) joined
+    /// or was invited (`changed`: their devices are to be fetched), and those they no longer
+    /// share any room with (`left`: to stop tracking).
+    pub async fn membership_device_changes(
+        &self,
+        user: &UserId,
+        from: u64,
+        to: u64,
+    ) -> Result<(BTreeSet<OwnedUserId>, BTreeSet<OwnedUserId>), NodeError> {
+        let engine = &self.shared.engine;
+        let window = from..to;
+        let moved =
+            |ev: &crate::engine::pdu::StoredEvent| ev.stream.is_some_and(|p| window.contains(&p));
+        let mut changed = BTreeSet::new();
+        let mut gone = BTreeSet::new();
+        let mut still_shared = HashSet::new();
+        for room in engine.rooms().await? {
+            let Some(state) = engine.current_state_map(&room).await? else {
+                continue;
+            };
+            let ids: Vec<&ruma::OwnedEventId> = state
+                .iter()
+                .filter(|((kind, _), _)| *kind == StateEventType::RoomMember)
+                .map(|(_, id)| id)
+                .collect();
+            let members = engine.events(&ids).await?;
+            let Some(mine) = members
+                .iter()
+                .find(|ev| ev.pdu.state_key.as_deref() == Some(user.as_str()))
+            else {
+                continue;
+            };
+            let i_present = is_present(mine);
+            let i_moved = moved(mine);
+            if !i_present && !i_moved {
+                continue;
+            }
+            for ev in &members {
+                let Some(other) = ev
+                    .pdu
+                    .state_key
+                    .as_deref()
+                    .and_then(|k| OwnedUserId::try_from(k).ok())
+                else {
+                    continue;
+                };
+                if other == user {
+                    continue;
+                }
+                let present = is_present(ev);
+                if i_present && present {
+                    if i_moved || moved(ev) {
+                        changed.insert(other.clone());
+                    }
+                    still_shared.insert(other);
+                } else if (i_present && moved(ev)) || (i_moved && present) {
+                    // They left a room of ours, or we left one of theirs.
+                    gone.insert(other);
+                }
+            }
+        }
+        gone.retain(|u| !still_shared.contains(u));
+        Ok((changed, gone))
+    }
+
     /// Tells every server sharing a room with `user` (of this server) that its devices changed.
     /// Best effort: a server that is away re-queries when its cache entry expires.
     pub fn announce_device_change(&self, user: &UserId, stream_id: u64) {
@@ -283,13 +349,7 @@ async fn present_members(
         .events(&ids)
         .await?
         .into_iter()
-        .filter(|ev| {
-            let content = serde_json::from_str(ev.pdu.content.get()).unwrap_or_default();
-            matches!(
-                Membership::parse(&content),
-                Membership::Join | Membership::Invite
-            )
-        })
+        .filter(|ev| is_present(ev))
         .map(|ev| ev.pdu.event_id.clone())
         .collect();
     Ok(members
@@ -297,4 +357,13 @@ async fn present_members(
         .filter(|(_, id)| present.contains(*id))
         .map(|(user, _)| user)
         .collect())
+}
+
+/// Whether a member event leaves its user joined or invited.
+fn is_present(member: &crate::engine::pdu::StoredEvent) -> bool {
+    let content = serde_json::from_str(member.pdu.content.get()).unwrap_or_default();
+    matches!(
+        Membership::parse(&content),
+        Membership::Join | Membership::Invite
+    )
 }
