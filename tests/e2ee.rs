@@ -530,7 +530,7 @@ async fn oversized_and_unsigned_key_uploads_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_signing_keys_and_signatures() {
     let (a, api_a, _b, api_b) = two_peers().await;
-    let (alice, bob, _room) = alice_and_bob(&a, &api_a, &api_b).await;
+    let (mut alice, bob, _room) = alice_and_bob(&a, &api_a, &api_b).await;
     let user = bob.user_id.clone();
     let device = whoami_device(&bob).await;
     let key = DeviceKey::new(&device);
@@ -588,7 +588,65 @@ async fn cross_signing_keys_and_signatures() {
     let own = query(&bob, &user).await;
     assert_eq!(own["user_signing_keys"][&user], usk);
 
+    // Alice verifies bob: her user-signing key signs his master key. She sees her signature;
+    // bob, and anyone else, does not.
+    let (alice_master_pair, alice_master_pub) = cross_signing_pair();
+    let (alice_usk_pair, alice_usk_pub) = cross_signing_pair();
+    let alice_usk = sign_with(
+        &alice_master_pair,
+        &alice.user_id,
+        cross_signing_key(&alice.user_id, "user_signing", &alice_usk_pub),
+    );
+    alice
+        .ok(
+            "POST",
+            path,
+            Some(json!({
+                "master_key": cross_signing_key(&alice.user_id, "master", &alice_master_pub),
+                "user_signing_key": alice_usk,
+            })),
+        )
+        .await;
+    let sig_path = "/_matrix/client/v3/keys/signatures/upload";
+    let (forger, _) = cross_signing_pair();
+    let forged = sign_with(&forger, &alice.user_id, master.clone());
+    let r = alice
+        .ok(
+            "POST",
+            sig_path,
+            Some(json!({ user.as_str(): { master_pub.as_str(): forged } })),
+        )
+        .await;
+    assert_eq!(
+        r["failures"][&user][&master_pub]["errcode"], "M_INVALID_SIGNATURE",
+        "{r}"
+    );
+    let signed_master = sign_with(&alice_usk_pair, &alice.user_id, master.clone());
+    let r = alice
+        .ok(
+            "POST",
+            sig_path,
+            Some(json!({ user.as_str(): { master_pub.as_str(): signed_master } })),
+        )
+        .await;
+    assert_eq!(r["failures"], json!({}), "{r}");
+    let q = query(&alice, &user).await;
+    let usk_id = format!("ed25519:{alice_usk_pub}");
+    assert_eq!(
+        q["master_keys"][&user]["signatures"][&alice.user_id][&usk_id],
+        signed_master["signatures"][&alice.user_id][&usk_id],
+        "{q}"
+    );
+    let own = query(&bob, &user).await;
+    assert!(
+        own["master_keys"][&user]["signatures"]
+            .get(&alice.user_id)
+            .is_none(),
+        "{own}"
+    );
+
     // Replacing the master key needs bob's password.
+    alice.sync_until("caught up", |_| Some(())).await;
     let (_, other_pub) = cross_signing_pair();
     let new_master = cross_signing_key(&user, "master", &other_pub);
     let (status, challenge) = bob
@@ -606,6 +664,20 @@ async fn cross_signing_keys_and_signatures() {
     .await;
     let own = query(&bob, &user).await;
     assert_eq!(own["master_keys"][&user], new_master);
+    // Alice's signature was of the old key: it is not shown on the new one.
+    let bob_id = user.clone();
+    alice
+        .sync_until("bob's keys changed", |v| {
+            v["device_lists"]["changed"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|u| u == bob_id.as_str())
+                .then_some(())
+        })
+        .await;
+    let q = query(&alice, &user).await;
+    assert_eq!(q["master_keys"][&user], new_master, "{q}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

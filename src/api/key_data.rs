@@ -7,6 +7,8 @@
 //! - `todevin\0<server>` → the last `seq` of to-device messages taken from that server
 //! - `xsign\0<user>\0<usage>` → the user's cross-signing key for `master`, `self_signing`,
 //!   `user_signing`
+//! - `usersig\0<signer>\0<user>` → `{"key", "key_id", "signature"}`: the signer's signature
+//!   (by their user-signing key) of that user's master key `key`, shown to the signer alone
 //! - `backup\0<user>\0<version>` → `{"algorithm", "auth_data", "etag"}`; `backupkey\0<user>\0
 //!   <version>\0<room>\0<session>` → the session's backed-up key; `backupver\0<user>` → the last
 //!   version made
@@ -297,6 +299,21 @@ impl UserData {
 
     pub async fn cross_signing_key(&self, user: &UserId, usage: &str) -> ApiResult<Option<Value>> {
         self.get(&key(&["xsign", user.as_str(), usage])).await
+    }
+
+    pub async fn put_user_signature(
+        &self,
+        signer: &UserId,
+        user: &UserId,
+        record: &Value,
+    ) -> ApiResult<()> {
+        self.put_value(key(&["usersig", signer.as_str(), user.as_str()]), record)
+            .await
+    }
+
+    pub async fn user_signature(&self, signer: &UserId, user: &UserId) -> ApiResult<Option<Value>> {
+        self.get(&key(&["usersig", signer.as_str(), user.as_str()]))
+            .await
     }
 
     /// The newest key-backup version of `user` that is not deleted: (version, record).

@@ -304,7 +304,38 @@ impl ClientApi {
                 }
             }
         }
+        self.add_own_signatures(s, &mut answer).await?;
         ok(Value::Object(answer))
+    }
+
+    /// Adds to the master keys in a query answer the signatures the caller made of them with
+    /// their user-signing key, where the key is still the one they signed.
+    async fn add_own_signatures(
+        &self,
+        s: &Session,
+        answer: &mut Map<String, Value>,
+    ) -> ApiResult<()> {
+        let signer = s.user_id.as_str();
+        for (user, master) in entry(answer, "master_keys").iter_mut() {
+            let Ok(user) = OwnedUserId::try_from(user.as_str()) else {
+                continue;
+            };
+            if user == s.user_id {
+                continue;
+            }
+            let Some(record) = self.data.user_signature(&s.user_id, &user).await? else {
+                continue;
+            };
+            let (Some(key_id), Some(signature)) =
+                (record["key_id"].as_str(), record["signature"].as_str())
+            else {
+                continue;
+            };
+            if without(master, &["signatures", "unsigned"]) == record["key"] {
+                master["signatures"][signer][key_id] = signature.into();
+            }
+        }
+        Ok(())
     }
 
     /// Checked keys of `users` of `server`: from the cache, or asked of the server.
@@ -616,8 +647,47 @@ impl ClientApi {
                 continue;
             };
             if target != user {
-                for key in signed.keys() {
-                    fail(target, key, "signatures of other users' keys are not kept");
+                // Another user's master key, signed by the caller's user-signing key (after
+                // verifying them). Kept for the caller alone: nobody else is shown whom they
+                // verified.
+                let Ok(target_id) = OwnedUserId::try_from(target.as_str()) else {
+                    for key in signed.keys() {
+                        fail(target, key, "not a user id");
+                    }
+                    continue;
+                };
+                let usk = self
+                    .data
+                    .cross_signing_key(&s.user_id, "user_signing")
+                    .await?;
+                for (key_id, object) in signed {
+                    let Some((usk_id, usk_pub)) = usk.as_ref().and_then(cross_signing_public)
+                    else {
+                        fail(target, key_id, "no user-signing key to check it with");
+                        continue;
+                    };
+                    let is_their_master = valid_cross_signing(object, target, "master")
+                        && cross_signing_public(object)
+                            .is_some_and(|(id, _)| id == format!("ed25519:{key_id}"));
+                    if !is_their_master || !signed_by(object, user, &usk_id, &usk_pub) {
+                        fail(
+                            target,
+                            key_id,
+                            "not their master key, or not signed by your user-signing key",
+                        );
+                        continue;
+                    }
+                    let record = json!({
+                        "key": without(object, &["signatures", "unsigned"]),
+                        "key_id": usk_id,
+                        "signature": object["signatures"][user][&usk_id],
+                    });
+                    self.data
+                        .put_user_signature(&s.user_id, &target_id, &record)
+                        .await?;
+                    // The caller's clients fetch the target's keys again and see the signature.
+                    self.data.note_device_change(&target_id).await?;
+                    self.node.changed();
                 }
                 continue;
             }
