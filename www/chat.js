@@ -170,7 +170,12 @@ export class Chat {
     this.setOnline();
     this.followJoinLink();
     this.refreshStatus();
-    // Key backup after the first screen: set up on a first run, restored on a new device.
+    this.protectHistory();
+  }
+
+  /** Key backup after the first screen: set up on a first run, restored on a new device. */
+  protectHistory() {
+    const c = this.client;
     this.history = secureHistory(c).then(
       (done) => {
         document.body.dataset.history = done;
@@ -916,7 +921,9 @@ export class Chat {
   async settings() {
     await openSettings({
       hs: this.hs,
+      client: this.client,
       displayName: this.displayName ?? "",
+      onRecoveryKey: () => this.protectHistory(),
       onRename: async (name) => {
         const done = await attempt("Changing your name", () => this.client.setDisplayName(name));
         if (done !== undefined) this.displayName = name;

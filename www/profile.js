@@ -34,10 +34,26 @@ export function localpartFor(name) {
   return part || "me";
 }
 
-/** Downloads the whole profile (identity, account, rooms, history) as one file. */
-export async function backup(hs, displayName) {
+/** Room keys from an imported file, until the crypto stack has taken them. */
+const ROOM_KEYS_KEY = `hyphae:room-keys:${PROFILE}`;
+
+/** Room keys an imported profile brought, as exported (JSON), if any are waiting. */
+export function importedRoomKeys() {
+  return localStorage.getItem(ROOM_KEYS_KEY);
+}
+
+export function forgetImportedRoomKeys() {
+  localStorage.removeItem(ROOM_KEYS_KEY);
+}
+
+/**
+ * Downloads the whole profile (identity, account, rooms, history) as one file, with the room
+ * keys this device holds: the key backup may not have the newest of them yet.
+ */
+export async function backup(hs, displayName, client) {
   const profile = await hs.exportProfile();
-  const file = JSON.stringify({ hyphae_backup: 1, server_name: hs.serverName, session: loadSession(), profile });
+  const room_keys = (await client?.getCrypto()?.exportRoomKeysAsJson()) ?? null;
+  const file = JSON.stringify({ hyphae_backup: 1, server_name: hs.serverName, session: loadSession(), profile, room_keys });
   const url = URL.createObjectURL(new Blob([file], { type: "application/json" }));
   const day = new Date().toISOString().slice(0, 10);
   const a = h("a", { href: url, download: `hyphae-${localpartFor(displayName || "profile")}-${day}.json` });
@@ -65,6 +81,14 @@ export async function restore(hs, file) {
     await deleteProfile(DB_NAME);
     await importProfile(DB_NAME, saved.profile);
     saveSession(saved.session);
+    if (typeof saved.room_keys === "string") {
+      try {
+        localStorage.setItem(ROOM_KEYS_KEY, saved.room_keys);
+      } catch (err) {
+        // Too many for this browser's local storage: the key backup still restores them.
+        console.warn("the file's room keys are left to the key backup:", err);
+      }
+    }
     location.reload();
   } catch (err) {
     fail("The backup could not be restored", err);

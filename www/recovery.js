@@ -5,7 +5,7 @@
 // restored elsewhere signs in as a new device and restores the backup with that key, so the
 // history from before reads there too.
 import { decodeRecoveryKey } from "matrix-js-sdk/lib/crypto-api/recovery-key.js";
-import { loadSession, saveSession } from "./profile.js";
+import { forgetImportedRoomKeys, importedRoomKeys, loadSession, saveSession } from "./profile.js";
 
 /** The recovery key this profile knows (encoded, as shown to people), if any. */
 export function recoveryKey() {
@@ -22,6 +22,32 @@ export const cryptoCallbacks = {
   },
 };
 
+/**
+ * Takes a recovery key typed in by hand, once it is known to open this account's secret
+ * storage; resolves to whether it did.
+ */
+export async function useRecoveryKey(client, encoded) {
+  let privateKey;
+  try {
+    privateKey = decodeRecoveryKey(encoded.trim());
+  } catch {
+    return false;
+  }
+  const found = await client.secretStorage.getKey();
+  if (!found || !(await client.secretStorage.checkKey(privateKey, found[1]))) return false;
+  saveSession({ ...loadSession(), recovery_key: encoded.trim() });
+  return true;
+}
+
+/** Imports the room keys an imported profile's file brought; resolves to how many. */
+async function importFileKeys(crypto) {
+  const keys = importedRoomKeys();
+  if (!keys) return 0;
+  await crypto.importRoomKeysAsJson(keys);
+  forgetImportedRoomKeys();
+  return JSON.parse(keys).length;
+}
+
 /** A key being created, until it is saved with the session. */
 let pending = null;
 
@@ -32,10 +58,11 @@ let pending = null;
  */
 export async function secureHistory(client) {
   const crypto = client.getCrypto();
+  const fromFile = await importFileKeys(crypto);
   const backup = await crypto.getKeyBackupInfo();
   const key = recoveryKey();
   if (!backup || !key) {
-    if (backup && !key) return "a backup exists but this profile has no recovery key for it";
+    if (backup && !key) return "needs the recovery key";
     pending = await crypto.createRecoveryKeyFromPassphrase();
     // The first upload of cross-signing keys needs no password (there were none before).
     await crypto.bootstrapCrossSigning({ authUploadDeviceSigningKeys: (makeRequest) => makeRequest(null) });
@@ -67,5 +94,6 @@ export async function secureHistory(client) {
   } catch (err) {
     console.warn("this device is not cross-signed:", err);
   }
-  return `restored ${imported} of ${total} keys${trusted}`;
+  const file = fromFile ? `${fromFile} keys from the file, ` : "";
+  return `${file}restored ${imported} of ${total} keys${trusted}`;
 }

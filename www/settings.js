@@ -1,5 +1,5 @@
 // Settings kept in this browser (not in the profile): bootstrap peers and the theme.
-import { recoveryKey } from "./recovery.js";
+import { recoveryKey, useRecoveryKey } from "./recovery.js";
 import { h, dialog, toast, serverNameBox } from "./dom.js";
 import { backup, restore } from "./profile.js";
 
@@ -23,7 +23,7 @@ export function applyTheme(theme = loadSettings().theme) {
 }
 
 /** The settings dialog: server name, display name, bootstrap peers, theme, backup and restore. */
-export function openSettings({ hs, displayName, onRename }) {
+export function openSettings({ hs, client, displayName, onRename, onRecoveryKey }) {
   const settings = loadSettings();
   return dialog((close) => {
     const name = h("input", { type: "text", id: "settings-name", value: displayName, maxlength: 64 });
@@ -39,6 +39,7 @@ export function openSettings({ hs, displayName, onRename }) {
         h("option", { value: t, selected: settings.theme === t }, t[0].toUpperCase() + t.slice(1)),
       ),
     );
+    const enteredKey = h("input.mono", { id: "settings-recovery-entry", type: "text", autocomplete: "off", placeholder: "EsT1 abcd …" });
     const file = h("input", { type: "file", accept: ".json,application/json", class: "hidden" });
     file.addEventListener("change", () => {
       if (file.files[0] && confirm("Restoring replaces everything in this browser's Hyphae profile. Go on?")) {
@@ -56,6 +57,13 @@ export function openSettings({ hs, displayName, onRename }) {
           if (bad) {
             toast(`Not a multiaddr with /p2p/<peer id>: ${bad}`, { error: true });
             return;
+          }
+          if (enteredKey.value.trim()) {
+            if (!(await useRecoveryKey(client, enteredKey.value))) {
+              toast("That is not the recovery key of this account", { error: true });
+              return;
+            }
+            onRecoveryKey();
           }
           const changedPeers = JSON.stringify(lines) !== JSON.stringify(settings.bootstrap ?? []);
           saveSettings({ ...settings, theme: theme.value, bootstrap: lines.length ? lines : null });
@@ -78,7 +86,7 @@ export function openSettings({ hs, displayName, onRename }) {
       h(
         "div.link-box",
         {},
-        h("button", { type: "button", id: "export", onclick: () => backup(hs, displayName) }, "Export profile"),
+        h("button", { type: "button", id: "export", onclick: () => backup(hs, displayName, client) }, "Export profile"),
         h("button", { type: "button", id: "import", onclick: () => file.click() }, "Import profile…"),
         file,
       ),
@@ -87,7 +95,9 @@ export function openSettings({ hs, displayName, onRename }) {
             h("label", { for: "settings-recovery-key" }, "Recovery key for encrypted messages (the export holds it too)"),
             h("input.mono", { id: "settings-recovery-key", type: "text", readonly: true, value: recoveryKey(), onfocus: (e) => e.target.select() }),
           ]
-        : "",
+        : document.body.dataset.history === "needs the recovery key"
+          ? [h("label", { for: "settings-recovery-entry" }, "Your encrypted history is backed up: enter its recovery key to read it here"), enteredKey]
+          : "",
       h(
         "div.actions",
         {},

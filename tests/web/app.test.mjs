@@ -1,7 +1,7 @@
 // The web app end to end: two browser profiles (two peers) and one hyphae-node serving the app.
 // Each step builds on the ones before it.
 
-import { mkdtemp } from "node:fs/promises";
+import { mkdtemp, readFile, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { test } from "node:test";
@@ -35,7 +35,7 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
   });
   const step = steps(t, node, () => profiles);
   const url = node.webUrl;
-  let a, b, aliceId, bobId, link, downloaded;
+  let a, b, aliceId, bobId, link, downloaded, recoveryKey;
 
   await step("both people onboard with a display name only", async () => {
     [a, b] = await Promise.all([open("a"), open("b")]);
@@ -256,7 +256,8 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
       polling: 250,
     });
     await a.page.locator("#settings-button").click();
-    assert.match(await a.page.locator("#settings-recovery-key").inputValue(), /^(\w{4} ){11}\w{4}$/);
+    recoveryKey = await a.page.locator("#settings-recovery-key").inputValue();
+    assert.match(recoveryKey, /^(\w{4} ){11}\w{4}$/);
     const [download] = await Promise.all([a.page.waitForEvent("download"), a.page.locator("#export").click()]);
     // Kept outside the browser profile, which goes away with Alice's browser.
     downloaded = path.join(await mkdtemp(path.join(tmpdir(), "hyphae-backup-")), download.suggestedFilename());
@@ -271,7 +272,14 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     profiles.splice(profiles.indexOf(a), 1);
     const c = await open("c");
     await c.page.goto(url);
-    await c.page.locator("#restore-file").setInputFiles(downloaded);
+    // A file that has lost its recovery key (say, made before there was one): the room keys it
+    // carries read the history, and the app asks for the key to restore the backup.
+    const saved = JSON.parse(await readFile(downloaded, "utf8"));
+    assert.ok(JSON.parse(saved.room_keys).length >= 2, "the export carries the room keys");
+    delete saved.session.recovery_key;
+    const keyless = downloaded.replace(/\.json$/, "-keyless.json");
+    await writeFile(keyless, JSON.stringify(saved));
+    await c.page.locator("#restore-file").setInputFiles(keyless);
     await ready(c.page);
     assert.equal(await c.page.locator(".me .server").textContent(), aliceId);
     await c.page.locator(".room-item", { hasText: "Orchard" }).click();
@@ -285,10 +293,19 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await c.page.locator(".room-item", { hasText: "Seeds" }).click();
     await c.page.locator("#room-encrypted").waitFor();
     await c.page.waitForFunction(() => document.body.dataset.history);
-    const info = await c.page.evaluate(async () => JSON.stringify(await window.hyphaeClient.getCrypto().getKeyBackupInfo()));
-    assert.match(await c.page.evaluate(() => document.body.dataset.history), /^restored [1-9]\d* of \d+ keys, backing up$/, info);
+    assert.equal(await c.page.evaluate(() => document.body.dataset.history), "needs the recovery key");
     await waitForMessage(c.page, "Thanks for the invite");
     await waitForMessage(c.page, "Encrypted on the way");
+    // A wrong key is refused; the right one restores the backup and makes this device trusted.
+    await c.page.locator("#settings-button").click();
+    await c.page.locator("#settings-recovery-entry").fill("EsTC 3Ytv 9bvB MbbF pY7j vAGx Qm1Z NxMj 4DyM Fb2X v1uv 2sPo");
+    await c.page.locator("#settings-recovery-entry").press("Enter");
+    await c.page.locator(".toast", { hasText: "not the recovery key" }).waitFor();
+    await c.page.locator("#settings-recovery-entry").fill(recoveryKey);
+    await c.page.locator("#settings-recovery-entry").press("Enter");
+    await c.page.waitForFunction(() => /^restored/.test(document.body.dataset.history ?? ""));
+    const info = await c.page.evaluate(async () => JSON.stringify(await window.hyphaeClient.getCrypto().getKeyBackupInfo()));
+    assert.match(await c.page.evaluate(() => document.body.dataset.history), /^restored \d+ of [1-9]\d* keys, backing up$/, info);
     await send(c.page, "Encrypted from the restored profile");
     await b.page.locator(".room-item", { hasText: "Seeds" }).click();
     await waitForMessage(b.page, "Encrypted from the restored profile");
