@@ -8,6 +8,7 @@
 pub mod api;
 pub mod engine;
 pub mod identity;
+pub mod media;
 pub mod net;
 pub mod rooms;
 pub mod store;

@@ -299,7 +299,7 @@ async fn malformed_requests_get_matrix_errors_and_change_nothing() {
         ),
         (
             "GET",
-            "/_matrix/media/v3/config".into(),
+            "/_matrix/media/v3/no-such-endpoint".into(),
             Vec::new(),
             404,
             "M_UNRECOGNIZED",

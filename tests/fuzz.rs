@@ -698,6 +698,14 @@ const ROUTES: &[&str] = &[
     "presence/{}/status",
     "voip/turnServer",
     "user_directory/search",
+    "media/download/{}/{}",
+    "media/download/{}/{}/{}",
+    "media/thumbnail/{}/{}",
+    "media/config",
+    "media/preview_url",
+    "upload",
+    "upload/{}/{}",
+    "create",
 ];
 
 fn client_call(room: String, user: String) -> impl Strategy<Value = ClientCall> {

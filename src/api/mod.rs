@@ -13,6 +13,7 @@ mod key_backup;
 mod key_data;
 pub mod keys;
 mod limits;
+pub mod media;
 mod passwords;
 mod rooms;
 #[cfg(not(target_arch = "wasm32"))]
@@ -113,6 +114,8 @@ pub struct ClientApi {
     declined_invites: Mutex<HashMap<(OwnedUserId, OwnedRoomId), u64>>,
     /// Keys of other servers' users, as their servers last answered.
     remote_keys: Mutex<keys::RemoteKeys>,
+    /// Uploaded files.
+    media: crate::media::MediaStore,
     /// Wakes the to-device outbox (messages were queued).
     outbox_wake: std::sync::Arc<tokio::sync::Notify>,
     /// This API itself, for tasks it starts (typing expiry) that must not keep it alive.
@@ -164,7 +167,7 @@ fn ok(body: Value) -> ApiResult<ApiResponse> {
     Ok(json_response(StatusCode::OK, &body))
 }
 
-fn add_cors(resp: &mut ApiResponse) {
+pub(crate) fn add_cors(resp: &mut ApiResponse) {
     let h = resp.headers_mut();
     h.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -297,6 +300,7 @@ impl ClientApi {
         let store = node.engine().store().clone();
         Ok(Self {
             accounts: Accounts::new(store.clone()),
+            media: crate::media::MediaStore::new(store.clone()),
             data: UserData::open(store).await?,
             node,
             registration,
@@ -321,6 +325,14 @@ impl ClientApi {
         // One type on both targets: in the tab there is a single thread and nothing is sent
         // across threads, so Arc's atomics are merely unneeded there.
         let mut api = Self::new(node, registration).await?;
+        let swept = api
+            .media
+            .sweep()
+            .await
+            .map_err(|e| ApiError::unknown(e.to_string()))?;
+        if swept > 0 {
+            tracing::info!(swept, "deleted uploads a stop interrupted");
+        }
         #[allow(clippy::arc_with_non_send_sync)]
         let api = std::sync::Arc::new_cyclic(|me| {
             api.me = me.clone();
@@ -388,6 +400,11 @@ impl ClientApi {
         } else if self.node.is_stopped() {
             let e = ApiError::stopped();
             json_response(e.status, &e.body())
+        } else if let Some(target) = media::upload_target(req.method(), req.uri().path()) {
+            self.upload_whole(req, target).await.unwrap_or_else(|e| {
+                tracing::debug!(errcode = e.errcode, error = %e.message, "upload refused");
+                json_response(e.status, &e.body())
+            })
         } else if req.body().len() > MAX_BODY_BYTES {
             let e = ApiError::too_large(MAX_BODY_BYTES);
             json_response(e.status, &e.body())
@@ -415,6 +432,10 @@ impl ClientApi {
 
     async fn route(&self, req: &ApiRequest, caller: Caller) -> ApiResult<ApiResponse> {
         let Some(segs) = client_path(req.uri().path()) else {
+            if let Some(segs) = media::media_path(req.uri().path()) {
+                let path: Vec<&str> = segs.iter().map(String::as_str).collect();
+                return self.legacy_media_route(req, &path).await;
+            }
             return Err(ApiError::unrecognized(StatusCode::NOT_FOUND));
         };
         // Bodies of writes must be JSON before anything else is looked at.
@@ -440,13 +461,6 @@ impl ClientApi {
                 return self.get_profile(user, Some(field)).await
             }
             (&M::GET, ["directory", "room", alias]) => return self.get_alias(alias).await,
-            (_, ["media" | "media_proxy", ..]) => {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "M_UNRECOGNIZED",
-                    "this server keeps no media store",
-                ))
-            }
             _ => {}
         }
         if matches!(
@@ -464,6 +478,7 @@ impl ClientApi {
         };
         let s = &session;
         let resp = match (&m, path.as_slice()) {
+            (_, ["media", rest @ ..]) => self.media_route(req, s, rest).await,
             (&M::GET, ["account", "whoami"]) => ok(json!({
                 "user_id": s.user_id, "device_id": s.device_id, "is_guest": false
             })),
@@ -612,6 +627,11 @@ impl ClientApi {
                 | ["room_keys", ..]
                 | ["sendToDevice", _, _]
                 | ["presence", _, "status"]
+                | [
+                    "media",
+                    "config" | "preview_url" | "download" | "thumbnail",
+                    ..
+                ]
         )
     }
 

@@ -87,6 +87,17 @@ async fn handle(
     req: axum::extract::Request,
 ) -> axum::response::Response {
     let (parts, body) = req.into_parts();
+    if let Some(target) = super::media::upload_target(&parts.method, parts.uri.path()) {
+        let mut resp = match stream_upload(&api, &parts, target, body).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::debug!(errcode = e.errcode, error = %e.message, "upload refused");
+                super::json_response(e.status, &e.body())
+            }
+        };
+        super::add_cors(&mut resp);
+        return resp.map(axum::body::Body::from);
+    }
     let body = match read_body(body).await {
         Ok(b) => b,
         Err(e) => {
@@ -114,6 +125,48 @@ async fn handle(
         }
     };
     resp.map(axum::body::Body::from)
+}
+
+/// An upload, written to the media store as its body arrives: never the whole file in memory.
+async fn stream_upload(
+    api: &ClientApi,
+    parts: &http::request::Parts,
+    target: super::media::UploadTarget,
+    body: axum::body::Body,
+) -> Result<super::ApiResponse, ApiError> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut upload = match api.begin_upload(parts, target).await {
+        Ok(u) => u,
+        Err(e) => {
+            drain(stream).await;
+            return Err(e);
+        }
+    };
+    while let Some(chunk) = stream.next().await {
+        let written = match chunk {
+            Ok(bytes) => upload.write(&bytes).await,
+            Err(e) => Err(ApiError::bad_json(format!("reading the upload: {e}"))),
+        };
+        if let Err(e) = written {
+            upload.abort().await;
+            drain(stream).await;
+            return Err(e);
+        }
+    }
+    api.finish_upload(upload).await
+}
+
+/// Reads and drops up to [`DRAIN_BYTES`] of a refused body, so the client reads the answer.
+async fn drain(mut stream: axum::body::BodyDataStream) {
+    use futures::StreamExt;
+    let mut seen = 0usize;
+    while let Some(Ok(chunk)) = stream.next().await {
+        seen = seen.saturating_add(chunk.len());
+        if seen > DRAIN_BYTES {
+            break;
+        }
+    }
 }
 
 /// How much of an oversized body is still read (and dropped) before answering `M_TOO_LARGE`:

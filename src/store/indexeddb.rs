@@ -22,7 +22,7 @@ use super::{
 
 /// Bumped whenever the set of object stores changes; independent of the data schema version
 /// (which lives in the `meta` table and is migrated by [`super::schema`]).
-const IDB_LAYOUT_VERSION: u32 = 3;
+const IDB_LAYOUT_VERSION: u32 = 4;
 
 fn backend<E: std::fmt::Debug>(e: E) -> StoreError {
     StoreError::Backend(format!("{e:?}"))

@@ -41,10 +41,12 @@ pub enum Table {
     /// Client-API per-user data: account data, filters, transaction ids, receipts, aliases,
     /// device keys, to-device messages.
     ClientData,
+    /// Uploaded files, in chunks, with what is known of each (see [`crate::media`]).
+    Media,
 }
 
 impl Table {
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::Meta,
         Table::Events,
         Table::Timeline,
@@ -54,6 +56,7 @@ impl Table {
         Table::Relations,
         Table::Accounts,
         Table::ClientData,
+        Table::Media,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +70,7 @@ impl Table {
             Table::Relations => "relations",
             Table::Accounts => "accounts",
             Table::ClientData => "client_data",
+            Table::Media => "media",
         }
     }
 

@@ -1,0 +1,484 @@
+//! The media repository of one profile: uploaded files in the store's `media` table, in chunks,
+//! so no file has to be one value or wholly in memory.
+//!
+//! - `info\0<media id>` → [`MediaInfo`] (JSON): what a download needs before the first byte
+//! - `chunk\0<media id>\0<index, u32 big-endian>` → up to [`CHUNK_BYTES`] of the file
+//! - `partial\0<media id>` → a file being written; chunks of ids named here but without `info`
+//!   are what a crash left, and are deleted when the store opens ([`MediaStore::sweep`])
+//! - `pending\0<media id>` → `{"uploader", "expires_ms"}`: an id handed out by `/create`, until
+//!   its content is uploaded
+//! - `used` → the bytes of every complete file (u64 big-endian), for the quota
+//!
+//! A file becomes visible in one write: its `info`, its last chunk and the new `used` total
+//! together. Until then nothing serves it, and a failed upload deletes what it wrote.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Direction, KeyRange, SharedStore, StoreError, Table, WriteBatch};
+
+/// Bytes per stored chunk: big enough that a 100 MB file is 400 writes, small enough that a
+/// read holds little.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+/// The largest file one upload may be (`m.upload.size`).
+pub const MAX_UPLOAD_BYTES: u64 = 100 * 1024 * 1024;
+/// Bytes of complete files a profile may hold.
+pub const QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// Ids handed out by `/create` that are not uploaded yet, per user, and how long each lasts.
+pub const MAX_PENDING_PER_USER: usize = 16;
+pub const PENDING_MS: u64 = 24 * 60 * 60 * 1000;
+/// Length of a media id (letters and digits).
+const ID_LEN: usize = 24;
+
+const USED_KEY: &[u8] = b"used";
+
+/// What is known of a stored file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaInfo {
+    pub content_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_name: Option<String>,
+    pub size: u64,
+    pub uploader: String,
+    pub created_ms: u64,
+}
+
+impl MediaInfo {
+    pub fn chunks(&self) -> u32 {
+        u32::try_from(self.size.div_ceil(CHUNK_BYTES as u64)).unwrap_or(u32::MAX)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("the file is larger than {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("the media store is full ({used} of {quota} bytes used)")]
+    QuotaFull { used: u64, quota: u64 },
+    #[error("the upload ended after {got} of the {expected} bytes it announced")]
+    Truncated { got: u64, expected: u64 },
+    #[error("the upload sent more than the {expected} bytes it announced")]
+    Overlong { expected: u64 },
+    #[error("this media id already has content, or another upload is writing it")]
+    Taken,
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("stored media is damaged: {0}")]
+    Corrupt(String),
+}
+
+/// Whether `id` can be a media id of this server: 1–255 characters of `[A-Za-z0-9_-]`, so it
+/// never carries a path or a separator.
+pub fn valid_media_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 255
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A new media id.
+pub fn new_media_id() -> String {
+    use rand::Rng;
+    rand::thread_rng()
+        .sample_iter(&rand::distributions::Alphanumeric)
+        .take(ID_LEN)
+        .map(char::from)
+        .collect()
+}
+
+fn key(parts: &[&[u8]]) -> Vec<u8> {
+    parts.join(&0u8)
+}
+
+fn info_key(id: &str) -> Vec<u8> {
+    key(&[b"info", id.as_bytes()])
+}
+
+fn partial_key(id: &str) -> Vec<u8> {
+    key(&[b"partial", id.as_bytes()])
+}
+
+fn pending_key(id: &str) -> Vec<u8> {
+    key(&[b"pending", id.as_bytes()])
+}
+
+fn chunk_prefix(id: &str) -> Vec<u8> {
+    let mut k = key(&[b"chunk", id.as_bytes()]);
+    k.push(0);
+    k
+}
+
+fn chunk_key(id: &str, index: u32) -> Vec<u8> {
+    let mut k = chunk_prefix(id);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn corrupt(e: impl fmt::Display) -> MediaError {
+    MediaError::Corrupt(e.to_string())
+}
+
+/// The media table of one store.
+#[derive(Clone)]
+pub struct MediaStore {
+    store: SharedStore,
+    /// Held while the quota total is read and written.
+    used_lock: std::sync::Arc<futures::lock::Mutex<()>>,
+    /// Ids some upload is writing right now: a second upload to one waits for nobody, it is
+    /// refused.
+    writing: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl MediaStore {
+    pub fn new(store: SharedStore) -> Self {
+        Self {
+            store,
+            used_lock: Default::default(),
+            writing: Default::default(),
+        }
+    }
+
+    /// Deletes what uploads interrupted by a crash left behind.
+    pub async fn sweep(&self) -> Result<usize, MediaError> {
+        let partial = self
+            .store
+            .scan(
+                Table::Media,
+                KeyRange::prefix(b"partial\0"),
+                Direction::Forward,
+                usize::MAX,
+            )
+            .await?;
+        for (k, _) in &partial {
+            let id = String::from_utf8_lossy(&k[b"partial\0".len()..]).into_owned();
+            self.delete_chunks(&id, Some(&partial_key(&id))).await?;
+        }
+        Ok(partial.len())
+    }
+
+    pub async fn info(&self, id: &str) -> Result<Option<MediaInfo>, MediaError> {
+        if !valid_media_id(id) {
+            return Ok(None);
+        }
+        match self.store.get(Table::Media, &info_key(id)).await? {
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(corrupt),
+            None => Ok(None),
+        }
+    }
+
+    /// Chunk `index` of a complete file.
+    pub async fn chunk(&self, id: &str, index: u32) -> Result<Vec<u8>, MediaError> {
+        self.store
+            .get(Table::Media, &chunk_key(id, index))
+            .await?
+            .ok_or_else(|| corrupt(format!("{id} has no chunk {index}")))
+    }
+
+    /// Bytes of complete files held.
+    pub async fn used(&self) -> Result<u64, MediaError> {
+        Ok(match self.store.get(Table::Media, USED_KEY).await? {
+            Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(corrupt)?),
+            None => 0,
+        })
+    }
+
+    /// Hands out an id for an upload to come (`/create`). At most [`MAX_PENDING_PER_USER`] wait
+    /// per user; expired ones are dropped first.
+    pub async fn reserve(&self, uploader: &str, now_ms: u64) -> Result<Option<String>, MediaError> {
+        let pending = self.pending_entries().await?;
+        let mut batch = WriteBatch::new();
+        let mut mine = 0;
+        for (id, record) in &pending {
+            if record.expires_ms <= now_ms {
+                batch.delete(Table::Media, pending_key(id));
+            } else if record.uploader == uploader {
+                mine += 1;
+            }
+        }
+        if mine >= MAX_PENDING_PER_USER {
+            self.store.write(batch).await?;
+            return Ok(None);
+        }
+        let id = new_media_id();
+        let record = Pending {
+            uploader: uploader.to_owned(),
+            expires_ms: now_ms + PENDING_MS,
+        };
+        batch.put(
+            Table::Media,
+            pending_key(&id),
+            serde_json::to_vec(&record).expect("pending record serialises"),
+        );
+        self.store.write(batch).await?;
+        Ok(Some(id))
+    }
+
+    /// Who reserved `id` and until when, if it still waits for its content.
+    pub async fn pending(&self, id: &str) -> Result<Option<Pending>, MediaError> {
+        if !valid_media_id(id) {
+            return Ok(None);
+        }
+        match self.store.get(Table::Media, &pending_key(id)).await? {
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(corrupt),
+            None => Ok(None),
+        }
+    }
+
+    async fn pending_entries(&self) -> Result<Vec<(String, Pending)>, MediaError> {
+        let entries = self
+            .store
+            .scan(
+                Table::Media,
+                KeyRange::prefix(b"pending\0"),
+                Direction::Forward,
+                usize::MAX,
+            )
+            .await?;
+        entries
+            .into_iter()
+            .map(|(k, v)| {
+                let id = String::from_utf8_lossy(&k[b"pending\0".len()..]).into_owned();
+                Ok((id, serde_json::from_slice(&v).map_err(corrupt)?))
+            })
+            .collect()
+    }
+
+    /// Starts writing file `id` of `expected` bytes (if announced). Refuses a file over the
+    /// upload limit or the quota before anything is stored, and an id another upload is
+    /// writing or that already has content.
+    pub async fn writer(
+        &self,
+        id: String,
+        expected: Option<u64>,
+    ) -> Result<MediaWriter, MediaError> {
+        if let Some(n) = expected {
+            self.check_room(n).await?;
+        }
+        if !self.writing.lock().expect("media lock").insert(id.clone()) {
+            return Err(MediaError::Taken);
+        }
+        let claim = Claim {
+            writing: self.writing.clone(),
+            id: id.clone(),
+        };
+        if self.info(&id).await?.is_some() {
+            return Err(MediaError::Taken);
+        }
+        Ok(MediaWriter {
+            _claim: claim,
+            media: self.clone(),
+            id,
+            expected,
+            buf: Vec::with_capacity(CHUNK_BYTES),
+            written: 0,
+            chunks: 0,
+            started: false,
+        })
+    }
+
+    async fn check_room(&self, size: u64) -> Result<(), MediaError> {
+        if size > MAX_UPLOAD_BYTES {
+            return Err(MediaError::TooLarge {
+                limit: MAX_UPLOAD_BYTES,
+            });
+        }
+        let used = self.used().await?;
+        if used.saturating_add(size) > QUOTA_BYTES {
+            return Err(MediaError::QuotaFull {
+                used,
+                quota: QUOTA_BYTES,
+            });
+        }
+        Ok(())
+    }
+
+    /// Deletes the chunks of `id`, and `also` in the same last write.
+    async fn delete_chunks(&self, id: &str, also: Option<&[u8]>) -> Result<(), MediaError> {
+        let prefix = chunk_prefix(id);
+        loop {
+            // Keys only matter here, but the store reads values too: a few at a time.
+            let chunks = self
+                .store
+                .scan(
+                    Table::Media,
+                    KeyRange::prefix(&prefix),
+                    Direction::Forward,
+                    16,
+                )
+                .await?;
+            let last = chunks.len() < 16;
+            let mut batch = WriteBatch::new();
+            for (k, _) in chunks {
+                batch.delete(Table::Media, k);
+            }
+            if last {
+                if let Some(k) = also {
+                    batch.delete(Table::Media, k.to_vec());
+                }
+            }
+            if !batch.is_empty() {
+                self.store.write(batch).await?;
+            }
+            if last {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// An id being written, released when its writer goes.
+struct Claim {
+    writing: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.writing.lock().expect("media lock").remove(&self.id);
+    }
+}
+
+/// An id reserved by `/create`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pending {
+    pub uploader: String,
+    pub expires_ms: u64,
+}
+
+/// A file being written, chunk by chunk. Nothing of it is served until [`MediaWriter::finish`];
+/// dropping it unfinished leaves chunks that [`MediaWriter::abort`] (or the next
+/// [`MediaStore::sweep`]) deletes.
+pub struct MediaWriter {
+    _claim: Claim,
+    media: MediaStore,
+    id: String,
+    expected: Option<u64>,
+    buf: Vec<u8>,
+    written: u64,
+    chunks: u32,
+    started: bool,
+}
+
+impl MediaWriter {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Takes the next bytes of the file.
+    pub async fn write(&mut self, mut bytes: &[u8]) -> Result<(), MediaError> {
+        let total = self.written + self.buf.len() as u64 + bytes.len() as u64;
+        match self.expected {
+            Some(expected) if total > expected => return Err(MediaError::Overlong { expected }),
+            None if total > MAX_UPLOAD_BYTES => {
+                return Err(MediaError::TooLarge {
+                    limit: MAX_UPLOAD_BYTES,
+                })
+            }
+            _ => {}
+        }
+        while !bytes.is_empty() {
+            let take = (CHUNK_BYTES - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.buf.len() == CHUNK_BYTES && !bytes.is_empty() {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the full chunk in the buffer (the last one waits for `finish`).
+    async fn flush(&mut self) -> Result<(), MediaError> {
+        let mut batch = WriteBatch::new();
+        if !self.started {
+            // Named before its first chunk, so a crash from here on is swept.
+            batch.put(Table::Media, partial_key(&self.id), Vec::new());
+            self.started = true;
+        }
+        batch.put(
+            Table::Media,
+            chunk_key(&self.id, self.chunks),
+            std::mem::take(&mut self.buf),
+        );
+        self.media.store.write(batch).await?;
+        self.buf.reserve(CHUNK_BYTES);
+        self.written += CHUNK_BYTES as u64;
+        self.chunks += 1;
+        Ok(())
+    }
+
+    /// Makes the file visible, with its last chunk, in one write: its info, the new quota
+    /// total, and the `/create` reservation (if any) gone. On an error nothing is visible and
+    /// the chunks written are deleted.
+    pub async fn finish(
+        mut self,
+        content_type: String,
+        file_name: Option<String>,
+        uploader: &str,
+        now_ms: u64,
+    ) -> Result<MediaInfo, MediaError> {
+        let size = self.written + self.buf.len() as u64;
+        if let Some(expected) = self.expected.filter(|e| size < *e) {
+            self.abort().await;
+            return Err(MediaError::Truncated {
+                got: size,
+                expected,
+            });
+        }
+        let info = MediaInfo {
+            content_type,
+            file_name,
+            size,
+            uploader: uploader.to_owned(),
+            created_ms: now_ms,
+        };
+        let media = self.media.clone();
+        let result = async {
+            let _used = media.used_lock.lock().await;
+            media.check_room(size).await?;
+            let used = media.used().await?;
+            let mut batch = WriteBatch::new();
+            if !self.buf.is_empty() {
+                batch.put(
+                    Table::Media,
+                    chunk_key(&self.id, self.chunks),
+                    std::mem::take(&mut self.buf),
+                );
+            }
+            batch.put(
+                Table::Media,
+                info_key(&self.id),
+                serde_json::to_vec(&info).expect("media info serialises"),
+            );
+            batch.put(Table::Media, USED_KEY, (used + size).to_be_bytes().to_vec());
+            batch.delete(Table::Media, partial_key(&self.id));
+            batch.delete(Table::Media, pending_key(&self.id));
+            media.store.write(batch).await?;
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(info),
+            Err(e) => {
+                self.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Deletes what was written (best effort: what is left is swept at the next start).
+    pub async fn abort(self) {
+        if !self.started {
+            return;
+        }
+        if let Err(e) = self
+            .media
+            .delete_chunks(&self.id, Some(&partial_key(&self.id)))
+            .await
+        {
+            tracing::warn!(media = %self.id, error = %e, "an aborted upload's chunks stay until the next start");
+        }
+    }
+}
