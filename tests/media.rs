@@ -438,3 +438,194 @@ async fn bad_uploads_are_refused_and_leave_nothing() {
     }
     assert_eq!(media_keys(&store).await, before);
 }
+
+/// Alice (on `api_a`) and bob (on `api_b`) joined to a private room of alice's.
+async fn alice_and_bob<'a>(
+    a: &hyphae::rooms::P2pNode,
+    api_a: &'a InProcess,
+    api_b: &'a InProcess,
+) -> (Client<'a, InProcess>, Client<'a, InProcess>, String) {
+    let alice = register(api_a, "alice", "pw-alice-1").await;
+    let mut bob = register(api_b, "bob", "pw-bob-1").await;
+    let room = alice
+        .create_room(json!({"preset": "private_chat", "invite": [bob.user_id]}))
+        .await;
+    bob.sync_until("the invite", |v| {
+        v["rooms"]["invite"].get(&room).map(|_| ())
+    })
+    .await;
+    let join = format!(
+        "/_matrix/client/v3/join/{}?via={}",
+        common::client::enc(&room),
+        a.server_name()
+    );
+    bob.ok("POST", &join, Some(json!({}))).await;
+    (alice, bob, room)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_reaches_the_servers_of_its_room_and_no_others() {
+    let (a, api_a) = peer(None).await;
+    let (b, api_b) = peer(Some(&a)).await;
+    let (c, api_c) = peer(Some(&a)).await;
+    assert!(
+        b.wait_for_peers(1, std::time::Duration::from_secs(10))
+            .await
+    );
+    assert!(
+        c.wait_for_peers(1, std::time::Duration::from_secs(10))
+            .await
+    );
+    let (alice, bob, room) = alice_and_bob(&a, &api_a, &api_b).await;
+    let carol = register(&api_c, "carol", "pw-carol-1").await;
+
+    let big = file_of(20 * 1024 * 1024 + 777);
+    let big_mxc = upload(&alice, "application/zip", "big.zip", big.clone()).await;
+    let picture = png(1200, 900);
+    let png_mxc = upload(&alice, "image/png", "view.png", picture.clone()).await;
+    let secret = upload(
+        &alice,
+        "text/plain",
+        "secret.txt",
+        b"not named anywhere".to_vec(),
+    )
+    .await;
+    // Before any event names them, nobody elsewhere may have them.
+    let (status, _, body) = download(&bob, &png_mxc).await;
+    assert_eq!((status, errcode(&body)), (404, "M_NOT_FOUND".to_owned()));
+    for (i, (mxc, kind)) in [(&big_mxc, "m.file"), (&png_mxc, "m.image")]
+        .into_iter()
+        .enumerate()
+    {
+        alice
+            .ok(
+                "PUT",
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/m{i}",
+                    common::client::enc(&room)
+                ),
+                Some(json!({"msgtype": kind, "body": "look", "url": mxc})),
+            )
+            .await;
+    }
+
+    let (status, _, body) = download(&bob, &big_mxc).await;
+    assert_eq!(
+        status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&body[..body.len().min(300)])
+    );
+    assert!(body == big, "the 20 MB file came back different");
+    let (status, headers, body) = download(&bob, &png_mxc).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, picture);
+    assert_eq!(headers["content-type"], "image/png");
+    let rest = png_mxc.strip_prefix("mxc://").unwrap();
+    let (status, _, body) = send_bytes(
+        &api_b,
+        "GET",
+        &format!("/_matrix/client/v1/media/thumbnail/{rest}?width=300&height=300&method=scale"),
+        &bob.token,
+        &[],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let thumb = image::load_from_memory(&body).unwrap();
+    assert_eq!((thumb.width(), thumb.height()), (300, 225));
+    // Media no event names stays with its server, for bob too.
+    let (status, _, body) = download(&bob, &secret).await;
+    assert_eq!((status, errcode(&body)), (404, "M_NOT_FOUND".to_owned()));
+
+    // Carol's server has no member in the room: it is told there is no such file.
+    let (status, _, body) = download(&carol, &png_mxc).await;
+    assert_eq!((status, errcode(&body)), (404, "M_NOT_FOUND".to_owned()));
+    // Nor does a bare peer asking directly learn anything.
+    let outsider =
+        common::outsider::Outsider::dial(a.listen_addrs().await[0].clone(), a.peer_id(), vec![])
+            .await;
+    let id = png_mxc.rsplit('/').next().unwrap().to_owned();
+    match outsider
+        .ask(hyphae::net::protocol::FedRequest::GetMedia {
+            media_id: id,
+            offset: 0,
+        })
+        .await
+    {
+        Ok(hyphae::net::protocol::FedResponse::Error { code, .. }) => {
+            assert_eq!(code, hyphae::net::protocol::FedErrorCode::NotFound)
+        }
+        other => panic!("an outsider got {other:?}"),
+    }
+    drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_lies_about_its_media_leaves_nothing_here() {
+    use hyphae::net::protocol::{FedRequest, FedResponse};
+    let (b, api_b) = peer(None).await;
+    let bob = register(&api_b, "bob", "pw-bob-1").await;
+    let store = b.engine().store().clone();
+    let before = media_keys(&store).await;
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let liar = hyphae::identity::ServerName::from_peer_id(&key.public().to_peer_id())
+        .unwrap()
+        .to_string();
+    let real = b"the real bytes".to_vec();
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&real))
+    };
+    let answer: common::outsider::Answer = std::sync::Arc::new(move |req: &FedRequest| {
+        let FedRequest::GetMedia { media_id, .. } = req else {
+            return FedResponse::Ok;
+        };
+        let mut bytes = real.clone();
+        let mut size = real.len() as u64;
+        let mut sha256 = digest.clone();
+        match media_id.as_str() {
+            // More bytes than the size it announces.
+            "overlong" => bytes.extend_from_slice(b" and more"),
+            // Fewer.
+            "short" => size += 100,
+            // The right length, other bytes.
+            "tampered" => bytes[0] ^= 1,
+            // A size over the upload limit.
+            "huge" => size = 1 << 40,
+            // Not even a media answer.
+            "other" => return FedResponse::Ok,
+            _ => sha256 = "00".repeat(32),
+        }
+        FedResponse::Media {
+            content_type: "text/plain".into(),
+            size,
+            sha256,
+            bytes,
+        }
+    });
+    let _liar = common::outsider::Outsider::dial_as(
+        key,
+        b.listen_addrs().await[0].clone(),
+        b.peer_id(),
+        vec![],
+        answer,
+    )
+    .await;
+    for (id, status) in [
+        ("overlong", 502),
+        ("short", 502),
+        ("tampered", 502),
+        ("huge", 413),
+        ("other", 502),
+        ("baddigest", 502),
+    ] {
+        let (got, _, body) = download(&bob, &format!("mxc://{liar}/{id}")).await;
+        assert_eq!(got, status, "{id}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            media_keys(&store).await,
+            before,
+            "{id} left something stored"
+        );
+    }
+}

@@ -17,6 +17,11 @@ use super::{now_ms, ok, url_query, ApiRequest, ApiResponse, ClientApi};
 use crate::media::{
     valid_media_id, MediaError, MediaInfo, MediaWriter, CHUNK_BYTES, MAX_UPLOAD_BYTES, PENDING_MS,
 };
+use crate::net::rt::Duration;
+use crate::rooms::media::FetchError;
+
+/// How long a download waits for another server to send a file.
+const REMOTE_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Content types a browser may show in place (the spec's list); anything else downloads as an
 /// attachment, so an uploaded page or script never runs on this origin.
@@ -115,7 +120,7 @@ fn media_error(e: MediaError) -> ApiError {
         MediaError::TooLarge { .. } | MediaError::QuotaFull { .. } => {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", e.to_string())
         }
-        MediaError::Truncated { .. } | MediaError::Overlong { .. } => {
+        MediaError::Truncated { .. } | MediaError::Overlong { .. } | MediaError::Mismatch => {
             ApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", e.to_string())
         }
         MediaError::Taken => ApiError::new(
@@ -241,7 +246,7 @@ impl ClientApi {
             reserved,
         } = upload;
         let info = writer
-            .finish(content_type, file_name, &uploader, now_ms())
+            .finish(content_type, file_name, &uploader, now_ms(), None)
             .await
             .map_err(media_error)?;
         tracing::debug!(%mxc, size = info.size, "media stored");
@@ -307,7 +312,8 @@ impl ClientApi {
         ok(json!({}))
     }
 
-    /// What a download of `server`/`id` serves, if this server has it.
+    /// Where the file `mxc://<server>/<id>` is kept here, and what it is: this server's own,
+    /// or another's, fetched from its server the first time a user here asks.
     pub(super) async fn media_to_serve(
         &self,
         server: &str,
@@ -317,9 +323,7 @@ impl ClientApi {
             return Err(ApiError::not_found("no such media"));
         }
         if server != self.node.server_name().to_string() {
-            return Err(ApiError::not_found(
-                "media of other servers is not fetched yet",
-            ));
+            return self.remote_media(server, id).await;
         }
         match self.media.info(id).await.map_err(media_error)? {
             Some(info) => Ok((id.to_owned(), info)),
@@ -334,21 +338,92 @@ impl ClientApi {
         }
     }
 
-    /// `GET /_matrix/client/v1/media/download/{server}/{id}[/{file name}]`, the whole file in
-    /// one response body (`hyphae-node` streams it instead: [`super::server`]).
+    async fn remote_media(&self, server: &str, id: &str) -> ApiResult<(String, MediaInfo)> {
+        let Ok(origin) = server.parse::<crate::identity::ServerName>() else {
+            return Err(ApiError::not_found("no such media"));
+        };
+        let key = crate::media::remote_key(server, id);
+        // One fetch per file at a time; whoever waited finds it kept.
+        let _fetching = self.txns.lock(format!("media-fetch\0{key}")).await;
+        if let Some(info) = self.media.info(&key).await.map_err(media_error)? {
+            return Ok((key, info));
+        }
+        let mut writer = self
+            .media
+            .writer(key.clone(), None)
+            .await
+            .map_err(media_error)?;
+        let fetched = crate::net::rt::timeout(
+            REMOTE_FETCH_TIMEOUT,
+            self.node.fetch_media(&origin, id, &mut writer),
+        )
+        .await;
+        let (content_type, _, sha256) = match fetched {
+            Some(Ok(done)) => done,
+            Some(Err(e)) => {
+                writer.abort().await;
+                tracing::info!(%server, media_id = id, error = %e, "remote media not fetched");
+                return Err(match e {
+                    FetchError::Refused(_) => ApiError::not_found("no such media"),
+                    FetchError::Media(e @ MediaError::TooLarge { .. }) => media_error(e),
+                    other => ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "M_UNKNOWN",
+                        format!("fetching the media: {other}"),
+                    ),
+                });
+            }
+            None => {
+                writer.abort().await;
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "M_UNKNOWN",
+                    "the media's server did not send it in time",
+                ));
+            }
+        };
+        let info = writer
+            .finish(content_type, None, server, now_ms(), Some(&sha256))
+            .await
+            .map_err(|e| {
+                tracing::warn!(%server, media_id = id, error = %e, "remote media refused");
+                match e {
+                    MediaError::Mismatch => ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "M_UNKNOWN",
+                        "the media's server sent bytes that do not match its digest",
+                    ),
+                    e => media_error(e),
+                }
+            })?;
+        Ok((key, info))
+    }
+
+    /// `GET /_matrix/client/v1/media/download/{server}/{id}[/{file name}]`.
     pub(super) async fn download(
         &self,
         server: &str,
         id: &str,
         file_name: Option<&str>,
     ) -> ApiResult<ApiResponse> {
-        let (id, info) = self.media_to_serve(server, id).await?;
+        let (key, info) = self.media_to_serve(server, id).await?;
+        self.serve_kept(&key, &info, file_name).await
+    }
+
+    /// The whole file kept under `key` in one response body (`hyphae-node` streams it
+    /// instead: [`super::server`]).
+    pub(super) async fn serve_kept(
+        &self,
+        key: &str,
+        info: &MediaInfo,
+        file_name: Option<&str>,
+    ) -> ApiResult<ApiResponse> {
         let mut body = Vec::with_capacity(usize::try_from(info.size).unwrap_or(0));
         for index in 0..info.chunks() {
-            body.extend(self.media.chunk(&id, index).await.map_err(media_error)?);
+            body.extend(self.media.chunk(key, index).await.map_err(media_error)?);
         }
         let mut resp = http::Response::new(body);
-        media_headers(&mut resp, &info, file_name);
+        media_headers(&mut resp, info, file_name);
         Ok(resp)
     }
 
@@ -551,9 +626,15 @@ mod thumbnails {
             match api.media.writer(thumb_id.clone(), None).await {
                 Ok(mut w) => {
                     w.write(&bytes).await.map_err(media_error)?;
-                    w.finish(content_type.to_owned(), None, &info.uploader, now_ms())
-                        .await
-                        .map_err(media_error)?;
+                    w.finish(
+                        content_type.to_owned(),
+                        None,
+                        &info.uploader,
+                        now_ms(),
+                        None,
+                    )
+                    .await
+                    .map_err(media_error)?;
                 }
                 // Another request is making the same thumbnail: serve this one uncached.
                 Err(MediaError::Taken) => {
@@ -564,6 +645,7 @@ mod thumbnails {
                         size: 0,
                         uploader: info.uploader.clone(),
                         created_ms: now_ms(),
+                        sha256: String::new(),
                     };
                     media_headers(&mut resp, &thumb, None);
                     return Ok(resp);
@@ -571,8 +653,13 @@ mod thumbnails {
                 Err(e) => return Err(media_error(e)),
             }
         }
-        api.download(&api.node.server_name().to_string(), &thumb_id, None)
+        let thumb = api
+            .media
+            .info(&thumb_id)
             .await
+            .map_err(media_error)?
+            .ok_or_else(|| ApiError::unknown("the thumbnail went missing"))?;
+        api.serve_kept(&thumb_id, &thumb, None).await
     }
 
     /// Decodes a picture and scales it down to fit `width`×`height` (or to fill it, cropping
@@ -658,7 +745,6 @@ mod thumbnails {
                 "the picture is too large to serve as a thumbnail",
             ));
         }
-        api.download(&api.node.server_name().to_string(), id, None)
-            .await
+        api.serve_kept(id, info, None).await
     }
 }

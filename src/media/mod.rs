@@ -8,6 +8,12 @@
 //! - `pending\0<media id>` → `{"uploader", "expires_ms"}`: an id handed out by `/create`, until
 //!   its content is uploaded
 //! - `used` → the bytes of every complete file (u64 big-endian), for the quota
+//! - `ref\0<media id>\0<room id>` → a room where an event of this server's users names
+//!   `mxc://<this server>/<media id>`: servers that may read that room may fetch the file
+//!
+//! Files of other servers, fetched for this server's users, are kept under `<server>~<id>`
+//! (`~` is not a media id character, so nobody can upload to or ask for such a key as an id of
+//! this server).
 //!
 //! A file becomes visible in one write: its `info`, its last chunk and the new `used` total
 //! together. Until then nothing serves it, and a failed upload deletes what it wrote.
@@ -42,6 +48,9 @@ pub struct MediaInfo {
     pub size: u64,
     pub uploader: String,
     pub created_ms: u64,
+    /// SHA-256 of the content, hex.
+    #[serde(default)]
+    pub sha256: String,
 }
 
 impl MediaInfo {
@@ -60,6 +69,8 @@ pub enum MediaError {
     Truncated { got: u64, expected: u64 },
     #[error("the upload sent more than the {expected} bytes it announced")]
     Overlong { expected: u64 },
+    #[error("the content does not match the digest its server announced")]
+    Mismatch,
     #[error("this media id already has content, or another upload is writing it")]
     Taken,
     #[error("{0}")]
@@ -76,6 +87,33 @@ pub fn valid_media_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Where a file of another server is kept here.
+pub fn remote_key(server: &str, id: &str) -> String {
+    format!("{server}~{id}")
+}
+
+/// The `mxc://<server>/<id>` ids of `server` that a piece of event content names (at most 16).
+pub fn media_ids_in(content: &serde_json::Value, server: &str) -> Vec<String> {
+    let prefix = format!("mxc://{server}/");
+    let mut out = Vec::new();
+    let mut stack = vec![content];
+    while let Some(v) = stack.pop() {
+        match v {
+            serde_json::Value::String(s) => {
+                if let Some(id) = s.strip_prefix(&prefix) {
+                    if valid_media_id(id) && !out.iter().any(|o| o == id) && out.len() < 16 {
+                        out.push(id.to_owned());
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => stack.extend(a),
+            serde_json::Value::Object(o) => stack.extend(o.values()),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// A new media id.
@@ -158,10 +196,9 @@ impl MediaStore {
         Ok(partial.len())
     }
 
+    /// What is known of the file kept under `id` (a media id of this server, or a
+    /// [`remote_key`]).
     pub async fn info(&self, id: &str) -> Result<Option<MediaInfo>, MediaError> {
-        if !valid_media_id(id) {
-            return Ok(None);
-        }
         match self.store.get(Table::Media, &info_key(id)).await? {
             Some(v) => serde_json::from_slice(&v).map(Some).map_err(corrupt),
             None => Ok(None),
@@ -174,6 +211,66 @@ impl MediaStore {
             .get(Table::Media, &chunk_key(id, index))
             .await?
             .ok_or_else(|| corrupt(format!("{id} has no chunk {index}")))
+    }
+
+    /// Up to `len` bytes of a complete file from `offset` (fewer at its end).
+    pub async fn read(
+        &self,
+        id: &str,
+        info: &MediaInfo,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, MediaError> {
+        let end = info.size.min(offset.saturating_add(len as u64));
+        let mut out = Vec::with_capacity(usize::try_from(end.saturating_sub(offset)).unwrap_or(0));
+        let mut pos = offset;
+        while pos < end {
+            let index = u32::try_from(pos / CHUNK_BYTES as u64).map_err(corrupt)?;
+            let chunk = self.chunk(id, index).await?;
+            let start = (pos % CHUNK_BYTES as u64) as usize;
+            let take = (chunk.len().saturating_sub(start)).min((end - pos) as usize);
+            if take == 0 {
+                return Err(corrupt(format!("{id} is shorter than its size")));
+            }
+            out.extend_from_slice(&chunk[start..start + take]);
+            pos += take as u64;
+        }
+        Ok(out)
+    }
+
+    /// Notes that an event in `room` names this server's media `ids`.
+    pub async fn add_refs(&self, ids: &[String], room: &str) -> Result<(), MediaError> {
+        let mut batch = WriteBatch::new();
+        for id in ids {
+            batch.put(
+                Table::Media,
+                key(&[b"ref", id.as_bytes(), room.as_bytes()]),
+                Vec::new(),
+            );
+        }
+        if !batch.is_empty() {
+            self.store.write(batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Rooms where events name this server's media `id` (at most `limit`).
+    pub async fn refs(&self, id: &str, limit: usize) -> Result<Vec<String>, MediaError> {
+        let mut prefix = key(&[b"ref", id.as_bytes()]);
+        prefix.push(0);
+        let entries = self
+            .store
+            .scan(
+                Table::Media,
+                KeyRange::prefix(&prefix),
+                Direction::Forward,
+                limit,
+            )
+            .await?;
+        Ok(entries
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .collect())
     }
 
     /// Bytes of complete files held.
@@ -275,6 +372,7 @@ impl MediaStore {
             written: 0,
             chunks: 0,
             started: false,
+            digest: sha2::Sha256::default(),
         })
     }
 
@@ -359,6 +457,7 @@ pub struct MediaWriter {
     written: u64,
     chunks: u32,
     started: bool,
+    digest: sha2::Sha256,
 }
 
 impl MediaWriter {
@@ -378,6 +477,7 @@ impl MediaWriter {
             }
             _ => {}
         }
+        sha2::Digest::update(&mut self.digest, bytes);
         while !bytes.is_empty() {
             let take = (CHUNK_BYTES - self.buf.len()).min(bytes.len());
             self.buf.extend_from_slice(&bytes[..take]);
@@ -412,12 +512,14 @@ impl MediaWriter {
     /// Makes the file visible, with its last chunk, in one write: its info, the new quota
     /// total, and the `/create` reservation (if any) gone. On an error nothing is visible and
     /// the chunks written are deleted.
+    /// `expected_sha256` (hex), when given, must be the content's digest.
     pub async fn finish(
         mut self,
         content_type: String,
         file_name: Option<String>,
         uploader: &str,
         now_ms: u64,
+        expected_sha256: Option<&str>,
     ) -> Result<MediaInfo, MediaError> {
         let size = self.written + self.buf.len() as u64;
         if let Some(expected) = self.expected.filter(|e| size < *e) {
@@ -427,12 +529,18 @@ impl MediaWriter {
                 expected,
             });
         }
+        let sha256 = hex::encode(sha2::Digest::finalize(std::mem::take(&mut self.digest)));
+        if expected_sha256.is_some_and(|e| !e.eq_ignore_ascii_case(&sha256)) {
+            self.abort().await;
+            return Err(MediaError::Mismatch);
+        }
         let info = MediaInfo {
             content_type,
             file_name,
             size,
             uploader: uploader.to_owned(),
             created_ms: now_ms,
+            sha256,
         };
         let media = self.media.clone();
         let result = async {

@@ -92,7 +92,13 @@ pub enum FedRequest {
         user_id: OwnedUserId,
         stream_id: u64,
     },
+    /// Bytes of `mxc://<answering server>/<media_id>` from `offset`: at most
+    /// [`MEDIA_PART_BYTES`], for a server that may read a room where the media is named.
+    GetMedia { media_id: String, offset: u64 },
 }
+
+/// Most bytes of a file one `Media` answer carries.
+pub const MEDIA_PART_BYTES: usize = 1 << 20;
 
 /// Most bytes of one `ToDevice` request's messages.
 pub const MAX_TO_DEVICE_BYTES: usize = 128 << 10;
@@ -127,6 +133,9 @@ impl FedRequest {
                 Err("PDU over the size limit".into())
             }
             FedRequest::Edu { edu } if edu.len() > MAX_EDU_BYTES => Err("EDU too large".into()),
+            FedRequest::GetMedia { media_id, .. } if !crate::media::valid_media_id(media_id) => {
+                Err("not a media id".into())
+            }
             FedRequest::QueryKeys { user_ids } if user_ids.len() > MAX_IDS_PER_REQUEST => {
                 Err(format!("at most {MAX_IDS_PER_REQUEST} users per query"))
             }
@@ -184,6 +193,15 @@ pub enum FedResponse {
     /// (`device_keys`, `master_keys`, `self_signing_keys`; or `one_time_keys`).
     Keys {
         json: String,
+    },
+    /// Part of a file (`GetMedia`): what the whole is, and the bytes from the asked offset.
+    Media {
+        content_type: String,
+        size: u64,
+        /// SHA-256 of the whole file, hex.
+        sha256: String,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
     },
     Ok,
     Error {

@@ -108,6 +108,9 @@ impl P2pNode {
                 | FedRequest::DeviceListChanged { .. }) => {
                     self.answer_devices(&asker, request).await?
                 }
+                FedRequest::GetMedia { media_id, offset } => {
+                    self.answer_get_media(&asker, &media_id, offset).await?
+                }
                 // Pushes are queued for ingest by `take_request`, never answered here.
                 FedRequest::Push { .. } => {
                     FedResponse::error(FedErrorCode::BadRequest, "a push is not a pull")

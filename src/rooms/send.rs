@@ -53,6 +53,9 @@ impl P2pNode {
         also_write: Option<crate::engine::AlsoWrite>,
     ) -> Result<Received, NodeError> {
         let (reply, rx) = oneshot::channel();
+        // Noted before the event is stored: once anyone can see the event, the servers that
+        // may see it can fetch what it names.
+        self.note_media_refs(room_id, &content).await;
         let event = LocalEvent {
             room_id: room_id.to_owned(),
             sender: self.user(localpart),
