@@ -538,6 +538,64 @@ async fn media_reaches_the_servers_of_its_room_and_no_others() {
     let (status, _, body) = download(&bob, &secret).await;
     assert_eq!((status, errcode(&body)), (404, "M_NOT_FOUND".to_owned()));
 
+    // Alice's avatar and name reach bob through her member events, and her avatar with them.
+    let avatar = png(64, 64);
+    let avatar_mxc = upload(&alice, "image/png", "me.png", avatar.clone()).await;
+    let profile = format!("/_matrix/client/v3/profile/{}", alice.user_id);
+    alice
+        .ok(
+            "PUT",
+            &format!("{profile}/avatar_url"),
+            Some(json!({"avatar_url": avatar_mxc})),
+        )
+        .await;
+    alice
+        .ok(
+            "PUT",
+            &format!("{profile}/displayname"),
+            Some(json!({"displayname": "Alice Liddell"})),
+        )
+        .await;
+    // Shown once her new member event has reached bob's server.
+    let renamed = b
+        .wait_until(std::time::Duration::from_secs(20), || {
+            let (bob, profile) = (&bob, &profile);
+            async move { bob.ok("GET", profile, None).await["displayname"] == "Alice Liddell" }
+        })
+        .await;
+    assert!(renamed, "bob never saw alice's new name");
+    let seen = bob.ok("GET", &profile, None).await;
+    assert_eq!(
+        seen,
+        json!({"displayname": "Alice Liddell", "avatar_url": avatar_mxc})
+    );
+    let (status, _, body) = download(&bob, &avatar_mxc).await;
+    assert_eq!((status, body == avatar), (200, true));
+    let found = bob
+        .ok(
+            "POST",
+            "/_matrix/client/v3/user_directory/search",
+            Some(json!({"search_term": "alice lid"})),
+        )
+        .await;
+    assert_eq!(
+        found["results"][0]["user_id"],
+        alice.user_id.as_str(),
+        "{found}"
+    );
+    assert_eq!(found["results"][0]["display_name"], "Alice Liddell");
+    // Carol shares no room with alice: no profile, no directory entry.
+    let (status, _) = carol.call("GET", &profile, None).await;
+    assert_eq!(status, 404);
+    let found = carol
+        .ok(
+            "POST",
+            "/_matrix/client/v3/user_directory/search",
+            Some(json!({"search_term": "alice"})),
+        )
+        .await;
+    assert_eq!(found["results"], json!([]));
+
     // Carol's server has no member in the room: it is told there is no such file.
     let (status, _, body) = download(&carol, &png_mxc).await;
     assert_eq!((status, errcode(&body)), (404, "M_NOT_FOUND".to_owned()));

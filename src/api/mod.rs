@@ -7,6 +7,7 @@
 //! body); errors are Matrix error JSON (`api::error`).
 
 pub mod accounts;
+mod directory;
 pub mod error;
 pub mod events;
 mod key_backup;
@@ -456,9 +457,9 @@ impl ClientApi {
             (&M::POST, ["login"]) => return self.login(req).await,
             (&M::POST, ["register"]) => return self.register(req, caller).await,
             (&M::GET, ["register", "available"]) => return self.username_available(req).await,
-            (&M::GET, ["profile", user]) => return self.get_profile(user, None).await,
+            (&M::GET, ["profile", user]) => return self.get_profile(req, user, None).await,
             (&M::GET, ["profile", user, field]) => {
-                return self.get_profile(user, Some(field)).await
+                return self.get_profile(req, user, Some(field)).await
             }
             (&M::GET, ["directory", "room", alias]) => return self.get_alias(alias).await,
             _ => {}
@@ -479,6 +480,7 @@ impl ClientApi {
         let s = &session;
         let resp = match (&m, path.as_slice()) {
             (_, ["media", rest @ ..]) => self.media_route(req, s, rest).await,
+            (&M::POST, ["user_directory", "search"]) => self.search_users(req, s).await,
             (&M::GET, ["account", "whoami"]) => ok(json!({
                 "user_id": s.user_id, "device_id": s.device_id, "is_guest": false
             })),

@@ -571,25 +571,34 @@ impl ClientApi {
         Ok(content)
     }
 
+    /// A user's profile: this server's users' to anyone (as Matrix servers serve them);
+    /// another peer's users' to a signed-in user who shares a room with them.
     pub(super) async fn get_profile(
         &self,
+        req: &ApiRequest,
         user: &str,
         field: Option<&str>,
     ) -> ApiResult<ApiResponse> {
         let user = ruma::OwnedUserId::try_from(user)
             .map_err(|e| ApiError::invalid_param(format!("bad user id: {e}")))?;
-        let record = self
-            .accounts
-            .user(&user)
-            .await?
-            .ok_or_else(|| ApiError::not_found("no such user here"))?;
-        let mut profile = serde_json::Map::new();
-        if let Some(d) = record.displayname {
-            profile.insert("displayname".into(), d.into());
-        }
-        if let Some(a) = record.avatar_url {
-            profile.insert("avatar_url".into(), a.into());
-        }
+        let profile = if user.server_name().as_str() == self.node.server_name().to_string() {
+            let record = self
+                .accounts
+                .user(&user)
+                .await?
+                .ok_or_else(|| ApiError::not_found("no such user here"))?;
+            let mut profile = serde_json::Map::new();
+            if let Some(d) = record.displayname {
+                profile.insert("displayname".into(), d.into());
+            }
+            if let Some(a) = record.avatar_url {
+                profile.insert("avatar_url".into(), a.into());
+            }
+            profile
+        } else {
+            let s = self.session(req).await?;
+            self.remote_profile(&s, &user).await?
+        };
         match field {
             None => ok(Value::Object(profile)),
             Some(f) => match profile.get(f) {

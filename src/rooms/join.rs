@@ -56,6 +56,8 @@ impl P2pNode {
         }
         let mut content = serde_json::Value::Object(profile);
         content["membership"] = json!("join");
+        // The avatar the join names may be fetched by the room's servers.
+        self.note_media_refs(room_id, &content).await;
         let rules = rules_for(&template.room_version).ok_or_else(|| {
             IngestError::UnsupportedRoomVersion(template.room_version.to_string())
         })?;

@@ -21,6 +21,17 @@ impl P2pNode {
             .engine
             .create_room(&self.shared.identity, &self.user(localpart), opts, now())
             .await?;
+        // Avatars its first events name (the creator's, the room's) may be fetched by the
+        // room's servers.
+        for ev in self
+            .shared
+            .engine
+            .events(&ids.iter().collect::<Vec<_>>())
+            .await?
+        {
+            let content = serde_json::from_str(ev.pdu.content.get()).unwrap_or_default();
+            self.note_media_refs(&room_id, &content).await;
+        }
         self.push_events(&room_id, &ids).await;
         for invitee in &opts.invite {
             self.deliver_invite(&room_id, invitee).await?;
