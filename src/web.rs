@@ -147,6 +147,9 @@ impl Hyphae {
     pub fn fetch(&self, input: JsValue, init: JsValue) -> Promise {
         let node = self.node.clone();
         future_to_promise(async move {
+            if let Some(resp) = blob_upload(&node.api, &input, &init).await? {
+                return from_api_response(resp).map(JsValue::from);
+            }
             let req = to_api_request(&input, &init).await?;
             let resp = if node.stopped.get() {
                 let e = ApiError::unknown("this tab no longer runs the homeserver");
@@ -393,6 +396,52 @@ async fn to_api_request(input: &JsValue, init: &JsValue) -> Result<ApiRequest, J
         Vec::new()
     };
     builder.body(body).map_err(js_err)
+}
+
+/// An upload whose body is a `Blob` (a picked or dropped file): read and stored a slice at a
+/// time, so the file is never whole in the module's memory. `None` for any other request.
+async fn blob_upload(
+    api: &ClientApi,
+    input: &JsValue,
+    init: &JsValue,
+) -> Result<Option<crate::api::ApiResponse>, JsValue> {
+    let body = if init.is_object() {
+        get(init, "body")
+    } else {
+        return Ok(None);
+    };
+    let Some(blob) = body.dyn_ref::<web_sys::Blob>() else {
+        return Ok(None);
+    };
+    let head_init = js_sys::Object::assign(&js_sys::Object::new(), init.unchecked_ref());
+    js_sys::Reflect::delete_property(&head_init, &"body".into())?;
+    let head = to_api_request(input, &head_init).await?;
+    let Some(target) = crate::api::media::upload_target(head.method(), head.uri().path()) else {
+        return Ok(None);
+    };
+    let (mut parts, _) = head.into_parts();
+    parts.headers.insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(blob.size() as u64),
+    );
+    let refused = |e: ApiError| crate::api::json_response(e.status, &e.body());
+    let mut upload = match api.begin_upload(&parts, target).await {
+        Ok(u) => u,
+        Err(e) => return Ok(Some(refused(e))),
+    };
+    let size = blob.size();
+    let mut offset = 0.0;
+    while offset < size {
+        let end = (offset + crate::media::CHUNK_BYTES as f64 * 4.0).min(size);
+        let slice = blob.slice_with_f64_and_f64(offset, end)?;
+        let buffer = wasm_bindgen_futures::JsFuture::from(slice.array_buffer()).await?;
+        if let Err(e) = upload.write(&js_sys::Uint8Array::new(&buffer).to_vec()).await {
+            upload.abort().await;
+            return Ok(Some(refused(e)));
+        }
+        offset = end;
+    }
+    Ok(Some(api.finish_upload(upload).await.unwrap_or_else(refused)))
 }
 
 fn from_api_response(resp: crate::api::ApiResponse) -> Result<web_sys::Response, JsValue> {

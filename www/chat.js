@@ -13,6 +13,7 @@ import {
 import { h, attempt, avatar, colourFor, copy, dialog, describe, short, timeOf, toast } from "./dom.js";
 import { openSettings } from "./settings.js";
 import { secureHistory } from "./recovery.js";
+import { attachment, openPicture, sendFile, upload, useFetch, withPicture } from "./media.js";
 import { isVerified, listenForRequests, verifyUser } from "./verify.js";
 
 const QUICK_REACTIONS = ["👍", "❤️", "😄", "🎉"];
@@ -81,6 +82,7 @@ export class Chat {
   constructor({ root, hs, client, session }) {
     this.root = root;
     this.hs = hs;
+    useFetch(hs.fetch.bind(hs));
     this.client = client;
     this.me = session.user_id;
     this.roomId = null;
@@ -151,7 +153,10 @@ export class Chat {
     // encryption (matrix-js-sdk's Rust crypto, its own wasm module in a chunk of its own) loads
     // now, not with the page, and keeps its keys in IndexedDB.
     const profile = c.getProfileInfo(this.me).then(
-      (p) => (this.displayName = p.displayname),
+      (p) => {
+        this.displayName = p.displayname;
+        this.avatarUrl = p.avatar_url;
+      },
       () => {},
     );
     await startCrypto(c);
@@ -171,6 +176,11 @@ export class Chat {
     this.followJoinLink();
     this.refreshStatus();
     this.protectHistory();
+    // Files and history are worth keeping: ask once that the browser not evict them.
+    if (!localStorage.getItem("hyphae:persist-asked")) {
+      localStorage.setItem("hyphae:persist-asked", "1");
+      navigator.storage?.persist?.().catch(() => {});
+    }
   }
 
   /** Key backup after the first screen: set up on a first run, restored on a new device. */
@@ -270,7 +280,7 @@ export class Chat {
   renderMe() {
     const name = this.displayName || this.me;
     this.els.me.replaceChildren(
-      avatar(name, this.me),
+      withPicture(this.client, avatar(name, this.me), this.avatarUrl),
       h(
         "div.who",
         {},
@@ -340,7 +350,7 @@ export class Chat {
         h(
           "button.room-item" + (room.roomId === this.roomId ? ".active" : ""),
           { onclick: () => this.openRoom(room.roomId), dataset: { roomId: room.roomId }, title: room.name },
-          avatar(room.name, room.roomId),
+          withPicture(this.client, avatar(room.name, room.roomId), room.getMxcAvatarUrl()),
           h(
             "div.body",
             {},
@@ -404,14 +414,49 @@ export class Chat {
     this.composer = h("textarea", { id: "composer", rows: 1, placeholder: `Message ${room.name}`, "aria-label": "Message" });
     this.composer.addEventListener("keydown", (e) => this.onComposerKey(e, room));
     this.composer.addEventListener("input", () => this.onComposerInput(room));
-    this.els.room.replaceChildren(this.header, this.timelineEl, this.typingEl, h("div.composer", {}, this.contextEl, this.composer));
+    // Files come by the button, dropped on the room, or pasted into the composer.
+    this.composer.addEventListener("paste", (e) => {
+      const files = [...(e.clipboardData?.files ?? [])];
+      if (files.length) {
+        e.preventDefault();
+        this.sendFiles(room, files);
+      }
+    });
+    const picker = h("input", { type: "file", multiple: true, class: "hidden", id: "attach-input" });
+    picker.addEventListener("change", () => {
+      this.sendFiles(room, [...picker.files]);
+      picker.value = "";
+    });
+    this.els.room.ondragover = (e) => {
+      if (e.dataTransfer?.types.includes("Files")) {
+        e.preventDefault();
+        this.els.room.classList.add("dropping");
+      }
+    };
+    this.els.room.ondragleave = () => this.els.room.classList.remove("dropping");
+    this.els.room.ondrop = (e) => {
+      this.els.room.classList.remove("dropping");
+      const files = [...(e.dataTransfer?.files ?? [])];
+      if (files.length) {
+        e.preventDefault();
+        this.sendFiles(room, files);
+      }
+    };
+    this.uploadsEl = h("div.uploads", { id: "uploads" });
+    const attach = h("button.icon.attach", { type: "button", id: "attach", "aria-label": "Attach files", title: "Attach files", onclick: () => picker.click() }, "📎");
+    this.els.room.replaceChildren(
+      this.header,
+      this.timelineEl,
+      this.typingEl,
+      h("div.composer", {}, this.uploadsEl, this.contextEl, h("div.compose-row", {}, attach, this.composer, picker)),
+    );
   }
 
   renderHeader(room) {
     const topic = room.currentState.getStateEvents("m.room.topic", "")?.getContent().topic;
     this.header.replaceChildren(
       h("button.icon.back", { onclick: () => this.els.shell.classList.remove("in-room"), "aria-label": "Back to rooms" }, "←"),
-      avatar(room.name, room.roomId),
+      withPicture(this.client, avatar(room.name, room.roomId), room.getMxcAvatarUrl()),
       h(
         "div.titles",
         {},
@@ -562,7 +607,9 @@ export class Chat {
       );
     }
     if (ev.isRedacted()) body.append(h("div.text.deleted", {}, "Message deleted"));
-    else {
+    else if (content.msgtype === "m.image" || content.msgtype === "m.file") {
+      body.append(attachment(this.client, content, { onOpen: (url) => openPicture(url, content.body) }));
+    } else {
       body.append(h("div.text", {}, stripReplyFallback(content.body ?? "")));
       if (edit) body.append(h("span.edited", {}, "(edited)"));
     }
@@ -588,12 +635,31 @@ export class Chat {
     const row = h(
       "div.msg" + (cont ? ".cont" : ""),
       { dataset: { eventId: ev.getId() ?? "", sender: ev.getSender() } },
-      avatar(sender, ev.getSender()),
+      withPicture(this.client, avatar(sender, ev.getSender()), room.getMember(ev.getSender())?.getMxcAvatarUrl()),
       h("div.main", {}, meta, body),
       ev.isRedacted() ? "" : this.actions(room, ev, mine),
       seenBy.length ? h("div.seen", {}, `Seen by ${seenBy.join(", ")}`) : "",
     );
     return row;
+  }
+
+  /** Uploads and sends files one after another, each with a progress bar until it is sent. */
+  async sendFiles(room, files) {
+    for (const file of files) {
+      const bar = h("progress", { max: 1, value: 0 });
+      const row = h("div.upload", {}, h("span", {}, file.name), bar);
+      this.uploadsEl.append(row);
+      try {
+        await sendFile(this.client, room, file, (fraction) => {
+          if (fraction === null) bar.removeAttribute("value");
+          else bar.value = fraction;
+        });
+      } catch (err) {
+        toast(`${file.name} was not sent: ${describe(err)}`, { error: true });
+      } finally {
+        row.remove();
+      }
+    }
   }
 
   /** Where one of my messages is: sending, kept here, or on at least one other peer. */
@@ -844,7 +910,7 @@ export class Chat {
         "div.member",
         { title: m.userId, dataset: { user: m.userId } },
         h("span.dot" + (online.has(serverOf(m.userId)) ? ".on" : ""), { title: online.has(serverOf(m.userId)) ? "Peer connected" : "Peer not connected" }),
-        avatar(m.name, m.userId, true),
+        withPicture(this.client, avatar(m.name, m.userId, true), m.getMxcAvatarUrl()),
         h("span.who", {}, m.userId === this.me ? `${m.name} (you)` : m.name),
       );
       if (encrypted && m.userId !== this.me && m.membership === "join") {
@@ -924,6 +990,17 @@ export class Chat {
       client: this.client,
       displayName: this.displayName ?? "",
       onRecoveryKey: () => this.protectHistory(),
+      onAvatar: async (file) => {
+        const done = await attempt("Setting your picture", async () => {
+          const content_uri = await upload(this.client, file, { name: file.name, type: file.type });
+          await this.client.setAvatarUrl(content_uri);
+          return content_uri;
+        });
+        if (done !== undefined) {
+          this.avatarUrl = done;
+          this.renderMe();
+        }
+      },
       onRename: async (name) => {
         const done = await attempt("Changing your name", () => this.client.setDisplayName(name));
         if (done !== undefined) this.displayName = name;

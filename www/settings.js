@@ -2,6 +2,7 @@
 import { recoveryKey, useRecoveryKey } from "./recovery.js";
 import { h, dialog, toast, serverNameBox } from "./dom.js";
 import { backup, restore } from "./profile.js";
+import { sizeOf } from "./media.js";
 
 const KEY = "hyphae:settings";
 
@@ -23,7 +24,7 @@ export function applyTheme(theme = loadSettings().theme) {
 }
 
 /** The settings dialog: server name, display name, bootstrap peers, theme, backup and restore. */
-export function openSettings({ hs, client, displayName, onRename, onRecoveryKey }) {
+export function openSettings({ hs, client, displayName, onRename, onRecoveryKey, onAvatar }) {
   const settings = loadSettings();
   return dialog((close) => {
     const name = h("input", { type: "text", id: "settings-name", value: displayName, maxlength: 64 });
@@ -40,6 +41,12 @@ export function openSettings({ hs, client, displayName, onRename, onRecoveryKey 
       ),
     );
     const enteredKey = h("input.mono", { id: "settings-recovery-entry", type: "text", autocomplete: "off", placeholder: "EsT1 abcd …" });
+    const picture = h("input", { type: "file", accept: "image/png,image/jpeg,image/gif,image/webp", class: "hidden", id: "settings-avatar-input" });
+    picture.addEventListener("change", () => picture.files[0] && onAvatar(picture.files[0]));
+    const storage = h("span.muted", { id: "settings-storage" });
+    navigator.storage?.estimate?.().then(({ usage, quota }) => {
+      storage.textContent = `This browser keeps ${sizeOf(usage)} for Hyphae here, of ${sizeOf(quota)} it allows`;
+    });
     const file = h("input", { type: "file", accept: ".json,application/json", class: "hidden" });
     file.addEventListener("change", () => {
       if (file.files[0] && confirm("Restoring replaces everything in this browser's Hyphae profile. Go on?")) {
@@ -78,10 +85,14 @@ export function openSettings({ hs, client, displayName, onRename, onRecoveryKey 
       serverNameBox(hs.serverName),
       h("label", { for: "settings-name" }, "Display name"),
       name,
+      h("label", {}, "Picture"),
+      h("div.link-box", {}, h("button", { type: "button", id: "settings-avatar", onclick: () => picture.click() }, "Choose a picture…"), picture),
       h("label", { for: "settings-bootstrap" }, "Bootstrap peers (one multiaddr per line)"),
       peers,
       h("label", { for: "settings-theme" }, "Theme"),
       theme,
+      h("label", {}, "Storage"),
+      storage,
       h("label", {}, "Backup"),
       h(
         "div.link-box",

@@ -128,6 +128,12 @@ fn media_error(e: MediaError) -> ApiError {
             "M_CANNOT_OVERWRITE_MEDIA",
             e.to_string(),
         ),
+        // The browser's storage for this site is full.
+        MediaError::Store(ref s) if s.to_string().contains("QuotaExceeded") => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "M_TOO_LARGE",
+            "this browser's storage for the site is full: free some space or delete old files",
+        ),
         MediaError::Store(_) | MediaError::Corrupt(_) => ApiError::unknown(e.to_string()),
     }
 }

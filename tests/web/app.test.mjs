@@ -2,6 +2,7 @@
 // Each step builds on the ones before it.
 
 import { mkdtemp, readFile, writeFile } from "node:fs/promises";
+import { deflateSync } from "node:zlib";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { test } from "node:test";
@@ -120,6 +121,32 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
       assert.equal(await p.locator(".msg .text", { hasText: "forged by Bob" }).count(), 0);
       await waitForMessage(p, "Hi Bob, the tomatoes are in");
     }
+  });
+
+  await step("pictures, files and avatars reach the other screen", async () => {
+    // A picture: Bob sees its thumbnail, made by Alice's homeserver in her tab, and opens it.
+    await a.page.locator("#attach-input").setInputFiles({ name: "seedlings.png", mimeType: "image/png", buffer: png(160, 120) });
+    const thumb = b.page.locator(".msg img.thumb[alt='seedlings.png']");
+    await thumb.waitFor();
+    await b.page.waitForFunction(() => document.querySelector(".msg img.thumb[alt='seedlings.png']")?.naturalWidth === 160);
+    await thumb.click();
+    await b.page.waitForFunction(() => document.querySelector("#lightbox img")?.naturalHeight === 120);
+    await b.page.keyboard.press("Escape");
+    // A file: a row with its name and size that downloads it whole.
+    const notes = "Sow thinly.\n".repeat(1000);
+    await a.page.locator("#attach-input").setInputFiles({ name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from(notes) });
+    const row = b.page.locator(".msg .file", { hasText: "notes.txt" });
+    await row.locator(".file-size", { hasText: "12 KB" }).waitFor();
+    const [download] = await Promise.all([b.page.waitForEvent("download"), row.click()]);
+    assert.equal(download.suggestedFilename(), "notes.txt");
+    assert.equal(await readFile(await download.path(), "utf8"), notes);
+    // Alice picks a picture in Settings: it is next to her messages on Bob's screen.
+    await a.page.locator("#settings-button").click();
+    await a.page.locator("#settings-avatar-input").setInputFiles({ name: "me.png", mimeType: "image/png", buffer: png(64, 64) });
+    await a.page.locator(".me .avatar.picture").waitFor();
+    await a.page.keyboard.press("Escape");
+    await send(a.page, "That is me now");
+    await b.page.locator(".msg", { hasText: "That is me now" }).locator(".avatar.picture").waitFor();
   });
 
   await step("Alice invites Bob to a private room by user ID; Bob accepts", async () => {
@@ -282,6 +309,8 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await c.page.locator("#restore-file").setInputFiles(keyless);
     await ready(c.page);
     assert.equal(await c.page.locator(".me .server").textContent(), aliceId);
+    // Her picture is media in her profile: it came along in the file.
+    await c.page.locator(".me .avatar.picture").waitFor();
     await c.page.locator(".room-item", { hasText: "Orchard" }).click();
     await waitForMessage(c.page, "Sent from the new tab");
     await waitForMessage(c.page, "while you were away 50");
@@ -328,3 +357,38 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await waitForMessage(b.page, "Restored in a new browser");
   });
 });
+
+/** A `w`×`h` PNG (a colour gradient), made here so the test carries no binary files. */
+function png(w, h) {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  const crc = (buf) => {
+    let c = 0xffffffff;
+    for (const b of buf) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8);
+    return (c ^ 0xffffffff) >>> 0;
+  };
+  const chunk = (type, data) => {
+    const head = Buffer.alloc(4);
+    head.writeUInt32BE(data.length);
+    const body = Buffer.concat([Buffer.from(type), data]);
+    const tail = Buffer.alloc(4);
+    tail.writeUInt32BE(crc(body));
+    return Buffer.concat([head, body, tail]);
+  };
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(w, 0);
+  ihdr.writeUInt32BE(h, 4);
+  ihdr[8] = 8; // bit depth
+  ihdr[9] = 2; // RGB
+  const rows = [];
+  for (let y = 0; y < h; y++) {
+    const row = Buffer.alloc(1 + w * 3);
+    for (let x = 0; x < w; x++) row.set([(x * 2) % 256, (y * 3) % 256, 150], 1 + x * 3);
+    rows.push(row);
+  }
+  const signature = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+  return Buffer.concat([signature, chunk("IHDR", ihdr), chunk("IDAT", deflateSync(Buffer.concat(rows))), chunk("IEND", Buffer.alloc(0))]);
+}
