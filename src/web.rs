@@ -435,13 +435,18 @@ async fn blob_upload(
         let end = (offset + crate::media::CHUNK_BYTES as f64 * 4.0).min(size);
         let slice = blob.slice_with_f64_and_f64(offset, end)?;
         let buffer = wasm_bindgen_futures::JsFuture::from(slice.array_buffer()).await?;
-        if let Err(e) = upload.write(&js_sys::Uint8Array::new(&buffer).to_vec()).await {
+        if let Err(e) = upload
+            .write(&js_sys::Uint8Array::new(&buffer).to_vec())
+            .await
+        {
             upload.abort().await;
             return Ok(Some(refused(e)));
         }
         offset = end;
     }
-    Ok(Some(api.finish_upload(upload).await.unwrap_or_else(refused)))
+    Ok(Some(
+        api.finish_upload(upload).await.unwrap_or_else(refused),
+    ))
 }
 
 fn from_api_response(resp: crate::api::ApiResponse) -> Result<web_sys::Response, JsValue> {

@@ -537,6 +537,39 @@ async fn media_reaches_the_servers_of_its_room_and_no_others() {
     // Media no event names stays with its server, for bob too.
     let (status, _, body) = download(&bob, &secret).await;
     assert_eq!((status, errcode(&body)), (404, "M_NOT_FOUND".to_owned()));
+    // Unless it was uploaded for the room (an encrypted attachment: no event the servers can
+    // read names it), which only a member of the room may say.
+    let for_room = format!(
+        "/_matrix/media/v3/upload?filename=c.bin&org.hyphae.room_id={}",
+        common::client::enc(&room)
+    );
+    let headers = [("Content-Type", "application/octet-stream")];
+    let (status, _, resp) = send_bytes(
+        &api_a,
+        "POST",
+        &for_room,
+        &alice.token,
+        &headers,
+        b"ciphertext".to_vec(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let cipher_mxc = serde_json::from_slice::<Value>(&resp).unwrap()["content_uri"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _, body) = download(&bob, &cipher_mxc).await;
+    assert_eq!((status, body.as_slice()), (200, &b"ciphertext"[..]));
+    let (status, _, resp) = send_bytes(
+        &api_c,
+        "POST",
+        &for_room,
+        &carol.token,
+        &headers,
+        b"x".to_vec(),
+    )
+    .await;
+    assert_eq!((status, errcode(&resp)), (403, "M_FORBIDDEN".to_owned()));
 
     // Alice's avatar and name reach bob through her member events, and her avatar with them.
     let avatar = png(64, 64);
@@ -627,7 +660,8 @@ async fn a_server_that_lies_about_its_media_leaves_nothing_here() {
     let store = b.engine().store().clone();
     let before = media_keys(&store).await;
     let key = libp2p::identity::Keypair::generate_ed25519();
-    let liar = hyphae::identity::ServerName::from_peer_id(&key.public().to_peer_id())
+    let key_peer = key.public().to_peer_id();
+    let liar = hyphae::identity::ServerName::from_peer_id(&key_peer)
         .unwrap()
         .to_string();
     let real = b"the real bytes".to_vec();
@@ -662,6 +696,7 @@ async fn a_server_that_lies_about_its_media_leaves_nothing_here() {
             bytes,
         }
     });
+    let mut connections = b.connected_peer_events();
     let _liar = common::outsider::Outsider::dial_as(
         key,
         b.listen_addrs().await[0].clone(),
@@ -670,16 +705,27 @@ async fn a_server_that_lies_about_its_media_leaves_nothing_here() {
         answer,
     )
     .await;
-    for (id, status) in [
-        ("overlong", 502),
-        ("short", 502),
-        ("tampered", 502),
-        ("huge", 413),
-        ("other", 502),
-        ("baddigest", 502),
+    // Asked only once this node has the connection too (else it would look the peer up).
+    while !b.connected_peers().await.unwrap().contains(&key_peer) {
+        let peer = tokio::time::timeout(std::time::Duration::from_secs(10), connections.recv())
+            .await
+            .expect("the lying server connects");
+        if peer.ok() == Some(key_peer) {
+            break;
+        }
+    }
+    for (id, status, why) in [
+        ("overlong", 502, "were due"),
+        ("short", 502, "were due"),
+        ("tampered", 502, "do not match"),
+        ("huge", 413, "larger than"),
+        ("other", 502, "not a media answer"),
+        ("baddigest", 502, "do not match"),
     ] {
         let (got, _, body) = download(&bob, &format!("mxc://{liar}/{id}")).await;
-        assert_eq!(got, status, "{id}: {}", String::from_utf8_lossy(&body));
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(got, status, "{id}: {text}");
+        assert!(text.contains(why), "{id}: {text}");
         assert_eq!(
             media_keys(&store).await,
             before,

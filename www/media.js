@@ -44,8 +44,12 @@ async function fetchBlob(client, url) {
  * `fetch`: matrix-js-sdk's `uploadContent` would use XMLHttpRequest, which cannot reach a
  * homeserver in the tab. The tab reads the file a slice at a time into its store.
  */
-export async function upload(client, blob, { name, type }) {
-  const query = name ? `?filename=${encodeURIComponent(name)}` : "";
+export async function upload(client, blob, { name, type, roomId }) {
+  const params = new URLSearchParams();
+  if (name) params.set("filename", name);
+  // The servers of this room may fetch it, even when no event they can read names it.
+  if (roomId) params.set("org.hyphae.room_id", roomId);
+  const query = params.size ? `?${params}` : "";
   const resp = await fetchFn(`${client.baseUrl}/_matrix/media/v3/upload${query}`, {
     method: "POST",
     headers: { Authorization: `Bearer ${client.getAccessToken()}`, "Content-Type": type || "application/octet-stream" },
@@ -154,6 +158,7 @@ export async function sendFile(client, room, file, progress) {
   const content_uri = await upload(client, body, {
     name: encrypted ? undefined : file.name,
     type: encrypted ? "application/octet-stream" : info.mimetype,
+    roomId: encrypted ? room.roomId : undefined,
   });
   progress(1);
   const content = { msgtype: isImage && info.w ? "m.image" : "m.file", body: file.name, filename: file.name, info };

@@ -141,6 +141,7 @@ fn media_error(e: MediaError) -> ApiError {
 /// An upload under way: the bytes go to the store as they come.
 pub struct Upload {
     writer: MediaWriter,
+    for_room: Option<ruma::OwnedRoomId>,
     content_type: String,
     file_name: Option<String>,
     uploader: String,
@@ -208,6 +209,18 @@ impl ClientApi {
             ),
             None => None,
         };
+        // `org.hyphae.room_id`: the room the file is for, when no event the server can read
+        // will name it (an attachment in an encrypted room): the servers of that room may
+        // fetch it. The uploader must be joined there.
+        let for_room = match query.get("org.hyphae.room_id") {
+            Some(room) => {
+                let room = ruma::OwnedRoomId::try_from(room.as_str())
+                    .map_err(|e| ApiError::invalid_param(format!("bad room id: {e}")))?;
+                self.require_joined(&room, &s.user_id).await?;
+                Some(room)
+            }
+            None => None,
+        };
         let (id, reserved) = match target {
             UploadTarget::New => (crate::media::new_media_id(), false),
             UploadTarget::Reserved { server, id } => {
@@ -233,6 +246,7 @@ impl ClientApi {
             .map_err(media_error)?;
         Ok(Upload {
             writer,
+            for_room,
             content_type,
             file_name,
             uploader: s.user_id.to_string(),
@@ -245,6 +259,7 @@ impl ClientApi {
     pub async fn finish_upload(&self, upload: Upload) -> ApiResult<ApiResponse> {
         let Upload {
             writer,
+            for_room,
             content_type,
             file_name,
             uploader,
@@ -256,6 +271,12 @@ impl ClientApi {
             .await
             .map_err(media_error)?;
         tracing::debug!(%mxc, size = info.size, "media stored");
+        if let (Some(room), Some(id)) = (for_room, mxc.rsplit('/').next()) {
+            self.media
+                .add_refs(&[id.to_owned()], room.as_str())
+                .await
+                .map_err(media_error)?;
+        }
         if reserved {
             ok(json!({}))
         } else {

@@ -71,7 +71,11 @@ impl ClientApi {
     }
 
     /// Refuses unless `user` is joined to `room`; returns the room's state.
-    async fn require_joined(&self, room: &RoomId, user: &UserId) -> ApiResult<SortedState> {
+    pub(super) async fn require_joined(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+    ) -> ApiResult<SortedState> {
         let state = self
             .state_of(room)
             .await

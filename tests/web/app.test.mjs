@@ -171,6 +171,22 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
       return { type: ev.getWireType(), body: ev.getWireContent().body ?? null };
     }, "Thanks for the invite");
     assert.deepEqual(wire, { type: "m.room.encrypted", body: null }, "the message travelled encrypted");
+    // A picture in an encrypted room is encrypted before it is uploaded: the servers hold
+    // ciphertext, and Bob's browser decrypts it.
+    await a.page.locator("#attach-input").setInputFiles({ name: "secret-seeds.png", mimeType: "image/png", buffer: png(90, 60) });
+    await b.page.waitForFunction(() => document.querySelector(".msg img.thumb[alt='secret-seeds.png']")?.naturalWidth === 90);
+    const stored = await b.page.evaluate(async () => {
+      const client = window.hyphaeClient;
+      const room = client.getRooms().find((r) => r.name === "Seeds");
+      const ev = room.getLiveTimeline().getEvents().find((e) => e.getContent().body === "secret-seeds.png");
+      const content = ev.getContent();
+      const url = client.mxcUrlToHttp(content.file.url, undefined, undefined, undefined, false, true, true);
+      const resp = await window.hyphae.fetch(url, { headers: { Authorization: `Bearer ${client.getAccessToken()}` } });
+      const bytes = new Uint8Array(await resp.arrayBuffer());
+      return { plainUrl: content.url ?? null, png: bytes[1] === 0x50 && bytes[2] === 0x4e && bytes[3] === 0x47, size: bytes.length };
+    });
+    assert.equal(stored.plainUrl, null, "no unencrypted copy is named");
+    assert.ok(stored.size > 0 && !stored.png, `the stored file is ciphertext: ${JSON.stringify(stored)}`);
     // Back to the first room for the steps that follow.
     for (const p of [a.page, b.page]) {
       await p.locator(".room-item", { hasText: "Garden" }).click();
