@@ -98,6 +98,24 @@ async fn handle(
         super::add_cors(&mut resp);
         return resp.map(axum::body::Body::from);
     }
+    if parts.method == http::Method::GET {
+        if let Some(segs) = super::client_path(parts.uri.path()) {
+            if let ["media", "download", server, id, rest @ ..] =
+                segs.iter().map(String::as_str).collect::<Vec<_>>().as_slice()
+            {
+                if rest.len() <= 1 {
+                    let mut resp = match stream_download(&api, &parts, server, id, rest.first().copied()).await {
+                        Ok(resp) => resp,
+                        Err(e) => super::json_response(e.status, &e.body()).map(axum::body::Body::from),
+                    };
+                    let mut head = http::Response::new(Vec::new());
+                    super::add_cors(&mut head);
+                    resp.headers_mut().extend(head.headers().clone());
+                    return resp;
+                }
+            }
+        }
+    }
     let body = match read_body(body).await {
         Ok(b) => b,
         Err(e) => {
@@ -155,6 +173,41 @@ async fn stream_upload(
         }
     }
     api.finish_upload(upload).await
+}
+
+/// A download, read from the store a chunk at a time as the client takes it: a large file is
+/// never whole in memory.
+async fn stream_download(
+    api: &ClientApi,
+    parts: &http::request::Parts,
+    server: &str,
+    id: &str,
+    file_name: Option<&str>,
+) -> Result<axum::response::Response, ApiError> {
+    let head = http::Request::from_parts(parts.clone(), Vec::new());
+    api.session(&head).await?;
+    let (key, info) = api.media_to_serve(server, id).await?;
+    let media = api.media.clone();
+    let chunks = info.chunks();
+    let body = futures::stream::unfold(0u32, move |index| {
+        let (media, key) = (media.clone(), key.clone());
+        async move {
+            if index >= chunks {
+                return None;
+            }
+            let chunk = media
+                .chunk(&key, index)
+                .await
+                .map(axum::body::Bytes::from)
+                .map_err(std::io::Error::other);
+            Some((chunk, index + 1))
+        }
+    });
+    let mut resp = http::Response::new(axum::body::Body::from_stream(body));
+    super::media::media_headers(&mut resp, &info, file_name);
+    resp.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(info.size));
+    Ok(resp)
 }
 
 /// Reads and drops up to [`DRAIN_BYTES`] of a refused body, so the client reads the answer.
