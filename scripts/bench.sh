@@ -22,6 +22,9 @@ cargo bench --bench peer_floods 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Runni
 echo "== native (release): cargo bench --bench keys"
 cargo bench --bench keys 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
 
+echo "== native (release): cargo bench --bench media"
+cargo bench --bench media 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
+
 echo "== native (release): cargo bench --bench memory"
 cargo bench --bench memory 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
 

@@ -100,13 +100,26 @@ async fn handle(
     }
     if parts.method == http::Method::GET {
         if let Some(segs) = super::client_path(parts.uri.path()) {
-            if let ["media", "download", server, id, rest @ ..] =
-                segs.iter().map(String::as_str).collect::<Vec<_>>().as_slice()
+            if let ["media", "download", server, id, rest @ ..] = segs
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .as_slice()
             {
                 if rest.len() <= 1 {
-                    let mut resp = match stream_download(&api, &parts, server, id, rest.first().copied()).await {
+                    let mut resp = match stream_download(
+                        &api,
+                        &parts,
+                        server,
+                        id,
+                        rest.first().copied(),
+                    )
+                    .await
+                    {
                         Ok(resp) => resp,
-                        Err(e) => super::json_response(e.status, &e.body()).map(axum::body::Body::from),
+                        Err(e) => {
+                            super::json_response(e.status, &e.body()).map(axum::body::Body::from)
+                        }
                     };
                     let mut head = http::Response::new(Vec::new());
                     super::add_cors(&mut head);
@@ -205,8 +218,10 @@ async fn stream_download(
     });
     let mut resp = http::Response::new(axum::body::Body::from_stream(body));
     super::media::media_headers(&mut resp, &info, file_name);
-    resp.headers_mut()
-        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(info.size));
+    resp.headers_mut().insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(info.size),
+    );
     Ok(resp)
 }
 
