@@ -745,10 +745,14 @@ mod thumbnails {
 
 #[cfg(target_arch = "wasm32")]
 mod thumbnails {
+    //! In the tab, pictures are decoded and scaled by the browser (`createImageBitmap` and an
+    //! `OffscreenCanvas`): no image decoder has to be compiled into the module.
     use super::*;
+    use wasm_bindgen::{JsCast, JsValue};
+    use wasm_bindgen_futures::JsFuture;
 
-    /// Pictures larger than this are not served as their own thumbnail.
-    const MAX_SOURCE_BYTES: u64 = 10 * 1024 * 1024;
+    /// Pictures larger than this are not decoded for a thumbnail.
+    const MAX_SOURCE_BYTES: u64 = 20 * 1024 * 1024;
 
     pub fn can_thumbnail(content_type: &str) -> bool {
         matches!(
@@ -757,21 +761,147 @@ mod thumbnails {
         )
     }
 
+    fn js(e: JsValue) -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "M_UNKNOWN",
+            format!(
+                "cannot read the picture: {}",
+                e.as_string().unwrap_or_else(|| format!("{e:?}"))
+            ),
+        )
+    }
+
     pub async fn serve(
         api: &ClientApi,
         id: &str,
         info: &MediaInfo,
-        _width: u32,
-        _height: u32,
-        _crop: bool,
+        width: u32,
+        height: u32,
+        crop: bool,
     ) -> ApiResult<ApiResponse> {
+        let thumb_id = format!(
+            "thumb_{id}_{width}x{height}_{}",
+            if crop { "c" } else { "s" }
+        );
+        if let Some(thumb) = api.media.info(&thumb_id).await.map_err(media_error)? {
+            return api.serve_kept(&thumb_id, &thumb, None).await;
+        }
         if info.size > MAX_SOURCE_BYTES {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "M_TOO_LARGE",
-                "the picture is too large to serve as a thumbnail",
+                "the picture is too large to make a thumbnail of",
             ));
         }
-        api.serve_kept(id, info, None).await
+        let source = api
+            .media
+            .read(
+                id,
+                info,
+                0,
+                usize::try_from(info.size).unwrap_or(usize::MAX),
+            )
+            .await
+            .map_err(media_error)?;
+        let (bytes, content_type) = make(&source, &info.content_type, width, height, crop)
+            .await
+            .map_err(js)?;
+        match api.media.writer(thumb_id.clone(), None).await {
+            Ok(mut w) => {
+                w.write(&bytes).await.map_err(media_error)?;
+                let thumb = w
+                    .finish(
+                        content_type.to_owned(),
+                        None,
+                        &info.uploader,
+                        now_ms(),
+                        None,
+                    )
+                    .await
+                    .map_err(media_error)?;
+                api.serve_kept(&thumb_id, &thumb, None).await
+            }
+            // Another request is making the same thumbnail: serve this one uncached.
+            Err(MediaError::Taken) => {
+                let thumb = MediaInfo {
+                    content_type: content_type.to_owned(),
+                    file_name: None,
+                    size: bytes.len() as u64,
+                    uploader: info.uploader.clone(),
+                    created_ms: now_ms(),
+                    sha256: String::new(),
+                };
+                let mut resp = http::Response::new(bytes);
+                media_headers(&mut resp, &thumb, None);
+                Ok(resp)
+            }
+            Err(e) => Err(media_error(e)),
+        }
+    }
+
+    /// Scales down to fit `width`×`height` (or to fill it, cropping the middle); never up.
+    /// PNG for pictures that may be transparent, JPEG for JPEGs.
+    async fn make(
+        source: &[u8],
+        content_type: &str,
+        width: u32,
+        height: u32,
+        crop: bool,
+    ) -> Result<(Vec<u8>, &'static str), JsValue> {
+        let parts = js_sys::Array::of1(&js_sys::Uint8Array::from(source));
+        let bag = web_sys::BlobPropertyBag::new();
+        bag.set_type(content_type);
+        let blob = web_sys::Blob::new_with_u8_array_sequence_and_options(&parts, &bag)?;
+        let global = js_sys::global();
+        let create: js_sys::Function =
+            js_sys::Reflect::get(&global, &"createImageBitmap".into())?.dyn_into()?;
+        let bitmap: web_sys::ImageBitmap = JsFuture::from(
+            create
+                .call1(&global, &blob)?
+                .dyn_into::<js_sys::Promise>()?,
+        )
+        .await?
+        .dyn_into()?;
+        let (w, h) = (f64::from(bitmap.width()), f64::from(bitmap.height()));
+        let (tw, th) = (f64::from(width), f64::from(height));
+        // Source rectangle and output size.
+        let (sx, sy, sw, sh, ow, oh) = if crop {
+            let (ow, oh) = (tw.min(w), th.min(h));
+            let scale = (ow / w).max(oh / h);
+            let (sw, sh) = (ow / scale, oh / scale);
+            ((w - sw) / 2.0, (h - sh) / 2.0, sw, sh, ow, oh)
+        } else {
+            let scale = (tw / w).min(th / h).min(1.0);
+            (
+                0.0,
+                0.0,
+                w,
+                h,
+                (w * scale).round().max(1.0),
+                (h * scale).round().max(1.0),
+            )
+        };
+        let canvas = web_sys::OffscreenCanvas::new(ow as u32, oh as u32)?;
+        let ctx: web_sys::OffscreenCanvasRenderingContext2d = canvas
+            .get_context("2d")?
+            .ok_or_else(|| JsValue::from_str("no 2d context"))?
+            .dyn_into()?;
+        ctx.draw_image_with_image_bitmap_and_sw_and_sh_and_dx_and_dy_and_dw_and_dh(
+            &bitmap, sx, sy, sw, sh, 0.0, 0.0, ow, oh,
+        )?;
+        bitmap.close();
+        let out_type = if content_type.starts_with("image/jpeg") {
+            "image/jpeg"
+        } else {
+            "image/png"
+        };
+        let options = web_sys::ImageEncodeOptions::new();
+        options.set_type(out_type);
+        let encoded: web_sys::Blob = JsFuture::from(canvas.convert_to_blob_with_options(&options)?)
+            .await?
+            .dyn_into()?;
+        let buffer = JsFuture::from(encoded.array_buffer()).await?;
+        Ok((js_sys::Uint8Array::new(&buffer).to_vec(), out_type))
     }
 }

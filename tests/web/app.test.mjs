@@ -124,13 +124,14 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
   });
 
   await step("pictures, files and avatars reach the other screen", async () => {
-    // A picture: Bob sees its thumbnail, made by Alice's homeserver in her tab, and opens it.
-    await a.page.locator("#attach-input").setInputFiles({ name: "seedlings.png", mimeType: "image/png", buffer: png(160, 120) });
+    // A picture: Bob sees an 800×600 thumbnail, scaled by his tab's homeserver from the
+    // picture it fetched from Alice's, and opens the picture itself.
+    await a.page.locator("#attach-input").setInputFiles({ name: "seedlings.png", mimeType: "image/png", buffer: png(1600, 1200) });
     const thumb = b.page.locator(".msg img.thumb[alt='seedlings.png']");
     await thumb.waitFor();
-    await b.page.waitForFunction(() => document.querySelector(".msg img.thumb[alt='seedlings.png']")?.naturalWidth === 160);
+    await b.page.waitForFunction(() => document.querySelector(".msg img.thumb[alt='seedlings.png']")?.naturalWidth === 800);
     await thumb.click();
-    await b.page.waitForFunction(() => document.querySelector("#lightbox img")?.naturalHeight === 120);
+    await b.page.waitForFunction(() => document.querySelector("#lightbox img")?.naturalHeight === 1200);
     await b.page.keyboard.press("Escape");
     // A file: a row with its name and size that downloads it whole.
     const notes = "Sow thinly.\n".repeat(1000);
