@@ -68,15 +68,7 @@ pub enum UploadTarget {
 
 /// The path below `/_matrix/media/<version>/`, percent-decoded, split on `/`.
 pub(super) fn media_path(path: &str) -> Option<Vec<String>> {
-    let rest = path.strip_prefix("/_matrix/media/")?;
-    let mut segs: Vec<String> = rest
-        .split('/')
-        .map(|s| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-        .collect();
+    let mut segs = super::decoded_segments(path.strip_prefix("/_matrix/media/")?);
     match segs.first().map(String::as_str) {
         Some("r0" | "v3" | "v1") => {
             segs.remove(0);
@@ -525,14 +517,14 @@ impl ClientApi {
             Some(_) => return Err(ApiError::invalid_param("method must be crop or scale")),
         };
         let (id, info) = self.media_to_serve(server, id).await?;
-        if !thumbnails::can_thumbnail(&info.content_type) {
+        if !can_thumbnail(&info.content_type) {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "M_UNKNOWN",
                 format!("no thumbnails of {}", info.content_type),
             ));
         }
-        thumbnails::serve(self, &id, &info, width, height, crop).await
+        serve_thumbnail(self, &id, &info, width, height, crop).await
     }
 }
 
@@ -594,104 +586,112 @@ pub(super) fn media_headers<B>(
     );
 }
 
-#[cfg(not(target_arch = "wasm32"))]
-mod thumbnails {
-    use super::*;
+/// Pictures thumbnails are made of.
+fn can_thumbnail(content_type: &str) -> bool {
+    matches!(
+        content_type.split(';').next().unwrap_or("").trim(),
+        "image/jpeg" | "image/png" | "image/gif" | "image/webp"
+    )
+}
 
-    /// Pictures larger than this are not decoded for a thumbnail.
-    const MAX_SOURCE_BYTES: u64 = 40 * 1024 * 1024;
-    /// Nor pictures with more pixels than this (a small file can decode to a huge image).
-    const MAX_SOURCE_PIXELS: u64 = 10_000 * 10_000;
-
-    pub fn can_thumbnail(content_type: &str) -> bool {
-        matches!(
-            content_type.split(';').next().unwrap_or("").trim(),
-            "image/jpeg" | "image/png" | "image/gif" | "image/webp"
-        )
+/// A thumbnail of the picture kept under `key`: made once (natively with the `image` crate,
+/// in the tab by the browser), then kept as media of its own.
+async fn serve_thumbnail(
+    api: &ClientApi,
+    key: &str,
+    info: &MediaInfo,
+    width: u32,
+    height: u32,
+    crop: bool,
+) -> ApiResult<ApiResponse> {
+    let thumb_id = format!(
+        "thumb_{key}_{width}x{height}_{}",
+        if crop { "c" } else { "s" }
+    );
+    if let Some(thumb) = api.media.info(&thumb_id).await.map_err(media_error)? {
+        return api.serve_kept(&thumb_id, &thumb, None).await;
     }
-
-    pub async fn serve(
-        api: &ClientApi,
-        id: &str,
-        info: &MediaInfo,
-        width: u32,
-        height: u32,
-        crop: bool,
-    ) -> ApiResult<ApiResponse> {
-        let thumb_id = format!(
-            "thumb_{id}_{width}x{height}_{}",
-            if crop { "c" } else { "s" }
-        );
-        if api
-            .media
-            .info(&thumb_id)
+    if info.size > thumbnails::MAX_SOURCE_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "M_TOO_LARGE",
+            "the picture is too large to make a thumbnail of",
+        ));
+    }
+    let source = api
+        .media
+        .read(
+            key,
+            info,
+            0,
+            usize::try_from(info.size).unwrap_or(usize::MAX),
+        )
+        .await
+        .map_err(media_error)?;
+    let (bytes, content_type) =
+        thumbnails::make(source, info.content_type.clone(), width, height, crop)
             .await
-            .map_err(media_error)?
-            .is_none()
-        {
-            if info.size > MAX_SOURCE_BYTES {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "M_TOO_LARGE",
-                    "the picture is too large to make a thumbnail of",
-                ));
-            }
-            let mut source = Vec::with_capacity(usize::try_from(info.size).unwrap_or(0));
-            for index in 0..info.chunks() {
-                source.extend(api.media.chunk(id, index).await.map_err(media_error)?);
-            }
-            let made = tokio::task::spawn_blocking(move || make(&source, width, height, crop))
-                .await
-                .map_err(|e| ApiError::unknown(format!("thumbnailing: {e}")))?;
-            let (bytes, content_type) = made.map_err(|e| {
+            .map_err(|e| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "M_UNKNOWN",
                     format!("cannot read the picture: {e}"),
                 )
             })?;
-            match api.media.writer(thumb_id.clone(), None).await {
-                Ok(mut w) => {
-                    w.write(&bytes).await.map_err(media_error)?;
-                    w.finish(
-                        content_type.to_owned(),
-                        None,
-                        &info.uploader,
-                        now_ms(),
-                        None,
-                    )
-                    .await
-                    .map_err(media_error)?;
-                }
-                // Another request is making the same thumbnail: serve this one uncached.
-                Err(MediaError::Taken) => {
-                    let mut resp = http::Response::new(bytes);
-                    let thumb = MediaInfo {
-                        content_type: content_type.to_owned(),
-                        file_name: None,
-                        size: 0,
-                        uploader: info.uploader.clone(),
-                        created_ms: now_ms(),
-                        sha256: String::new(),
-                    };
-                    media_headers(&mut resp, &thumb, None);
-                    return Ok(resp);
-                }
-                Err(e) => return Err(media_error(e)),
-            }
-        }
-        let thumb = api
-            .media
-            .info(&thumb_id)
+    let thumb = MediaInfo {
+        content_type: content_type.to_owned(),
+        file_name: None,
+        size: bytes.len() as u64,
+        uploader: info.uploader.clone(),
+        created_ms: now_ms(),
+        sha256: String::new(),
+    };
+    match api.media.writer(thumb_id.clone(), None).await {
+        Ok(mut w) => {
+            w.write(&bytes).await.map_err(media_error)?;
+            w.finish(
+                thumb.content_type.clone(),
+                None,
+                &info.uploader,
+                now_ms(),
+                None,
+            )
             .await
-            .map_err(media_error)?
-            .ok_or_else(|| ApiError::unknown("the thumbnail went missing"))?;
-        api.serve_kept(&thumb_id, &thumb, None).await
+            .map_err(media_error)?;
+        }
+        // Another request is making the same thumbnail: this one is served uncached.
+        Err(MediaError::Taken) => {}
+        Err(e) => return Err(media_error(e)),
+    }
+    let mut resp = http::Response::new(bytes);
+    media_headers(&mut resp, &thumb, None);
+    Ok(resp)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+mod thumbnails {
+    /// Pictures larger than this are not decoded for a thumbnail.
+    pub const MAX_SOURCE_BYTES: u64 = 40 * 1024 * 1024;
+    /// Nor pictures with more pixels than this (a small file can decode to a huge image).
+    const MAX_SOURCE_PIXELS: u64 = 10_000 * 10_000;
+
+    /// Decodes and scales on a blocking thread, off the runtime's workers.
+    pub async fn make(
+        source: Vec<u8>,
+        _content_type: String,
+        width: u32,
+        height: u32,
+        crop: bool,
+    ) -> Result<(Vec<u8>, &'static str), String> {
+        tokio::task::spawn_blocking(move || scale(&source, width, height, crop))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 
     /// Decodes a picture and scales it down to fit `width`×`height` (or to fill it, cropping
     /// the middle); never up. PNG when the picture has transparency, JPEG otherwise.
-    fn make(
+    fn scale(
         source: &[u8],
         width: u32,
         height: u32,
@@ -747,102 +747,27 @@ mod thumbnails {
 mod thumbnails {
     //! In the tab, pictures are decoded and scaled by the browser (`createImageBitmap` and an
     //! `OffscreenCanvas`): no image decoder has to be compiled into the module.
-    use super::*;
     use wasm_bindgen::{JsCast, JsValue};
     use wasm_bindgen_futures::JsFuture;
 
     /// Pictures larger than this are not decoded for a thumbnail.
-    const MAX_SOURCE_BYTES: u64 = 20 * 1024 * 1024;
+    pub const MAX_SOURCE_BYTES: u64 = 20 * 1024 * 1024;
 
-    pub fn can_thumbnail(content_type: &str) -> bool {
-        matches!(
-            content_type.split(';').next().unwrap_or("").trim(),
-            "image/jpeg" | "image/png" | "image/gif" | "image/webp"
-        )
-    }
-
-    fn js(e: JsValue) -> ApiError {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "M_UNKNOWN",
-            format!(
-                "cannot read the picture: {}",
-                e.as_string().unwrap_or_else(|| format!("{e:?}"))
-            ),
-        )
-    }
-
-    pub async fn serve(
-        api: &ClientApi,
-        id: &str,
-        info: &MediaInfo,
+    pub async fn make(
+        source: Vec<u8>,
+        content_type: String,
         width: u32,
         height: u32,
         crop: bool,
-    ) -> ApiResult<ApiResponse> {
-        let thumb_id = format!(
-            "thumb_{id}_{width}x{height}_{}",
-            if crop { "c" } else { "s" }
-        );
-        if let Some(thumb) = api.media.info(&thumb_id).await.map_err(media_error)? {
-            return api.serve_kept(&thumb_id, &thumb, None).await;
-        }
-        if info.size > MAX_SOURCE_BYTES {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "M_TOO_LARGE",
-                "the picture is too large to make a thumbnail of",
-            ));
-        }
-        let source = api
-            .media
-            .read(
-                id,
-                info,
-                0,
-                usize::try_from(info.size).unwrap_or(usize::MAX),
-            )
+    ) -> Result<(Vec<u8>, &'static str), String> {
+        scale(&source, &content_type, width, height, crop)
             .await
-            .map_err(media_error)?;
-        let (bytes, content_type) = make(&source, &info.content_type, width, height, crop)
-            .await
-            .map_err(js)?;
-        match api.media.writer(thumb_id.clone(), None).await {
-            Ok(mut w) => {
-                w.write(&bytes).await.map_err(media_error)?;
-                let thumb = w
-                    .finish(
-                        content_type.to_owned(),
-                        None,
-                        &info.uploader,
-                        now_ms(),
-                        None,
-                    )
-                    .await
-                    .map_err(media_error)?;
-                api.serve_kept(&thumb_id, &thumb, None).await
-            }
-            // Another request is making the same thumbnail: serve this one uncached.
-            Err(MediaError::Taken) => {
-                let thumb = MediaInfo {
-                    content_type: content_type.to_owned(),
-                    file_name: None,
-                    size: bytes.len() as u64,
-                    uploader: info.uploader.clone(),
-                    created_ms: now_ms(),
-                    sha256: String::new(),
-                };
-                let mut resp = http::Response::new(bytes);
-                media_headers(&mut resp, &thumb, None);
-                Ok(resp)
-            }
-            Err(e) => Err(media_error(e)),
-        }
+            .map_err(|e| e.as_string().unwrap_or_else(|| format!("{e:?}")))
     }
 
     /// Scales down to fit `width`×`height` (or to fill it, cropping the middle); never up.
     /// PNG for pictures that may be transparent, JPEG for JPEGs.
-    async fn make(
+    async fn scale(
         source: &[u8],
         content_type: &str,
         width: u32,

@@ -133,15 +133,7 @@ fn now_ms() -> u64 {
 
 /// The path below `/_matrix/client/<version>/`, percent-decoded, split on `/`.
 fn client_path(path: &str) -> Option<Vec<String>> {
-    let rest = path.strip_prefix("/_matrix/client/")?;
-    let mut segs: Vec<String> = rest
-        .split('/')
-        .map(|s| {
-            percent_encoding::percent_decode_str(s)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
-        .collect();
+    let mut segs = decoded_segments(path.strip_prefix("/_matrix/client/")?);
     if segs.first().map(String::as_str) == Some("versions") {
         return Some(segs);
     }
@@ -152,6 +144,17 @@ fn client_path(path: &str) -> Option<Vec<String>> {
         }
         _ => None,
     }
+}
+
+/// A path's segments, percent-decoded.
+fn decoded_segments(rest: &str) -> Vec<String> {
+    rest.split('/')
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect()
 }
 
 pub(crate) fn json_response(status: StatusCode, body: &Value) -> ApiResponse {
