@@ -8,6 +8,8 @@ import { h, describe, toast } from "./dom.js";
 const MAX_UPLOAD = 100 * 1024 * 1024;
 /** Blob URLs kept for shown media, oldest dropped first. */
 const CACHE_SIZE = 200;
+/** How long a file that could not be fetched is not asked for again. */
+const FAILURE_MS = 60_000;
 
 const cache = new Map();
 
@@ -25,8 +27,8 @@ function remember(key, promise) {
     cache.delete(oldest);
     url.then((u) => URL.revokeObjectURL(u), () => {});
   }
-  // A failure is not kept: the next render asks again.
-  promise.catch(() => cache.delete(key));
+  // A failure is kept a minute, so that renders in between do not ask again and again.
+  promise.catch(() => setTimeout(() => cache.get(key) === promise && cache.delete(key), FAILURE_MS));
   return promise;
 }
 

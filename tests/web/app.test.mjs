@@ -320,6 +320,12 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     // carries read the history, and the app asks for the key to restore the backup.
     const saved = JSON.parse(await readFile(downloaded, "utf8"));
     assert.ok(JSON.parse(saved.room_keys).length >= 2, "the export carries the room keys");
+    // The key backup is in the file too: the restore below reads it.
+    const backedUp = saved.profile
+      .split("\n")
+      .slice(1)
+      .filter((line) => line && Buffer.from(JSON.parse(line).key, "base64").toString().startsWith("backupkey\0")).length;
+    assert.ok(backedUp >= 2, `the export holds ${backedUp} backed-up room keys`);
     delete saved.session.recovery_key;
     const keyless = downloaded.replace(/\.json$/, "-keyless.json");
     await writeFile(keyless, JSON.stringify(saved));
