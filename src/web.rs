@@ -147,8 +147,11 @@ impl Hyphae {
     pub fn fetch(&self, input: JsValue, init: JsValue) -> Promise {
         let node = self.node.clone();
         future_to_promise(async move {
-            if let Some(resp) = blob_upload(&node.api, &input, &init).await? {
-                return from_api_response(resp).map(JsValue::from);
+            // A tab that no longer runs the homeserver stores nothing.
+            if !node.stopped.get() {
+                if let Some(resp) = blob_upload(&node.api, &input, &init).await? {
+                    return from_api_response(resp).map(JsValue::from);
+                }
             }
             let req = to_api_request(&input, &init).await?;
             let resp = if node.stopped.get() {

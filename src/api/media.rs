@@ -160,6 +160,9 @@ impl ClientApi {
         parts: &http::request::Parts,
         target: UploadTarget,
     ) -> ApiResult<Upload> {
+        if self.node.is_stopped() {
+            return Err(ApiError::stopped());
+        }
         let head = http::Request::from_parts(parts.clone(), Vec::new());
         let s = self.session(&head).await?;
         let content_type = parts
