@@ -52,6 +52,79 @@ async function interactiveAt(page, phases) {
   return marks["hyphae-interactive"];
 }
 
+/**
+ * A 20 MB file from `from`'s tab to `to`'s (Bob's homeserver fetches it from Alice's over
+ * libp2p, as the two tabs are connected), and an 800×600 thumbnail of a 4000×3000 JPEG made in
+ * Bob's tab by the browser's decoders.
+ */
+async function mediaFigures(from, to, roomId) {
+  const sent = await from.evaluate(async (roomId) => {
+    const client = window.hyphaeClient;
+    const upload = async (blob, name, type) => {
+      // Uploaded for the room rather than named in a message, so Bob's app does not fetch
+      // them on its own before they are timed.
+      const query = new URLSearchParams({ filename: name, "org.hyphae.room_id": roomId });
+      const resp = await window.hyphae.fetch(`${client.baseUrl}/_matrix/media/v3/upload?${query}`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${client.getAccessToken()}`, "Content-Type": type },
+        body: blob,
+      });
+      return (await resp.json()).content_uri;
+    };
+    const data = new Uint8Array(20 * 1024 * 1024);
+    for (let i = 0; i < data.length; i += 65536) crypto.getRandomValues(data.subarray(i, i + 65536));
+    const t0 = performance.now();
+    const file = await upload(new Blob([data]), "big.bin", "application/octet-stream");
+    const upload_ms = performance.now() - t0;
+    const canvas = new OffscreenCanvas(4000, 3000);
+    const ctx = canvas.getContext("2d");
+    const gradient = ctx.createLinearGradient(0, 0, 4000, 3000);
+    gradient.addColorStop(0, "#2a6");
+    gradient.addColorStop(1, "#a26");
+    ctx.fillStyle = gradient;
+    ctx.fillRect(0, 0, 4000, 3000);
+    for (let i = 0; i < 2000; i++) {
+      ctx.fillStyle = `hsl(${i % 360} 60% 50%)`;
+      ctx.fillRect((i * 137) % 4000, (i * 91) % 3000, 40, 40);
+    }
+    const jpegBlob = await canvas.convertToBlob({ type: "image/jpeg", quality: 0.9 });
+    const jpeg = await upload(jpegBlob, "big.jpg", "image/jpeg");
+    const status = await window.hyphae.status();
+    const connection = (status.connections ?? []).map((c) => (c.relayed ? "relayed" : "direct")).join(", ");
+    return { file, jpeg, upload_ms, jpeg_bytes: jpegBlob.size, connection };
+  }, roomId);
+  const got = await to.evaluate(async ({ file, jpeg }) => {
+    const client = window.hyphaeClient;
+    const auth = { headers: { Authorization: `Bearer ${client.getAccessToken()}` } };
+    const timed = async (url) => {
+      const t0 = performance.now();
+      const resp = await window.hyphae.fetch(url, auth);
+      const bytes = (await resp.arrayBuffer()).byteLength;
+      return { ms: performance.now() - t0, bytes, status: resp.status };
+    };
+    const full = (mxc) => client.mxcUrlToHttp(mxc, undefined, undefined, undefined, false, true, true);
+    const download = await timed(full(file));
+    const picture = await timed(full(jpeg));
+    const thumbnail = await timed(client.mxcUrlToHttp(jpeg, 800, 600, "scale", false, true, true));
+    const kept = await timed(client.mxcUrlToHttp(jpeg, 800, 600, "scale", false, true, true));
+    const type = (await window.hyphae.fetch(client.mxcUrlToHttp(jpeg, 800, 600, "scale", false, true, true), auth)).headers.get("content-type");
+    thumbnail.type = type;
+    return { download, picture, thumbnail, kept };
+  }, sent);
+  if (got.download.bytes !== 20 * 1024 * 1024 || got.thumbnail.status !== 200) throw new Error(`media: ${JSON.stringify(got)}`);
+  return {
+    upload_20mb_ms: sent.upload_ms,
+    download_20mb_other_tab_ms: got.download.ms,
+    jpeg_4000x3000_bytes: sent.jpeg_bytes,
+    jpeg_fetch_ms: got.picture.ms,
+    thumbnail_in_tab_ms: got.thumbnail.ms,
+    thumbnail_bytes: got.thumbnail.bytes,
+    thumbnail_type: got.thumbnail.type,
+    connection: sent.connection,
+    thumbnail_kept_ms: got.kept.ms,
+  };
+}
+
 /** Typed on `from` → shown on `to`, LATENCY_SAMPLES times, for messages "`tag` <n>". */
 async function typedToVisible(from, to, tag) {
   await to.evaluate((tag) => {
@@ -189,7 +262,7 @@ async function main() {
     await a.page.locator(".room-item", { hasText: "History" }).click();
     await b.page.locator(".room-item", { hasText: "History" }).click();
     await b.page.locator("#room-name", { hasText: "History" }).waitFor();
-
+    results.media = await mediaFigures(a.page, b.page, room);
 
     // Tab memory after MEMORY_MESSAGES more messages (sent by Alice, received by Bob).
     await fill(a.page, room, MEMORY_MESSAGES);
@@ -220,6 +293,11 @@ async function main() {
     ["typed → visible on the other peer, p99", ms(r.typed_to_visible_ms.p99)],
     ["the same, encrypted room, p50", ms(r.typed_to_visible_encrypted_ms.p50)],
     ["the same, encrypted room, p99", ms(r.typed_to_visible_encrypted_ms.p99)],
+    ["20 MB upload in the tab", `${ms(r.media.upload_20mb_ms)} (${(20 / (r.media.upload_20mb_ms / 1000)).toFixed(1)} MB/s)`],
+    ["the same file downloaded in the other tab", `${ms(r.media.download_20mb_other_tab_ms)} (${(20 / (r.media.download_20mb_other_tab_ms / 1000)).toFixed(1)} MB/s)`],
+    [`4000×3000 JPEG (${kb(r.media.jpeg_4000x3000_bytes)}) fetched by the other tab`, ms(r.media.jpeg_fetch_ms)],
+    ["  its 800×600 thumbnail made in that tab / once kept", `${ms(r.media.thumbnail_in_tab_ms)} / ${ms(r.media.thumbnail_kept_ms)} (${r.media.thumbnail_type}, ${kb(r.media.thumbnail_bytes)})`],
+    ["  the sender's connections", r.media.connection],
     [`sender tab after ${r.memory_after.messages} messages: JS heap + wasm`, `${mib(r.memory_after.sender.js_heap)} + ${mib(r.memory_after.sender.wasm)}`],
     [`receiver tab after ${r.memory_after.messages} messages: JS heap + wasm`, `${mib(r.memory_after.receiver.js_heap)} + ${mib(r.memory_after.receiver.wasm)}`],
   ];
