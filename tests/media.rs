@@ -733,3 +733,75 @@ async fn a_server_that_lies_about_its_media_leaves_nothing_here() {
         );
     }
 }
+
+/// Under `joined` history visibility a server that joins late may not see the room's earlier
+/// events, so neither may it fetch the files only those events name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_named_before_a_server_joined_stays_hidden_under_joined_visibility() {
+    let (a, api_a) = peer(None).await;
+    let (c, api_c) = peer(Some(&a)).await;
+    assert!(
+        c.wait_for_peers(1, std::time::Duration::from_secs(10))
+            .await
+    );
+    let alice = register(&api_a, "alice", "pw-alice-1").await;
+    let mut carol = register(&api_c, "carol", "pw-carol-1").await;
+    let room = alice
+        .create_room(json!({
+            "preset": "private_chat",
+            "initial_state": [{"type": "m.room.history_visibility", "state_key": "",
+                               "content": {"history_visibility": "joined"}}],
+        }))
+        .await;
+    let mxc = upload(&alice, "image/png", "early.png", png(40, 30)).await;
+    let send = |txn: &str| {
+        format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            common::client::enc(&room)
+        )
+    };
+    alice
+        .ok(
+            "PUT",
+            &send("early"),
+            Some(json!({"msgtype": "m.image", "body": "early", "url": mxc})),
+        )
+        .await;
+    alice
+        .ok(
+            "POST",
+            &format!(
+                "/_matrix/client/v3/rooms/{}/invite",
+                common::client::enc(&room)
+            ),
+            Some(json!({"user_id": carol.user_id})),
+        )
+        .await;
+    carol
+        .sync_until("the invite", |v| {
+            v["rooms"]["invite"].get(&room).map(|_| ())
+        })
+        .await;
+    let join = format!(
+        "/_matrix/client/v3/join/{}?via={}",
+        common::client::enc(&room),
+        a.server_name()
+    );
+    carol.ok("POST", &join, Some(json!({}))).await;
+    let (status, _, body) = download(&carol, &mxc).await;
+    assert_eq!(
+        (status, errcode(&body)),
+        (404, "M_NOT_FOUND".to_owned()),
+        "a file named only before carol's server joined reached it"
+    );
+    // Named again after the join: now her server may see an event that names it.
+    alice
+        .ok(
+            "PUT",
+            &send("again"),
+            Some(json!({"msgtype": "m.image", "body": "again", "url": mxc})),
+        )
+        .await;
+    let (status, _, _) = download(&carol, &mxc).await;
+    assert_eq!(status, 200);
+}

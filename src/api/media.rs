@@ -268,7 +268,7 @@ impl ClientApi {
         tracing::debug!(%mxc, size = info.size, "media stored");
         if let (Some(room), Some(id)) = (for_room, mxc.rsplit('/').next()) {
             self.media
-                .add_refs(&[id.to_owned()], room.as_str())
+                .add_refs(&[id.to_owned()], room.as_str(), None)
                 .await
                 .map_err(media_error)?;
         }

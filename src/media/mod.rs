@@ -8,8 +8,10 @@
 //! - `pending\0<media id>` → `{"uploader", "expires_ms"}`: an id handed out by `/create`, until
 //!   its content is uploaded
 //! - `used` → the bytes of every complete file (u64 big-endian), for the quota
-//! - `ref\0<media id>\0<room id>` → a room where an event of this server's users names
-//!   `mxc://<this server>/<media id>`: servers that may read that room may fetch the file
+//! - `ref\0<media id>\0<room id>\0<event id>` → an event of this server's users that names
+//!   `mxc://<this server>/<media id>`: servers that may see that event may fetch the file. An
+//!   empty event id stands for the room itself: a file uploaded for an encrypted room, whose
+//!   events the servers cannot read, and a send whose event id is not known yet
 //!
 //! Files of other servers, fetched for this server's users, are kept under `<server>~<id>`
 //! (`~` is not a media id character, so nobody can upload to or ask for such a key as an id of
@@ -142,6 +144,10 @@ fn pending_key(id: &str) -> Vec<u8> {
     key(&[b"pending", id.as_bytes()])
 }
 
+fn ref_key(id: &str, room: &str, event: &str) -> Vec<u8> {
+    key(&[b"ref", id.as_bytes(), room.as_bytes(), event.as_bytes()])
+}
+
 fn chunk_prefix(id: &str) -> Vec<u8> {
     let mut k = key(&[b"chunk", id.as_bytes()]);
     k.push(0);
@@ -238,13 +244,19 @@ impl MediaStore {
         Ok(out)
     }
 
-    /// Notes that an event in `room` names this server's media `ids`.
-    pub async fn add_refs(&self, ids: &[String], room: &str) -> Result<(), MediaError> {
+    /// Notes that `event` in `room` (or the room itself, for `None`) names this server's
+    /// media `ids`.
+    pub async fn add_refs(
+        &self,
+        ids: &[String],
+        room: &str,
+        event: Option<&str>,
+    ) -> Result<(), MediaError> {
         let mut batch = WriteBatch::new();
         for id in ids {
             batch.put(
                 Table::Media,
-                key(&[b"ref", id.as_bytes(), room.as_bytes()]),
+                ref_key(id, room, event.unwrap_or("")),
                 Vec::new(),
             );
         }
@@ -254,8 +266,32 @@ impl MediaStore {
         Ok(())
     }
 
-    /// Rooms where events name this server's media `id` (at most `limit`).
-    pub async fn refs(&self, id: &str, limit: usize) -> Result<Vec<String>, MediaError> {
+    /// Replaces the room-wide references of `ids` in `room` with `event`'s, once the event a
+    /// send made is known.
+    pub async fn settle_refs(
+        &self,
+        ids: &[String],
+        room: &str,
+        event: &str,
+    ) -> Result<(), MediaError> {
+        let mut batch = WriteBatch::new();
+        for id in ids {
+            batch.put(Table::Media, ref_key(id, room, event), Vec::new());
+            batch.delete(Table::Media, ref_key(id, room, ""));
+        }
+        if !batch.is_empty() {
+            self.store.write(batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Where this server's media `id` is named: (room, event or `None` for the room itself),
+    /// at most `limit`.
+    pub async fn refs(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Option<String>)>, MediaError> {
         let mut prefix = key(&[b"ref", id.as_bytes()]);
         prefix.push(0);
         let entries = self
@@ -269,7 +305,14 @@ impl MediaStore {
             .await?;
         Ok(entries
             .into_iter()
-            .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            .filter_map(|(k, _)| {
+                let rest = String::from_utf8(k[prefix.len()..].to_vec()).ok()?;
+                let (room, event) = rest.split_once('\0')?;
+                Some((
+                    room.to_owned(),
+                    (!event.is_empty()).then(|| event.to_owned()),
+                ))
+            })
             .collect())
     }
 

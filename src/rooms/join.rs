@@ -56,8 +56,6 @@ impl P2pNode {
         }
         let mut content = serde_json::Value::Object(profile);
         content["membership"] = json!("join");
-        // The avatar the join names may be fetched by the room's servers.
-        self.note_media_refs(room_id, &content).await;
         let rules = rules_for(&template.room_version).ok_or_else(|| {
             IngestError::UnsupportedRoomVersion(template.room_version.to_string())
         })?;
@@ -79,6 +77,12 @@ impl P2pNode {
         )
         .map_err(IngestError::BadFormat)?;
         let pdu = String::from_utf8(pdu).expect("canonical JSON is UTF-8");
+        // The avatar the join names may be fetched by the servers that see the join.
+        let named: serde_json::Value = serde_json::from_str::<serde_json::Value>(&pdu)
+            .ok()
+            .and_then(|p| p.get("content").cloned())
+            .unwrap_or_default();
+        self.note_media_refs(room_id, &named, Some(&event_id)).await;
         self.request(via, FedRequest::SendJoin { pdu }).await?;
         // The join is made at `via` now; we hold the room only once its history up to our
         // join is here and the join itself is accepted. Anything less is reported as it is.

@@ -5,7 +5,7 @@
 //! it may read a room where an event of this server's users names that id (the same rule as
 //! for the room's events). Anything else is answered as if there were no such file.
 
-use ruma::RoomId;
+use ruma::{EventId, RoomId};
 
 use super::visibility::ServerView;
 use super::{NodeError, P2pNode};
@@ -34,16 +34,38 @@ pub enum FetchError {
 }
 
 impl P2pNode {
-    /// Notes the media of this server that a local event names, so the servers of that room
-    /// may fetch it.
-    pub(super) async fn note_media_refs(&self, room: &RoomId, content: &serde_json::Value) {
+    /// Notes the media of this server that a local event names, so the servers that may see
+    /// `event` may fetch it. `None` before the event exists: the room stands in for it until
+    /// [`P2pNode::settle_media_refs`].
+    /// Returns the ids it noted.
+    pub(super) async fn note_media_refs(
+        &self,
+        room: &RoomId,
+        content: &serde_json::Value,
+        event: Option<&EventId>,
+    ) -> Vec<String> {
         let ids = media_ids_in(content, &self.server_name().to_string());
+        if ids.is_empty() {
+            return ids;
+        }
+        let media = MediaStore::new(self.shared.engine.store().clone());
+        if let Err(e) = media
+            .add_refs(&ids, room.as_str(), event.map(EventId::as_str))
+            .await
+        {
+            tracing::warn!(%room, error = %e, "media references not noted");
+        }
+        ids
+    }
+
+    /// Ties the media `ids` a sent event names to that event, in place of its room.
+    pub(super) async fn settle_media_refs(&self, room: &RoomId, ids: &[String], event: &EventId) {
         if ids.is_empty() {
             return;
         }
         let media = MediaStore::new(self.shared.engine.store().clone());
-        if let Err(e) = media.add_refs(&ids, room.as_str()).await {
-            tracing::warn!(%room, error = %e, "media references not noted");
+        if let Err(e) = media.settle_refs(ids, room.as_str(), event.as_str()).await {
+            tracing::warn!(%room, error = %e, "media references not settled");
         }
     }
 
@@ -61,7 +83,7 @@ impl P2pNode {
             return Ok(no_such_media());
         };
         let mut entitled = false;
-        for room in media
+        for (room, event) in media
             .refs(media_id, MAX_REFS_CHECKED)
             .await
             .map_err(refused)?
@@ -69,16 +91,28 @@ impl P2pNode {
             let Ok(room) = RoomId::parse(&room) else {
                 continue;
             };
-            if ServerView::new(&self.shared.engine, &room, asker)
-                .await?
-                .is_some_and(|view| view.may_read_room())
-            {
-                entitled = true;
+            let Some(view) = ServerView::new(&self.shared.engine, &room, asker).await? else {
+                continue;
+            };
+            if !view.may_read_room() {
+                continue;
+            }
+            // Named by an event: the asker must be allowed to see that event (history
+            // visibility), not merely be in its room.
+            entitled = match event.as_deref().map(EventId::parse) {
+                None => true,
+                Some(Ok(event_id)) => match self.shared.engine.event(&event_id).await? {
+                    Some(ev) if ev.pdu.room_id == room => view.may_see(&ev).await?,
+                    _ => false,
+                },
+                Some(Err(_)) => false,
+            };
+            if entitled {
                 break;
             }
         }
         if !entitled {
-            tracing::info!(server = %asker, media_id, "media refused: no room of theirs names it");
+            tracing::info!(server = %asker, media_id, "media refused: it sees no event that names it");
             return Ok(no_such_media());
         }
         if offset > info.size {

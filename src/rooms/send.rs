@@ -30,7 +30,8 @@ impl P2pNode {
             .await?
         {
             let content = serde_json::from_str(ev.pdu.content.get()).unwrap_or_default();
-            self.note_media_refs(&room_id, &content).await;
+            self.note_media_refs(&room_id, &content, Some(&ev.pdu.event_id))
+                .await;
         }
         self.push_events(&room_id, &ids).await;
         for invitee in &opts.invite {
@@ -64,9 +65,9 @@ impl P2pNode {
         also_write: Option<crate::engine::AlsoWrite>,
     ) -> Result<Received, NodeError> {
         let (reply, rx) = oneshot::channel();
-        // Noted before the event is stored: once anyone can see the event, the servers that
-        // may see it can fetch what it names.
-        self.note_media_refs(room_id, &content).await;
+        // Noted before the event is stored (for the room, as its id is not known yet): once
+        // anyone can see the event, the servers that may see it can fetch what it names.
+        let named = self.note_media_refs(room_id, &content, None).await;
         let event = LocalEvent {
             room_id: room_id.to_owned(),
             sender: self.user(localpart),
@@ -84,7 +85,10 @@ impl P2pNode {
         // up) cannot strand the other senders whose events share the commit.
         let node = self.clone();
         rt::spawn(async move { node.commit_queued_sends().await });
-        rx.await.map_err(|_| NodeError::Stopped)?
+        let sent = rx.await.map_err(|_| NodeError::Stopped)??;
+        self.settle_media_refs(room_id, &named, &sent.event_id)
+            .await;
+        Ok(sent)
     }
 
     /// Group commit: whoever gets the turn signs and stores every queued send in one durable
