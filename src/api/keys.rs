@@ -544,15 +544,14 @@ impl ClientApi {
         from: SyncToken,
         to: SyncToken,
     ) -> ApiResult<(Vec<OwnedUserId>, Vec<OwnedUserId>)> {
-        let (mut changed, left) = self
+        let news = self
             .node
             .membership_device_changes(&s.user_id, from.events, to.events)
             .await?;
+        let (mut changed, left) = (news.changed, news.left);
+        // The rooms were just read for membership: who shares one comes with them.
         for user in self.data.device_changes(from.client, to.client).await? {
-            if changed.contains(&user) {
-                continue;
-            }
-            if user == s.user_id || self.node.users_share_room(&s.user_id, &user).await? {
+            if user == s.user_id || news.sharing.contains(&user) {
                 changed.insert(user);
             }
         }

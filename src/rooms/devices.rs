@@ -22,6 +22,18 @@ use crate::net::rt;
 /// Device requests from peers waiting for the client API; past this a peer is told `busy`.
 pub const DEVICE_QUEUE: usize = 64;
 
+/// What membership means for one user's device lists, as of now.
+#[derive(Debug, Default)]
+pub struct DeviceListNews {
+    /// Users they newly share a room with, because someone (they, or the other) joined or was
+    /// invited: their devices are to be fetched.
+    pub changed: BTreeSet<OwnedUserId>,
+    /// Users they no longer share any room with: to stop tracking.
+    pub left: BTreeSet<OwnedUserId>,
+    /// Everyone they share a room with now (each joined or invited).
+    pub sharing: HashSet<OwnedUserId>,
+}
+
 /// What a peer asks of this server's users' devices, once the room service let it through.
 #[derive(Debug)]
 pub enum DeviceAsk {
@@ -223,27 +235,14 @@ impl P2pNode {
         Ok(servers)
     }
 
-    /// Whether two users (local or not) share a room held here (both joined or invited).
-    pub async fn users_share_room(&self, a: &UserId, b: &UserId) -> Result<bool, NodeError> {
-        for room in self.shared.engine.rooms().await? {
-            let members = present_members(self, &room).await?;
-            if members.contains(a) && members.contains(b) {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
     /// What membership between event-stream positions `from..to` means for `user`'s device
-    /// lists: the users they now share a room with because someone (they, or the other) joined
-    /// or was invited (`changed`: their devices are to be fetched), and those they no longer
-    /// share any room with (`left`: to stop tracking).
+    /// lists (see [`DeviceListNews`]).
     pub async fn membership_device_changes(
         &self,
         user: &UserId,
         from: u64,
         to: u64,
-    ) -> Result<(BTreeSet<OwnedUserId>, BTreeSet<OwnedUserId>), NodeError> {
+    ) -> Result<DeviceListNews, NodeError> {
         let engine = &self.shared.engine;
         let window = from..to;
         let moved =
@@ -297,7 +296,11 @@ impl P2pNode {
             }
         }
         gone.retain(|u| !still_shared.contains(u));
-        Ok((changed, gone))
+        Ok(DeviceListNews {
+            changed,
+            left: gone,
+            sharing: still_shared,
+        })
     }
 
     /// Tells every server sharing a room with `user` (of this server) that its devices changed.
