@@ -440,10 +440,16 @@ impl ClientApi {
         info: &MediaInfo,
         file_name: Option<&str>,
     ) -> ApiResult<ApiResponse> {
-        let mut body = Vec::with_capacity(usize::try_from(info.size).unwrap_or(0));
-        for index in 0..info.chunks() {
-            body.extend(self.media.chunk(key, index).await.map_err(media_error)?);
-        }
+        let body = self
+            .media
+            .read(
+                key,
+                info,
+                0,
+                usize::try_from(info.size).unwrap_or(usize::MAX),
+            )
+            .await
+            .map_err(media_error)?;
         let mut resp = http::Response::new(body);
         media_headers(&mut resp, info, file_name);
         Ok(resp)

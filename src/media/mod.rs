@@ -205,7 +205,15 @@ impl MediaStore {
     /// What is known of the file kept under `id` (a media id of this server, or a
     /// [`remote_key`]).
     pub async fn info(&self, id: &str) -> Result<Option<MediaInfo>, MediaError> {
-        match self.store.get(Table::Media, &info_key(id)).await? {
+        self.get_json(&info_key(id)).await
+    }
+
+    /// A JSON record of the media table.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        k: &[u8],
+    ) -> Result<Option<T>, MediaError> {
+        match self.store.get(Table::Media, k).await? {
             Some(v) => serde_json::from_slice(&v).map(Some).map_err(corrupt),
             None => Ok(None),
         }
@@ -360,10 +368,7 @@ impl MediaStore {
         if !valid_media_id(id) {
             return Ok(None);
         }
-        match self.store.get(Table::Media, &pending_key(id)).await? {
-            Some(v) => serde_json::from_slice(&v).map(Some).map_err(corrupt),
-            None => Ok(None),
-        }
+        self.get_json(&pending_key(id)).await
     }
 
     async fn pending_entries(&self) -> Result<Vec<(String, Pending)>, MediaError> {
