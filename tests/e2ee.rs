@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::client::{enc, register, Client};
-use common::in_process::{peer, InProcess};
+use common::in_process::{alice_and_bob, peer, InProcess};
 use common::mallory::Mallory;
 use common::outsider::Outsider;
 use hyphae::net::protocol::{FedErrorCode, FedRequest, FedResponse};
@@ -78,30 +78,6 @@ async fn two_peers() -> (P2pNode, InProcess, P2pNode, InProcess) {
     let (b, api_b) = peer(Some(&a)).await;
     assert!(b.wait_for_peers(1, Duration::from_secs(10)).await);
     (a, api_a, b, api_b)
-}
-
-/// Alice (on `api_a`) and bob (on `api_b`) in a private room of alice's.
-async fn alice_and_bob<'a>(
-    a: &P2pNode,
-    api_a: &'a InProcess,
-    api_b: &'a InProcess,
-) -> (Client<'a, InProcess>, Client<'a, InProcess>, String) {
-    let alice = register(api_a, "alice", "pw-alice-1").await;
-    let mut bob = register(api_b, "bob", "pw-bob-1").await;
-    let room = alice
-        .create_room(json!({"preset": "private_chat", "invite": [bob.user_id]}))
-        .await;
-    bob.sync_until("the invite", |v| {
-        v["rooms"]["invite"].get(&room).map(|_| ())
-    })
-    .await;
-    let join = format!(
-        "/_matrix/client/v3/join/{}?via={}",
-        enc(&room),
-        a.server_name()
-    );
-    bob.ok("POST", &join, Some(json!({}))).await;
-    (alice, bob, room)
 }
 
 async fn upload(c: &Client<'_, InProcess>, key: &DeviceKey, otks: usize, fallback: bool) -> Value {

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use common::client::{register, Client};
-use common::in_process::{peer, peer_on, InProcess};
+use common::in_process::{alice_and_bob, peer, peer_on, InProcess};
 use hyphae::store::{Direction, KeyRange, SharedStore, Table};
 use serde_json::{json, Value};
 
@@ -437,30 +437,6 @@ async fn bad_uploads_are_refused_and_leave_nothing() {
         );
     }
     assert_eq!(media_keys(&store).await, before);
-}
-
-/// Alice (on `api_a`) and bob (on `api_b`) joined to a private room of alice's.
-async fn alice_and_bob<'a>(
-    a: &hyphae::rooms::P2pNode,
-    api_a: &'a InProcess,
-    api_b: &'a InProcess,
-) -> (Client<'a, InProcess>, Client<'a, InProcess>, String) {
-    let alice = register(api_a, "alice", "pw-alice-1").await;
-    let mut bob = register(api_b, "bob", "pw-bob-1").await;
-    let room = alice
-        .create_room(json!({"preset": "private_chat", "invite": [bob.user_id]}))
-        .await;
-    bob.sync_until("the invite", |v| {
-        v["rooms"]["invite"].get(&room).map(|_| ())
-    })
-    .await;
-    let join = format!(
-        "/_matrix/client/v3/join/{}?via={}",
-        common::client::enc(&room),
-        a.server_name()
-    );
-    bob.ok("POST", &join, Some(json!({}))).await;
-    (alice, bob, room)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

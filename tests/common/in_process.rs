@@ -92,3 +92,33 @@ pub async fn peer_on(store: SharedStore, bootstrap: Option<&P2pNode>) -> (P2pNod
     .unwrap();
     (node, InProcess(api))
 }
+
+/// Alice (on `api_a`, whose node is `a`) and bob (on `api_b`) joined to a new private room of
+/// alice's: registered, invited, and bob's join made through alice's server.
+pub async fn alice_and_bob<'a>(
+    a: &P2pNode,
+    api_a: &'a InProcess,
+    api_b: &'a InProcess,
+) -> (
+    super::client::Client<'a, InProcess>,
+    super::client::Client<'a, InProcess>,
+    String,
+) {
+    use super::client::{enc, register};
+    let alice = register(api_a, "alice", "pw-alice-1").await;
+    let mut bob = register(api_b, "bob", "pw-bob-1").await;
+    let room = alice
+        .create_room(serde_json::json!({"preset": "private_chat", "invite": [bob.user_id]}))
+        .await;
+    bob.sync_until("the invite", |v| {
+        v["rooms"]["invite"].get(&room).map(|_| ())
+    })
+    .await;
+    let join = format!(
+        "/_matrix/client/v3/join/{}?via={}",
+        enc(&room),
+        a.server_name()
+    );
+    bob.ok("POST", &join, Some(serde_json::json!({}))).await;
+    (alice, bob, room)
+}
