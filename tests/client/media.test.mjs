@@ -5,47 +5,11 @@
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { test } from "node:test";
-import { deflateSync } from "node:zlib";
 
+import { png } from "../png.mjs";
 import { register, startNode, startSyncing, stepper, uniqueName, waitFor } from "./harness.mjs";
 
 const PASSWORD = "correct horse battery";
-
-/** A 256×192 RGB PNG, made here so the test carries no binary files. */
-function png() {
-  const [w, h] = [256, 192];
-  const table = Array.from({ length: 256 }, (_, n) => {
-    let c = n;
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-    return c >>> 0;
-  });
-  const crc = (buf) => {
-    let c = 0xffffffff;
-    for (const b of buf) c = table[(c ^ b) & 0xff] ^ (c >>> 8);
-    return (c ^ 0xffffffff) >>> 0;
-  };
-  const chunk = (type, data) => {
-    const len = Buffer.alloc(4);
-    len.writeUInt32BE(data.length);
-    const body = Buffer.concat([Buffer.from(type), data]);
-    const sum = Buffer.alloc(4);
-    sum.writeUInt32BE(crc(body));
-    return Buffer.concat([len, body, sum]);
-  };
-  const ihdr = Buffer.alloc(13);
-  ihdr.writeUInt32BE(w, 0);
-  ihdr.writeUInt32BE(h, 4);
-  ihdr[8] = 8;
-  ihdr[9] = 2;
-  const rows = [];
-  for (let y = 0; y < h; y++) {
-    const row = Buffer.alloc(1 + w * 3);
-    for (let x = 0; x < w; x++) row.set([x, y, 128], 1 + x * 3);
-    rows.push(row);
-  }
-  const sig = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
-  return Buffer.concat([sig, chunk("IHDR", ihdr), chunk("IDAT", deflateSync(Buffer.concat(rows))), chunk("IEND", Buffer.alloc(0))]);
-}
 
 async function fetchMedia(client, url) {
   const res = await fetch(url, { headers: { Authorization: `Bearer ${client.getAccessToken()}` } });
@@ -62,7 +26,7 @@ test("two nodes: media with matrix-js-sdk", { timeout: 300_000 }, async (t) => {
   const step = stepper(t, [nodeA, nodeB]);
   let alice, bob, roomId, fileUri, pictureUri;
   const file = randomBytes(8 * 1024 * 1024 + 99);
-  const picture = png();
+  const picture = png(256, 192);
 
   await step("alice and bob share a room across the nodes", async () => {
     alice = await register(nodeA.url, uniqueName("alice"), PASSWORD);
