@@ -23,6 +23,11 @@ echo "== Matrix clients (matrix-js-sdk) against hyphae-node over HTTP"
 cargo build --bin hyphae-node
 HYPHAE_NODE_BIN=target/debug/hyphae-node npm run --silent test:client
 
+echo "== Matrix clients (matrix-rust-sdk: sliding sync, the room list, timelines) against hyphae-node"
+cargo fmt --manifest-path tests/rust-sdk/Cargo.toml -- --check
+CARGO_TARGET_DIR=target/rust-sdk HYPHAE_NODE_BIN=target/debug/hyphae-node \
+  cargo test --manifest-path tests/rust-sdk/Cargo.toml
+
 echo "== the web app (Playwright: two browser profiles and hyphae-node serving the app)"
 bash scripts/build-web.sh
 HYPHAE_NODE_BIN=target/debug/hyphae-node npm run --silent test:web

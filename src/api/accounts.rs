@@ -22,6 +22,9 @@ pub struct UserRecord {
     pub displayname: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avatar_url: Option<String>,
+    /// The account was closed: it never logs in again, and its name stays taken.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deactivated: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -137,10 +140,37 @@ impl Accounts {
             password_hash: self.passwords.hash(password).await?,
             displayname: Some(user.localpart().to_owned()),
             avatar_url: None,
+            deactivated: false,
         };
         let _creating = self.creating.lock().await;
         if self.user(user).await?.is_some() {
             return Err(ApiError::user_in_use());
+        }
+        self.put_user(user, &record).await
+    }
+
+    /// Replaces the user's password.
+    pub async fn set_password(&self, user: &UserId, password: &str) -> ApiResult<()> {
+        let hash = self.passwords.hash(password).await?;
+        let mut record = self
+            .user(user)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such user"))?;
+        record.password_hash = hash;
+        self.put_user(user, &record).await
+    }
+
+    /// Closes the account: no password matches it any more; `erase` also drops its profile.
+    pub async fn deactivate(&self, user: &UserId, erase: bool) -> ApiResult<()> {
+        let mut record = self
+            .user(user)
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such user"))?;
+        record.deactivated = true;
+        record.password_hash = String::new();
+        if erase {
+            record.displayname = None;
+            record.avatar_url = None;
         }
         self.put_user(user, &record).await
     }

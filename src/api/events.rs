@@ -15,6 +15,16 @@ pub struct Unsigned {
     pub transaction_id: Option<String>,
     pub prev_content: Option<Value>,
     pub redacted_because: Option<Value>,
+    /// Bundled aggregations (`m.relations`): threads, edits, references.
+    pub relations: Option<Value>,
+}
+
+/// Who reads an event, for what its bundled aggregations may tell: nothing sent after the
+/// reader left (`bound`) counts.
+#[derive(Debug, Clone, Copy)]
+pub struct Viewer<'a> {
+    pub user: &'a UserId,
+    pub bound: Option<u64>,
 }
 
 /// The client format of `ev` (with its content redacted under `version`'s rules if
@@ -54,6 +64,9 @@ pub fn client_event(
     }
     if let Some(r) = unsigned.redacted_because {
         u["redacted_because"] = r;
+    }
+    if let Some(r) = unsigned.relations {
+        u["m.relations"] = r;
     }
     out["unsigned"] = u;
     out
@@ -163,12 +176,14 @@ pub async fn state_event_level(
         .unwrap_or(50))
 }
 
-/// The client format of `ev` for `viewer`, with redaction and `prev_content` worked out.
+/// The client format of `ev`, with redaction and `prev_content` worked out and, for a
+/// `viewer`, the bundled aggregations of the events that relate to it.
 pub async fn format_event(
     engine: &Engine,
     ev: &StoredEvent,
     transaction_id: Option<String>,
     now: MilliSecondsSinceUnixEpoch,
+    viewer: Option<Viewer<'_>>,
 ) -> Result<Value, StoreError> {
     let mut unsigned = Unsigned {
         transaction_id,
@@ -179,14 +194,17 @@ pub async fn format_event(
         .await?
         .map(|r| r.room_version)
         .unwrap_or(RoomVersionId::V12);
-    for rel in engine.relations(&ev.pdu.event_id).await? {
+    let related = engine.relations(&ev.pdu.event_id).await?;
+    for rel in &related {
         if rel.pdu.redacts.as_ref() == Some(&ev.pdu.event_id)
-            && redaction_applies(engine, ev, &rel).await?
+            && redaction_applies(engine, ev, rel).await?
         {
-            unsigned.redacted_because =
-                Some(client_event(&rel, &version, Unsigned::default(), now));
+            unsigned.redacted_because = Some(client_event(rel, &version, Unsigned::default(), now));
             break;
         }
+    }
+    if let (Some(viewer), None) = (viewer, &unsigned.redacted_because) {
+        unsigned.relations = aggregate(engine, ev, &related, &version, viewer, now).await?;
     }
     if let Some((kind, key)) = ev.pdu.state_key_pair() {
         if let Some(before) = engine.state_before(&ev.pdu.event_id).await? {
@@ -198,6 +216,102 @@ pub async fn format_event(
         }
     }
     Ok(client_event(ev, &version, unsigned, now))
+}
+
+/// What `rel_type` an event's `m.relates_to` names, and the event it relates to.
+pub fn relation_of(ev: &StoredEvent) -> Option<(String, String)> {
+    let content: Value = serde_json::from_str(ev.pdu.content.get()).ok()?;
+    let rel = content.get("m.relates_to")?;
+    Some((
+        rel.get("rel_type")?.as_str()?.to_owned(),
+        rel.get("event_id")?.as_str()?.to_owned(),
+    ))
+}
+
+/// Whether a redaction that applies has removed `ev`.
+async fn is_redacted(engine: &Engine, ev: &StoredEvent) -> Result<bool, StoreError> {
+    for rel in engine.relations(&ev.pdu.event_id).await? {
+        if rel.pdu.redacts.as_ref() == Some(&ev.pdu.event_id)
+            && redaction_applies(engine, ev, &rel).await?
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The bundled aggregations of `ev` from the events that relate to it (`related`, in stream
+/// order): its thread (reply count, latest reply, whether the viewer took part), its latest
+/// edit by its own sender, and the events that reference it. Redacted relations do not count.
+async fn aggregate(
+    engine: &Engine,
+    ev: &StoredEvent,
+    related: &[std::sync::Arc<StoredEvent>],
+    version: &RoomVersionId,
+    viewer: Viewer<'_>,
+    now: MilliSecondsSinceUnixEpoch,
+) -> Result<Option<Value>, StoreError> {
+    let mut thread_count = 0u64;
+    let mut latest_reply = None;
+    let mut participated = ev.pdu.sender == viewer.user;
+    let mut edit: Option<&StoredEvent> = None;
+    let mut references = Vec::new();
+    for rel in related {
+        if rel.pdu.redacts.is_some()
+            || rel.pdu.room_id != ev.pdu.room_id
+            || viewer
+                .bound
+                .is_some_and(|b| rel.stream.is_none_or(|p| p > b))
+        {
+            continue;
+        }
+        let Some((kind, target)) = relation_of(rel) else {
+            continue;
+        };
+        if target != ev.pdu.event_id.as_str() || is_redacted(engine, rel).await? {
+            continue;
+        }
+        match kind.as_str() {
+            "m.thread" => {
+                thread_count += 1;
+                participated |= rel.pdu.sender == viewer.user;
+                latest_reply = Some(rel.as_ref());
+            }
+            // Only the sender may edit, and an edit keeps the event's type.
+            "m.replace" if rel.pdu.sender == ev.pdu.sender && rel.pdu.kind == ev.pdu.kind => {
+                let newer = edit.is_none_or(|e| {
+                    (rel.pdu.origin_server_ts, &rel.pdu.event_id)
+                        > (e.pdu.origin_server_ts, &e.pdu.event_id)
+                });
+                if newer {
+                    edit = Some(rel.as_ref());
+                }
+            }
+            "m.reference" => references.push(json!({"event_id": rel.pdu.event_id})),
+            _ => {}
+        }
+    }
+    let mut out = serde_json::Map::new();
+    if let Some(latest) = latest_reply {
+        out.insert(
+            "m.thread".into(),
+            json!({
+                "latest_event": client_event(latest, version, Unsigned::default(), now),
+                "count": thread_count,
+                "current_user_participated": participated,
+            }),
+        );
+    }
+    if let Some(edit) = edit {
+        out.insert(
+            "m.replace".into(),
+            client_event(edit, version, Unsigned::default(), now),
+        );
+    }
+    if !references.is_empty() {
+        out.insert("m.reference".into(), json!({ "chunk": references }));
+    }
+    Ok((!out.is_empty()).then_some(Value::Object(out)))
 }
 
 /// Stripped state (for invites): type, state_key, sender and content only.

@@ -297,6 +297,17 @@ impl UserData {
             .await
     }
 
+    /// Forgets the user's cross-signing keys (the account is closed).
+    pub async fn delete_cross_signing_keys(&self, user: &UserId) -> ApiResult<()> {
+        self.write_at(|_, b| {
+            for usage in ["master", "self_signing", "user_signing"] {
+                b.delete(Table::ClientData, key(&["xsign", user.as_str(), usage]));
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
     pub async fn cross_signing_key(&self, user: &UserId, usage: &str) -> ApiResult<Option<Value>> {
         self.get(&key(&["xsign", user.as_str(), usage])).await
     }

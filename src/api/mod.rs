@@ -6,6 +6,7 @@
 //! Requests are parsed with ruma's client-api request types (which also settle what is a bad
 //! body); errors are Matrix error JSON (`api::error`).
 
+mod account_changes;
 pub mod accounts;
 mod directory;
 pub mod error;
@@ -15,11 +16,18 @@ mod key_data;
 pub mod keys;
 mod limits;
 pub mod media;
+mod notifications;
 mod passwords;
+mod presence;
+mod push_rules;
+mod room_directory;
 mod rooms;
+mod search;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod server;
+mod sliding_sync;
 mod sync;
+mod threads;
 pub mod to_device;
 mod user_data;
 mod visibility;
@@ -88,6 +96,17 @@ enum UiaPurpose {
     CrossSigning {
         user: OwnedUserId,
     },
+    /// Signing these devices out (sorted, without repeats).
+    DeleteDevices {
+        user: OwnedUserId,
+        devices: Vec<String>,
+    },
+    ChangePassword {
+        user: OwnedUserId,
+    },
+    Deactivate {
+        user: OwnedUserId,
+    },
 }
 
 /// Who is typing where, with expiry; kept in memory only, like every homeserver does.
@@ -119,6 +138,13 @@ pub struct ClientApi {
     media: crate::media::MediaStore,
     /// Wakes the to-device outbox (messages were queued).
     outbox_wake: std::sync::Arc<tokio::sync::Notify>,
+    /// Who of this server's users is around.
+    presence: Mutex<presence::PresenceMap>,
+    /// Sliding-sync connections: what each was sent, per `pos`.
+    sliding: Mutex<sliding_sync::Connections>,
+    /// Per room: the stream position last looked at for what moves it up the room list, and
+    /// the position of that event.
+    bumps: Mutex<HashMap<OwnedRoomId, (u64, u64)>>,
     /// This API itself, for tasks it starts (typing expiry) that must not keep it alive.
     me: std::sync::Weak<ClientApi>,
 }
@@ -317,6 +343,9 @@ impl ClientApi {
             declined_invites: Mutex::new(HashMap::new()),
             remote_keys: Mutex::new(keys::RemoteKeys::default()),
             outbox_wake: std::sync::Arc::new(tokio::sync::Notify::new()),
+            sliding: Mutex::default(),
+            presence: Mutex::default(),
+            bumps: Mutex::default(),
             me: std::sync::Weak::new(),
         })
     }
@@ -435,6 +464,12 @@ impl ClientApi {
     }
 
     async fn route(&self, req: &ApiRequest, caller: Caller) -> ApiResult<ApiResponse> {
+        if req.uri().path() == "/.well-known/matrix/client" {
+            return match *req.method() {
+                Method::GET => self.well_known(req),
+                _ => Err(ApiError::unrecognized(StatusCode::METHOD_NOT_ALLOWED)),
+            };
+        }
         let Some(segs) = client_path(req.uri().path()) else {
             if let Some(segs) = media::media_path(req.uri().path()) {
                 let path: Vec<&str> = segs.iter().map(String::as_str).collect();
@@ -465,6 +500,10 @@ impl ClientApi {
                 return self.get_profile(req, user, Some(field)).await
             }
             (&M::GET, ["directory", "room", alias]) => return self.get_alias(alias).await,
+            (&M::GET, ["publicRooms"]) => return self.public_rooms(req).await,
+            (&M::GET, ["directory", "list", "room", room]) => {
+                return self.room_visibility(room).await
+            }
             _ => {}
         }
         if matches!(
@@ -481,6 +520,10 @@ impl ClientApi {
             Err(e) => return Err(e),
         };
         let s = &session;
+        self.presence
+            .lock()
+            .expect("presence lock")
+            .active(&s.user_id);
         let resp = match (&m, path.as_slice()) {
             (_, ["media", rest @ ..]) => self.media_route(req, s, rest).await,
             (&M::POST, ["user_directory", "search"]) => self.search_users(req, s).await,
@@ -493,10 +536,16 @@ impl ClientApi {
             (&M::GET, ["devices", device]) => self.device(s, device).await,
             (&M::PUT, ["devices", device]) => self.rename_device(req, s, device).await,
             (&M::DELETE, ["devices", device]) => self.delete_device(req, s, device).await,
+            (&M::POST, ["delete_devices"]) => self.delete_devices(req, s).await,
+            (&M::POST, ["account", "password"]) => self.change_password(req, s).await,
+            (&M::POST, ["account", "deactivate"]) => self.deactivate(req, s).await,
             (&M::GET, ["capabilities"]) => self.capabilities(),
-            (&M::GET, ["pushrules"] | ["pushrules", ""]) => self.push_rules(s),
+            (_, ["pushrules", rest @ ..]) => self.push_rules_route(req, s, rest).await,
             (&M::GET, ["voip", "turnServer"]) => ok(json!({})),
             (&M::GET, ["sync"]) => self.sync(req, s).await,
+            (&M::POST, ["org.matrix.simplified_msc3575", "sync"]) => {
+                self.sliding_sync(req, s).await
+            }
             (&M::POST, ["createRoom"]) => self.create_room(req, s).await,
             (&M::POST, ["join", target]) => {
                 use ruma::api::client::membership::join_room_by_id_or_alias::v3::Request;
@@ -539,6 +588,17 @@ impl ClientApi {
             (&M::GET, ["rooms", room, "joined_members"]) => self.joined_members(s, room).await,
             (&M::GET, ["joined_rooms"]) => self.joined_rooms(s).await,
             (&M::GET, ["rooms", room, "messages"]) => self.messages(req, s, room).await,
+            (&M::POST, ["search"]) => self.search(req, s).await,
+            (&M::GET, ["notifications"]) => self.notifications(req, s).await,
+            (&M::GET, ["pushers"]) => self.pushers(s).await,
+            (&M::POST, ["pushers", "set"]) => self.set_pusher(req, s).await,
+            (&M::POST, ["publicRooms"]) => self.public_rooms(req).await,
+            (&M::PUT, ["directory", "list", "room", room]) => {
+                self.set_room_visibility(req, s, room).await
+            }
+            (&M::GET, ["rooms", room, "aliases"]) => self.room_aliases(s, room).await,
+            (&M::GET, ["rooms", room, "hierarchy"]) => self.hierarchy(req, s, room).await,
+            (&M::GET, ["rooms", room, "threads"]) => self.threads(req, s, room).await,
             (&M::GET, ["rooms", room, "relations", event, rest @ ..]) if rest.len() <= 2 => {
                 self.relations(req, s, room, event, rest).await
             }
@@ -562,6 +622,13 @@ impl ClientApi {
             (&M::GET, ["user", user, "rooms", room, "account_data", kind]) => {
                 self.get_account_data(s, user, Some(room), kind).await
             }
+            (&M::GET, ["user", user, "rooms", room, "tags"]) => self.tags(s, user, room).await,
+            (&M::PUT, ["user", user, "rooms", room, "tags", tag]) => {
+                self.set_tag(Some(req), s, user, room, tag).await
+            }
+            (&M::DELETE, ["user", user, "rooms", room, "tags", tag]) => {
+                self.set_tag(None, s, user, room, tag).await
+            }
             (&M::POST, ["user", user, "filter"]) => self.create_filter(req, s, user).await,
             (&M::GET, ["user", user, "filter", id]) => self.get_filter(s, user, id).await,
             (&M::POST, ["keys", "upload"]) => self.upload_keys(req, s).await,
@@ -574,11 +641,8 @@ impl ClientApi {
             (&M::POST, ["keys", "signatures", "upload"]) => self.upload_signatures(req, s).await,
             (_, ["room_keys", ..]) => self.room_keys(req, s, &path[1..]).await,
             (&M::PUT, ["sendToDevice", kind, txn]) => self.send_to_device(req, s, kind, txn).await,
-            (&M::GET, ["presence", _user, "status"]) => ok(json!({"presence": "online"})),
-            (&M::PUT, ["presence", _user, "status"]) => {
-                body_object(req)?;
-                ok(json!({}))
-            }
+            (&M::GET, ["presence", user, "status"]) => self.get_presence(s, user).await,
+            (&M::PUT, ["presence", user, "status"]) => self.set_presence(req, s, user).await,
             _ if known => Err(ApiError::unrecognized(StatusCode::METHOD_NOT_ALLOWED)),
             _ => Err(ApiError::unrecognized(StatusCode::NOT_FOUND)),
         };
@@ -595,13 +659,15 @@ impl ClientApi {
                 | ["logout", "all"]
                 | ["register"]
                 | ["register", "available"]
-                | ["account", "whoami"]
+                | ["account", "whoami" | "password" | "deactivate"]
+                | ["delete_devices"]
                 | ["devices"]
                 | ["devices", _]
                 | ["capabilities"]
                 | ["pushrules", ..]
                 | ["voip", "turnServer"]
                 | ["sync"]
+                | ["org.matrix.simplified_msc3575", "sync"]
                 | ["createRoom"]
                 | ["join", _]
                 | ["joined_rooms"]
@@ -620,12 +686,21 @@ impl ClientApi {
                     "members" | "joined_members" | "messages" | "read_markers"
                 ]
                 | ["rooms", _, "relations", ..]
+                | ["rooms", _, "threads"]
+                | ["search"]
+                | ["notifications"]
+                | ["pushers"]
+                | ["pushers", "set"]
+                | ["publicRooms"]
+                | ["directory", "list", "room", _]
+                | ["rooms", _, "aliases" | "hierarchy"]
                 | ["rooms", _, "typing", _]
                 | ["rooms", _, "receipt", _, _]
                 | ["directory", "room", _]
                 | ["profile", ..]
                 | ["user", _, "account_data", _]
                 | ["user", _, "rooms", _, "account_data", _]
+                | ["user", _, "rooms", _, "tags", ..]
                 | ["user", _, "filter", ..]
                 | ["keys", "upload" | "query" | "claim" | "changes"]
                 | ["keys", "device_signing" | "signatures", "upload"]
@@ -643,8 +718,31 @@ impl ClientApi {
     fn versions(&self) -> ApiResult<ApiResponse> {
         ok(json!({
             "versions": ["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12"],
-            "unstable_features": {}
+            "unstable_features": {"org.matrix.simplified_msc3575": true}
         }))
+    }
+
+    /// `/.well-known/matrix/client`: this API is where the client reached it (behind a proxy
+    /// that says so, over HTTPS).
+    fn well_known(&self, req: &ApiRequest) -> ApiResult<ApiResponse> {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .filter(|h| {
+                !h.is_empty()
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+            })
+            .ok_or_else(|| ApiError::not_found("no host to name"))?;
+        let scheme = match req.headers().get("x-forwarded-proto").map(|v| v.as_bytes()) {
+            Some(b"https") => "https",
+            Some(_) => "http",
+            None => req.uri().scheme_str().unwrap_or("http"),
+        };
+        ok(json!({"m.homeserver": {"base_url": format!("{scheme}://{host}")}}))
     }
 
     fn capabilities(&self) -> ApiResult<ApiResponse> {
@@ -652,16 +750,11 @@ impl ClientApi {
             (3..=12).map(|v| (v.to_string(), json!("stable"))).collect();
         ok(json!({"capabilities": {
             "m.room_versions": {"default": "12", "available": available},
-            "m.change_password": {"enabled": false},
+            "m.change_password": {"enabled": true},
             "m.set_displayname": {"enabled": true},
             "m.set_avatar_url": {"enabled": true},
             "m.3pid_changes": {"enabled": false},
         }}))
-    }
-
-    fn push_rules(&self, s: &Session) -> ApiResult<ApiResponse> {
-        let rules = ruma::push::Ruleset::server_default(&s.user_id);
-        ok(json!({ "global": rules }))
     }
 
     // ---- accounts -------------------------------------------------------------------------
@@ -672,6 +765,13 @@ impl ClientApi {
         let wrong = || ApiError::forbidden("wrong user name or password");
         // An account that does not exist has no password to guess: nothing to count.
         let record = self.accounts.user(user).await?.ok_or_else(wrong)?;
+        if record.deactivated {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "M_USER_DEACTIVATED",
+                "this account was deactivated",
+            ));
+        }
         let attempt = self.logins.begin(user)?;
         match self.accounts.password_matches(&record, password).await {
             Ok(true) => {
@@ -809,15 +909,25 @@ impl ClientApi {
             Registration::Token(_) => "m.login.registration_token",
             Registration::Open => "m.login.dummy",
         };
-        let completed = match &r.auth {
-            Some(AuthData::Dummy(d)) if stage == "m.login.dummy" => d.session.clone(),
+        let session_ok = match &r.auth {
+            // Where the dummy stage is the only one, it proves nothing a session would: a
+            // client may complete it without asking for one first (as Synapse allows, and as
+            // matrix-rust-sdk's test clients do).
+            Some(AuthData::Dummy(d)) if stage == "m.login.dummy" => {
+                if let Some(sess) = &d.session {
+                    self.uia_take(sess, &UiaPurpose::Register);
+                }
+                true
+            }
             Some(AuthData::RegistrationToken(t)) => match &self.registration {
-                Registration::Token(want) if *want == t.token => t.session.clone(),
+                Registration::Token(want) if *want == t.token => t
+                    .session
+                    .as_ref()
+                    .is_some_and(|sess| self.uia_take(sess, &UiaPurpose::Register)),
                 _ => return Err(ApiError::forbidden("wrong registration token")),
             },
-            _ => None,
+            _ => false,
         };
-        let session_ok = completed.is_some_and(|sess| self.uia_take(&sess, &UiaPurpose::Register));
         let localpart = match &r.username {
             Some(u) => u.to_lowercase(),
             None => format!("user{}", rand::random::<u32>()),

@@ -30,7 +30,7 @@ pub fn room_id(s: &str) -> ApiResult<OwnedRoomId> {
     OwnedRoomId::try_from(s).map_err(|e| ApiError::invalid_param(format!("bad room id: {e}")))
 }
 
-fn event_id(s: &str) -> ApiResult<OwnedEventId> {
+pub(super) fn event_id(s: &str) -> ApiResult<OwnedEventId> {
     OwnedEventId::try_from(s).map_err(|e| ApiError::invalid_param(format!("bad event id: {e}")))
 }
 
@@ -189,6 +189,9 @@ impl ClientApi {
         let room_id = self.node.create_room(s.user_id.localpart(), &opts).await?;
         if let Some((_, claim)) = alias {
             claim.store(&room_id, &s.user_id).await?;
+        }
+        if r.visibility == Visibility::Public {
+            self.publish(&room_id, &s.user_id, true).await?;
         }
         ok(json!({ "room_id": room_id }))
     }
@@ -481,7 +484,7 @@ impl ClientApi {
                 let mut out = Vec::with_capacity(state.len());
                 for id in state.values() {
                     if let Some(ev) = engine.event(id).await? {
-                        out.push(format_event(engine, &ev, None, now()).await?);
+                        out.push(format_event(engine, &ev, None, now(), None).await?);
                     }
                 }
                 ok(Value::Array(out))
@@ -499,8 +502,7 @@ impl ClientApi {
         let event = event_id(event)?;
         let reader = self.room_reader(&room, &s.user_id).await?;
         let ev = self.visible_event(&reader, &room, &event).await?;
-        let txn = self.data.txn_of(s, &ev).await?;
-        ok(format_event(self.node.engine(), &ev, txn, now()).await?)
+        ok(self.client_format(s, &ev).await?)
     }
 
     /// `event` if it is in `room`'s timeline, else `M_NOT_FOUND`.
@@ -517,7 +519,7 @@ impl ClientApi {
 
     /// `event` if `reader` may see it, else `M_NOT_FOUND` (as for an unknown event: a user is
     /// not told what exists where they may not look).
-    async fn visible_event(
+    pub(super) async fn visible_event(
         &self,
         reader: &Reader<'_>,
         room: &RoomId,
@@ -572,7 +574,7 @@ impl ClientApi {
         let mut state_events = Vec::new();
         for id in state.values() {
             if let Some(e) = engine.event(id).await? {
-                state_events.push(format_event(engine, &e, None, now()).await?);
+                state_events.push(format_event(engine, &e, None, now(), None).await?);
             }
         }
         ok(json!({
@@ -587,8 +589,35 @@ impl ClientApi {
 
     /// The client format of `ev` for the session (with its transaction id if it sent it).
     pub(super) async fn client_format(&self, s: &Session, ev: &StoredEvent) -> ApiResult<Value> {
-        let txn = self.data.txn_of(s, ev).await?;
-        Ok(format_event(self.node.engine(), ev, txn, now()).await?)
+        let (txn, bound) = futures::try_join!(
+            self.data.txn_of(s, ev),
+            self.read_bound(&ev.pdu.room_id, &s.user_id),
+        )?;
+        let viewer = super::events::Viewer {
+            user: &s.user_id,
+            bound,
+        };
+        Ok(format_event(self.node.engine(), ev, txn, now(), Some(viewer)).await?)
+    }
+
+    /// The stream position of the user's leave or ban in `room`, if they left or were banned:
+    /// what relates to an event after that is not theirs to hear of.
+    pub(super) async fn read_bound(&self, room: &RoomId, user: &UserId) -> ApiResult<Option<u64>> {
+        let engine = self.node.engine();
+        let Some(state) = engine.current_state_map(room).await? else {
+            return Ok(None);
+        };
+        let key = (ruma::events::StateEventType::RoomMember, user.to_string());
+        let Some(id) = state.get(&key).cloned() else {
+            return Ok(None);
+        };
+        let Some(ev) = engine.event(&id).await? else {
+            return Ok(None);
+        };
+        Ok(
+            matches!(membership_of(&ev).as_deref(), Some("leave" | "ban"))
+                .then(|| ev.stream.unwrap_or(0)),
+        )
     }
 
     /// [`ClientApi::client_format`] for many events at once: their store reads (transaction ids,
@@ -686,7 +715,7 @@ impl ClientApi {
             {
                 continue;
             }
-            out.push(format_event(engine, &ev, None, now()).await?);
+            out.push(format_event(engine, &ev, None, now(), None).await?);
         }
         ok(json!({ "chunk": out }))
     }
@@ -832,50 +861,6 @@ impl ClientApi {
             cursor,
             exhausted,
         })
-    }
-
-    pub(super) async fn relations(
-        &self,
-        req: &ApiRequest,
-        s: &Session,
-        room: &str,
-        event: &str,
-        rest: &[&str],
-    ) -> ApiResult<ApiResponse> {
-        let room = room_id(room)?;
-        let event = event_id(event)?;
-        let reader = self.room_reader(&room, &s.user_id).await?;
-        self.visible_event(&reader, &room, &event).await?;
-        let q = super::url_query(req.uri().query().unwrap_or(""));
-        let limit = q
-            .get("limit")
-            .map(|l| l.parse::<usize>())
-            .transpose()
-            .map_err(|_| ApiError::invalid_param("limit must be a number"))?
-            .unwrap_or(50)
-            .clamp(1, 1000);
-        let rel_type = rest.first().copied();
-        let event_type = rest.get(1).copied();
-        let mut chunk = Vec::new();
-        for ev in self.node.engine().relations(&event).await? {
-            if ev.pdu.redacts.is_some() || ev.pdu.room_id != room {
-                continue;
-            }
-            let c: Value = serde_json::from_str(ev.pdu.content.get()).unwrap_or(Value::Null);
-            let rel = &c["m.relates_to"];
-            if rel_type.is_some_and(|t| rel["rel_type"].as_str() != Some(t))
-                || event_type.is_some_and(|t| ev.pdu.kind.to_string() != t)
-                || !reader.may_see(&ev).await?
-            {
-                continue;
-            }
-            chunk.push(self.client_format(s, &ev).await?);
-        }
-        if q.get("dir").map(String::as_str) != Some("f") {
-            chunk.reverse();
-        }
-        chunk.truncate(limit);
-        ok(json!({ "chunk": chunk }))
     }
 
     pub(super) async fn put_alias(

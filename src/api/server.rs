@@ -57,6 +57,7 @@ pub async fn serve(
             let bootstrap = Arc::new(web.bootstrap);
             axum::Router::new()
                 .route("/_matrix/{*path}", any(handle))
+                .route("/.well-known/matrix/client", any(handle))
                 .route(
                     "/hyphae/bootstrap.json",
                     get(move || {

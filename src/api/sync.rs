@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use super::accounts::Session;
 use super::error::{ApiError, ApiResult};
 use super::events::{membership_of, stripped};
+use super::push_rules::PUSH_RULES;
 use super::visibility::Reader;
 use super::{
     now, ok, parse, ApiRequest, ApiResponse, ClientApi, Duration, Instant, MAX_SYNC_TIMEOUT,
@@ -36,7 +37,7 @@ const MAX_HIDDEN_SCAN: usize = 200;
 pub(super) struct SyncToken {
     pub(super) events: u64,
     pub(super) client: u64,
-    typing: u64,
+    pub(super) typing: u64,
 }
 
 impl SyncToken {
@@ -55,7 +56,7 @@ impl SyncToken {
         Ok(token)
     }
 
-    fn render(&self) -> String {
+    pub(super) fn render(&self) -> String {
         format!("s{}_{}_{}", self.events, self.client, self.typing)
     }
 }
@@ -122,6 +123,94 @@ impl EventFilter {
                 .is_none_or(|s| s.iter().any(|x| x == sender))
             && !self.not_senders.iter().any(|x| x == sender)
     }
+}
+
+/// The newest events of a room in a position range that pass a filter and that a reader may see.
+pub(super) struct TimelineSlice {
+    /// Oldest first.
+    pub events: Vec<Arc<StoredEvent>>,
+    /// Events were left out: more than the limit, or much hidden history.
+    pub limited: bool,
+    /// The oldest position looked at.
+    pub cursor: Option<u64>,
+}
+
+/// Up to `limit` of the newest events in `range` that pass `filter` and that `reader` may see.
+pub(super) async fn visible_timeline(
+    engine: &crate::engine::Engine,
+    room: &RoomId,
+    reader: &Reader<'_>,
+    range: std::ops::Range<u64>,
+    limit: usize,
+    filter: &EventFilter,
+) -> ApiResult<TimelineSlice> {
+    let (lower, upper) = (range.start, range.end);
+    let mut timeline: Vec<Arc<StoredEvent>> = Vec::new();
+    let mut cursor = Some(upper);
+    let mut limited = false;
+    let mut hidden = 0;
+    if limit == 0 {
+        // Nothing asked for: only whether there is anything at all.
+        let newest = engine
+            .timeline(room, cursor, Direction::Backward, 1)
+            .await?;
+        let limited = newest
+            .first()
+            .is_some_and(|ev| ev.stream.is_some_and(|p| p >= lower));
+        return Ok(TimelineSlice {
+            events: timeline,
+            limited,
+            cursor,
+        });
+    }
+    // An incremental pass rarely has more than a few new events: reading `limit` index
+    // entries each time would cost an IndexedDB cursor step apiece in the tab.
+    let page_size = if lower == 0 {
+        limit
+    } else {
+        let in_range = usize::try_from(upper.saturating_sub(lower)).unwrap_or(usize::MAX);
+        limit.min(in_range.saturating_add(1)).max(1)
+    };
+    'pages: loop {
+        let page = engine
+            .timeline(room, cursor, Direction::Backward, page_size)
+            .await?;
+        let exhausted = page.len() < page_size;
+        for ev in page {
+            let pos = ev.stream.expect("timeline events have positions");
+            if pos < lower {
+                break 'pages;
+            }
+            cursor = Some(pos);
+            if !filter.matches(&ev) {
+                continue;
+            }
+            if !reader.may_see(&ev).await? {
+                // Much history the user may not see (they joined late): stop looking; the
+                // client pages on with `/messages`, which filters the same way.
+                hidden += 1;
+                if hidden > MAX_HIDDEN_SCAN {
+                    limited = true;
+                    break 'pages;
+                }
+                continue;
+            }
+            if timeline.len() == limit {
+                limited = true;
+                break 'pages;
+            }
+            timeline.push(ev);
+        }
+        if exhausted {
+            break;
+        }
+    }
+    timeline.reverse();
+    Ok(TimelineSlice {
+        events: timeline,
+        limited,
+        cursor,
+    })
 }
 
 /// What one pass of `/sync` found.
@@ -192,11 +281,12 @@ impl ClientApi {
         let timeline_filter = EventFilter::from_value(&room_filter["timeline"]);
         let lazy_members = EventFilter::from_value(&room_filter["state"]).lazy_load_members;
         let include_leave = room_filter["include_leave"].as_bool().unwrap_or(false);
-        let (account, rooms, ignored) = futures::try_join!(
+        let (account, rooms, ignored, rules) = futures::try_join!(
             self.data
                 .account_data_since(&s.user_id, from.client, next.client),
             async { Ok(engine.rooms().await?) },
             self.ignored_users(&s.user_id),
+            self.push_ruleset(&s.user_id),
         )?;
 
         let mut join = serde_json::Map::new();
@@ -244,6 +334,7 @@ impl ClientApi {
                             &timeline_filter,
                             lazy_members,
                             &account,
+                            &rules,
                         )
                         .await?;
                     match entry {
@@ -346,9 +437,13 @@ impl ClientApi {
                 global_account.push(json!({"type": kind, "content": content}));
             }
         }
-        if since.is_none() {
-            let rules = ruma::push::Ruleset::server_default(&s.user_id);
-            global_account.push(json!({"type": "m.push_rules", "content": {"global": rules}}));
+        // Rules the user never changed are the defaults, which no account data holds.
+        if since.is_none()
+            && !account
+                .iter()
+                .any(|(r, kind, _)| r.is_none() && kind == PUSH_RULES)
+        {
+            global_account.push(json!({"type": PUSH_RULES, "content": {"global": rules}}));
         }
         // Independent reads: issued together, so in the tab their IndexedDB round trips overlap.
         let (to_device, otk_counts, fallback_types) = futures::try_join!(
@@ -398,6 +493,7 @@ impl ClientApi {
         filter: &EventFilter,
         lazy_members: bool,
         account: &[(Option<String>, String, Value)],
+        rules: &ruma::push::Ruleset,
     ) -> ApiResult<Option<Value>> {
         let engine = self.node.engine();
         let joined = reader.until().is_none();
@@ -407,55 +503,11 @@ impl ClientApi {
             .clamp(1, 1000);
         let lower = if fresh { 0 } else { from.events };
         let upper = reader.bound(next.events);
-        // Newest first (below this pass's position, and a left user's leave), until the limit
-        // or the previous sync's position; only what the user may see.
-        let mut timeline: Vec<Arc<StoredEvent>> = Vec::new();
-        let mut cursor = Some(upper);
-        let mut limited = false;
-        let mut hidden = 0;
-        // An incremental pass rarely has more than a few new events: reading `limit` index
-        // entries each time would cost an IndexedDB cursor step apiece in the tab.
-        let page_size = if fresh {
-            limit
-        } else {
-            let in_range = usize::try_from(upper.saturating_sub(lower)).unwrap_or(usize::MAX);
-            limit.min(in_range.saturating_add(1)).max(1)
-        };
-        'pages: loop {
-            let page = engine
-                .timeline(room, cursor, Direction::Backward, page_size)
-                .await?;
-            let exhausted = page.len() < page_size;
-            for ev in page {
-                let pos = ev.stream.expect("timeline events have positions");
-                if pos < lower {
-                    break 'pages;
-                }
-                cursor = Some(pos);
-                if !filter.matches(&ev) {
-                    continue;
-                }
-                if !reader.may_see(&ev).await? {
-                    // Much history the user may not see (they joined late): stop looking; the
-                    // client pages on with `/messages`, which filters the same way.
-                    hidden += 1;
-                    if hidden > MAX_HIDDEN_SCAN {
-                        limited = true;
-                        break 'pages;
-                    }
-                    continue;
-                }
-                if timeline.len() == limit {
-                    limited = true;
-                    break 'pages;
-                }
-                timeline.push(ev);
-            }
-            if exhausted {
-                break;
-            }
-        }
-        timeline.reverse();
+        let TimelineSlice {
+            events: timeline,
+            limited,
+            cursor,
+        } = visible_timeline(engine, room, reader, lower..upper, limit, filter).await?;
         let first_pos = timeline.first().and_then(|e| e.stream).or(cursor);
 
         // State up to the start of the timeline: all of it for a fresh room, else what changed
@@ -534,10 +586,10 @@ impl ClientApi {
         {
             return Ok(None);
         }
-        let (events, summary, unread) = futures::try_join!(
+        let (events, summary, (notifications, highlights)) = futures::try_join!(
             self.client_format_all(s, timeline.iter().map(|e| e.as_ref())),
             self.summary(state, s),
-            self.unread_count(room, s, reader),
+            self.unread_counts(room, state, s, reader, rules),
         )?;
         Ok(Some(json!({
             "timeline": {"events": events, "limited": limited, "prev_batch": prev_batch},
@@ -546,14 +598,14 @@ impl ClientApi {
             "account_data": {"events": room_account},
             "summary": summary,
             "unread_notifications": {
-                "notification_count": unread,
-                "highlight_count": 0,
+                "notification_count": notifications,
+                "highlight_count": highlights,
             },
         })))
     }
 
     /// Heroes and member counts, so clients can name rooms without a name.
-    async fn summary(&self, state: &SortedState, s: &Session) -> ApiResult<Value> {
+    pub(super) async fn summary(&self, state: &SortedState, s: &Session) -> ApiResult<Value> {
         let engine = self.node.engine();
         let (mut joined, mut invited, mut heroes) = (0, 0, Vec::new());
         for ((kind, key), id) in state {
@@ -579,17 +631,22 @@ impl ClientApi {
         }))
     }
 
-    /// Messages from others after the user's read receipt (looking back a bounded distance).
-    async fn unread_count(
+    /// Notifying and highlighting events from others after the user's read receipt, as
+    /// their push rules judge them (looking back a bounded distance).
+    pub(super) async fn unread_counts(
         &self,
         room: &RoomId,
+        state: &SortedState,
         s: &Session,
         reader: &Reader<'_>,
-    ) -> ApiResult<u64> {
+        rules: &ruma::push::Ruleset,
+    ) -> ApiResult<(u64, u64)> {
         let read = self.data.receipt_of(room, &s.user_id).await?;
-        let mut n = 0;
+        let (mut notifications, mut highlights) = (0, 0);
         let mut scanned = 0;
         let mut cursor = None;
+        // Built at the first event to judge: most rooms have none.
+        let mut notifier = None;
         // The read marker is usually a few events back: look in small pages first.
         let mut page = 8;
         'scan: while scanned < UNREAD_SCAN_LIMIT {
@@ -606,19 +663,22 @@ impl ClientApi {
                 if read.as_deref() == Some(ev.pdu.event_id.as_str()) || ev.pdu.sender == s.user_id {
                     break 'scan;
                 }
-                let kind = ev.pdu.kind.to_string();
-                if (kind == "m.room.message" || kind == "m.room.encrypted")
-                    && reader.may_see(&ev).await?
-                {
-                    n += 1;
+                if !reader.may_see(&ev).await? {
+                    continue;
                 }
+                if notifier.is_none() {
+                    notifier = Some(self.notifier(room, state, &s.user_id, rules).await?);
+                }
+                let judged = notifier.as_ref().expect("just built").judge(&ev).await;
+                notifications += u64::from(judged.notify);
+                highlights += u64::from(judged.highlight);
             }
             if exhausted {
                 break;
             }
             page *= 4;
         }
-        Ok(n)
+        Ok((notifications, highlights))
     }
 
     /// Remembers that `user` declined a remote invite to `room` at client-data position `pos`.
@@ -637,7 +697,7 @@ impl ClientApi {
     }
 
     /// Stripped state an invitee sees: enough to name the room and know who invited them.
-    async fn invite_state(
+    pub(super) async fn invite_state(
         &self,
         state: &SortedState,
         member: &StoredEvent,

@@ -353,7 +353,11 @@ impl UserData {
         event: &EventId,
         thread: Option<&str>,
     ) -> ApiResult<()> {
-        let k = key(&["receipt", room.as_str(), user.as_str(), kind]);
+        // A receipt in a thread is kept beside the user's main one, not instead of it.
+        let k = match thread {
+            Some(t) if t != "main" => key(&["receipt", room.as_str(), user.as_str(), kind, t]),
+            _ => key(&["receipt", room.as_str(), user.as_str(), kind]),
+        };
         let ts = now_ms();
         self.write_at(|pos, b| {
             let mut v = json!({"pos": pos, "event_id": event, "ts": ts});
@@ -386,6 +390,8 @@ impl UserData {
             let Some((user, kind)) = rest.split_once('\0') else {
                 continue;
             };
+            // (`kind\0thread` for a receipt in a thread.)
+            let kind = kind.split('\0').next().unwrap_or(kind);
             if kind == PRIVATE_READ && user != viewer.as_str() {
                 continue;
             }
@@ -400,6 +406,12 @@ impl UserData {
             by_event[kind][user] = receipt;
         }
         Ok((!content.is_empty()).then_some(Value::Object(content)))
+    }
+
+    /// Deletes the value at `k`, at the next position.
+    pub(super) async fn delete_value(&self, k: Vec<u8>) -> ApiResult<()> {
+        self.write_at(|_, b| b.delete(Table::ClientData, k)).await?;
+        Ok(())
     }
 
     /// Stores one JSON value at `k`, at the next position.
@@ -750,7 +762,8 @@ impl ClientApi {
                 .put_receipt(room, &s.user_id, kind, event, thread.as_deref())
                 .await?;
             // Only public receipts go to peers: a private one is for the user's own clients.
-            if kind == "m.read" {
+            // Peers take a receipt for the main timeline: one in a thread stays here.
+            if kind == "m.read" && thread.as_deref().is_none_or(|t| t == "main") {
                 self.node.send_receipt(room, &s.user_id, event);
             }
         }
@@ -821,6 +834,85 @@ impl ClientApi {
             .await?;
         self.node.changed();
         ok(json!({}))
+    }
+
+    /// `GET /user/{user}/rooms/{room}/tags`.
+    pub(super) async fn tags(&self, s: &Session, user: &str, room: &str) -> ApiResult<ApiResponse> {
+        let room = self.own_room_data(s, user, room)?;
+        let content = self
+            .data
+            .account_data(&s.user_id, Some(&room), "m.tag")
+            .await?;
+        let tags = content
+            .map(|c| c["tags"].clone())
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
+        ok(json!({ "tags": tags }))
+    }
+
+    /// `PUT` (with an optional `order` between 0 and 1) or `DELETE` (`body` is `None`) one
+    /// tag of a room; the room's `m.tag` account data changes, so every client hears of it.
+    pub(super) async fn set_tag(
+        &self,
+        req: Option<&ApiRequest>,
+        s: &Session,
+        user: &str,
+        room: &str,
+        tag: &str,
+    ) -> ApiResult<ApiResponse> {
+        let room = self.own_room_data(s, user, room)?;
+        if tag.is_empty() || tag.len() > 255 {
+            return Err(ApiError::invalid_param("tags are 1 to 255 bytes"));
+        }
+        let info = match req {
+            Some(req) => {
+                let body = body_object(req)?;
+                let mut info = serde_json::Map::new();
+                match body.get("order") {
+                    None | Some(Value::Null) => {}
+                    Some(order) => match order.as_f64() {
+                        Some(o) if (0.0..=1.0).contains(&o) => {
+                            info.insert("order".into(), order.clone());
+                        }
+                        _ => return Err(ApiError::bad_json("`order` is a number from 0 to 1")),
+                    },
+                }
+                Some(Value::Object(info))
+            }
+            None => None,
+        };
+        // Read, change, write: one change to a room's tags at a time.
+        let _one_at_a_time = self.txns.lock(format!("tags\0{}\0{room}", s.user_id)).await;
+        let mut content = self
+            .data
+            .account_data(&s.user_id, Some(&room), "m.tag")
+            .await?
+            .filter(|c| c["tags"].is_object())
+            .unwrap_or_else(|| json!({"tags": {}}));
+        let tags = content["tags"].as_object_mut().expect("checked above");
+        match info {
+            Some(info) => {
+                tags.insert(tag.to_owned(), info);
+            }
+            None => {
+                tags.remove(tag);
+            }
+        }
+        self.data
+            .put_account_data(&s.user_id, Some(&room), "m.tag", content)
+            .await?;
+        self.node.changed();
+        ok(json!({}))
+    }
+
+    /// The room of a request about the caller's own per-room data.
+    fn own_room_data(&self, s: &Session, user: &str, room: &str) -> ApiResult<OwnedRoomId> {
+        if user != s.user_id.as_str() {
+            return Err(ApiError::forbidden(
+                "you may only see and change your own tags",
+            ));
+        }
+        super::rooms::room_id(room)
     }
 
     pub(super) async fn get_account_data(
