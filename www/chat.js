@@ -15,6 +15,7 @@ import { openSettings } from "./settings.js";
 import { secureHistory } from "./recovery.js";
 import { attachment, openPicture, sendFile, upload, useFetch, withPicture } from "./media.js";
 import { isVerified, listenForRequests, verifyUser } from "./verify.js";
+import { watchForNotifications } from "./notify.js";
 
 const QUICK_REACTIONS = ["👍", "❤️", "😄", "🎉"];
 /** Messages from one sender within this long are shown as one group. */
@@ -124,6 +125,9 @@ export class Chat {
       emitter.on(event, fn);
       this.cleanups.push(() => emitter.off(event, fn));
     }
+    this.cleanups.push(
+      watchForNotifications(c, { activeRoom: () => this.roomId, open: (roomId) => this.openRoom(roomId) }),
+    );
     const online = () => this.setOnline();
     window.addEventListener("online", online);
     window.addEventListener("offline", online);
@@ -344,7 +348,9 @@ export class Chat {
     const rooms = this.joinedRooms();
     if (!rooms.length) items.push(h("div.notice", {}, "No rooms yet: create one, or open a join link."));
     for (const room of rooms) {
-      const unread = room.roomId === this.roomId ? 0 : room.getUnreadNotificationCount(NotificationCountType.Total);
+      const here = room.roomId === this.roomId;
+      const unread = here ? 0 : room.getUnreadNotificationCount(NotificationCountType.Total);
+      const mentions = here ? 0 : room.getUnreadNotificationCount(NotificationCountType.Highlight);
       const last = lastMessage(room);
       items.push(
         h(
@@ -357,7 +363,11 @@ export class Chat {
             h("div.title", {}, room.name),
             h("div.last", {}, last ? `${last.sender?.name ?? last.getSender()}: ${bodyOf(last)}` : "No messages yet"),
           ),
-          unread > 0 ? h("span.badge", { "aria-label": `${unread} unread` }, unread) : "",
+          mentions > 0
+            ? h("span.badge.mention", { "aria-label": `${unread} unread, ${mentions} mentioning you` }, `@${unread}`)
+            : unread > 0
+              ? h("span.badge", { "aria-label": `${unread} unread` }, unread)
+              : "",
         ),
       );
     }

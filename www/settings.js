@@ -3,6 +3,7 @@ import { recoveryKey, useRecoveryKey } from "./recovery.js";
 import { h, dialog, toast, serverNameBox } from "./dom.js";
 import { backup, restore } from "./profile.js";
 import { sizeOf } from "./media.js";
+import { notificationsWanted, setNotifications } from "./notify.js";
 
 const KEY = "hyphae:settings";
 
@@ -43,6 +44,7 @@ export function openSettings({ hs, client, displayName, onRename, onRecoveryKey,
     const enteredKey = h("input.mono", { id: "settings-recovery-entry", type: "text", autocomplete: "off", placeholder: "EsT1 abcd …" });
     const picture = h("input", { type: "file", accept: "image/png,image/jpeg,image/gif,image/webp", class: "hidden", id: "settings-avatar-input" });
     picture.addEventListener("change", () => picture.files[0] && onAvatar(picture.files[0]));
+    const notify = h("input", { type: "checkbox", id: "settings-notify", checked: notificationsWanted() });
     const storage = h("span.muted", { id: "settings-storage" });
     navigator.storage?.estimate?.().then(({ usage, quota }) => {
       storage.textContent = `This browser keeps ${sizeOf(usage)} for Hyphae here, of ${sizeOf(quota)} it allows`;
@@ -72,6 +74,9 @@ export function openSettings({ hs, client, displayName, onRename, onRecoveryKey,
             }
             onRecoveryKey();
           }
+          if (notify.checked !== notificationsWanted() && !(await setNotifications(notify.checked))) {
+            if (notify.checked) toast("The browser did not allow notifications for this page", { error: true });
+          }
           const changedPeers = JSON.stringify(lines) !== JSON.stringify(settings.bootstrap ?? []);
           saveSettings({ ...settings, theme: theme.value, bootstrap: lines.length ? lines : null });
           applyTheme(theme.value);
@@ -91,6 +96,8 @@ export function openSettings({ hs, client, displayName, onRename, onRecoveryKey,
       peers,
       h("label", { for: "settings-theme" }, "Theme"),
       theme,
+      h("label", { for: "settings-notify" }, "Notifications"),
+      h("div.row", {}, notify, h("span.muted", {}, "Tell me of mentions and direct messages while Hyphae is in the background")),
       h("label", {}, "Storage"),
       storage,
       h("label", {}, "Backup"),

@@ -589,6 +589,11 @@ impl ClientApi {
             (&M::GET, ["joined_rooms"]) => self.joined_rooms(s).await,
             (&M::GET, ["rooms", room, "messages"]) => self.messages(req, s, room).await,
             (&M::POST, ["search"]) => self.search(req, s).await,
+            (&M::GET, ["rooms", room, "timestamp_to_event"]) => {
+                self.timestamp_to_event(req, s, room).await
+            }
+            // No third-party ids (email, phone) are kept: none to list, none to add.
+            (&M::GET, ["account", "3pid"]) => ok(json!({"threepids": []})),
             (&M::GET, ["notifications"]) => self.notifications(req, s).await,
             (&M::GET, ["pushers"]) => self.pushers(s).await,
             (&M::POST, ["pushers", "set"]) => self.set_pusher(req, s).await,
@@ -693,7 +698,8 @@ impl ClientApi {
                 | ["pushers", "set"]
                 | ["publicRooms"]
                 | ["directory", "list", "room", _]
-                | ["rooms", _, "aliases" | "hierarchy"]
+                | ["rooms", _, "aliases" | "hierarchy" | "timestamp_to_event"]
+                | ["account", "3pid"]
                 | ["rooms", _, "typing", _]
                 | ["rooms", _, "receipt", _, _]
                 | ["directory", "room", _]

@@ -863,6 +863,76 @@ impl ClientApi {
         })
     }
 
+    /// `GET /rooms/{room}/timestamp_to_event`: the visible event nearest to `ts` in the
+    /// direction `dir` (`f`: at or after it, `b`: at or before it), looking through a bounded
+    /// stretch of the room's timeline.
+    pub(super) async fn timestamp_to_event(
+        &self,
+        req: &ApiRequest,
+        s: &Session,
+        room: &str,
+    ) -> ApiResult<ApiResponse> {
+        /// Timeline events looked at, newest first.
+        const MAX_SCAN: usize = 20_000;
+        let room = room_id(room)?;
+        let reader = self.room_reader(&room, &s.user_id).await?;
+        let q = super::url_query(req.uri().query().unwrap_or(""));
+        let ts: u64 = q
+            .get("ts")
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| ApiError::invalid_param("ts (milliseconds) is required"))?;
+        let forward = match q.get("dir").map(String::as_str) {
+            Some("f") => true,
+            Some("b") => false,
+            _ => return Err(ApiError::invalid_param("dir is f or b")),
+        };
+        let engine = self.node.engine();
+        let mut best: Option<std::sync::Arc<StoredEvent>> = None;
+        let mut cursor = Some(reader.bound(engine.stream_position().await));
+        let mut scanned = 0;
+        'scan: while scanned < MAX_SCAN {
+            let page = engine
+                .timeline(&room, cursor, Direction::Backward, 200)
+                .await?;
+            let exhausted = page.len() < 200;
+            for ev in page {
+                scanned += 1;
+                cursor = ev.stream;
+                let at = u64::from(ev.pdu.origin_server_ts.get());
+                let fits = if forward { at >= ts } else { at <= ts };
+                if fits && reader.may_see(&ev).await? {
+                    let closer = best.as_ref().is_none_or(|b| {
+                        let b_at = u64::from(b.pdu.origin_server_ts.get());
+                        if forward {
+                            at < b_at
+                        } else {
+                            at > b_at
+                        }
+                    });
+                    if closer {
+                        best = Some(ev.clone());
+                    }
+                    // Going back in time: the first event at or before `ts` is the nearest.
+                    if !forward {
+                        break 'scan;
+                    }
+                }
+                if forward && at < ts {
+                    // Older still: nothing further back is at or after `ts`.
+                    break 'scan;
+                }
+            }
+            if exhausted {
+                break;
+            }
+        }
+        let ev = best.ok_or_else(|| ApiError::not_found("no event in that direction"))?;
+        ok(json!({
+            "event_id": ev.pdu.event_id,
+            "origin_server_ts": ev.pdu.origin_server_ts,
+        }))
+    }
+
     pub(super) async fn put_alias(
         &self,
         req: &ApiRequest,
