@@ -1849,3 +1849,89 @@ async fn a_declined_remote_invite_moves_to_leave_in_sync() {
     assert!(v["rooms"]["invite"].get(&room).is_none(), "{v}");
     assert!(v["rooms"]["leave"].get(&room).is_none(), "{v}");
 }
+
+/// Knocking on a room held by another peer: refused where the join rule does not allow it
+/// (nothing changes), taken where it does — the room's members see the knock and the knocker
+/// sees the room under `rooms.knock` — and answered by an invite the knocker then takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knocking_across_peers() {
+    let (a, api_a) = peer(None).await;
+    let (b, api_b) = peer(Some(&a)).await;
+    assert!(b.wait_for_peers(1, Duration::from_secs(10)).await);
+    let alice = register(&api_a, "alice", "pw").await;
+    let bob = register(&api_b, "bob", "pw").await;
+    let closed = alice.create_room(json!({"name": "invite only"})).await;
+    let room = alice
+        .create_room(json!({"name": "knock here", "initial_state": [{
+            "type": "m.room.join_rules", "state_key": "", "content": {"join_rule": "knock"},
+        }]}))
+        .await;
+    let knock_path = |room: &str| {
+        format!(
+            "/_matrix/client/v3/knock/{}?via={}",
+            common::client::enc(room),
+            a.server_name()
+        )
+    };
+
+    let (status, v) = bob.call("POST", &knock_path(&closed), Some(json!({}))).await;
+    assert!(status >= 400, "knocking on an invite-only room: {v}");
+    let state = a
+        .engine()
+        .current_state(&ruma::OwnedRoomId::try_from(closed.as_str()).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !state.contains_key(&("m.room.member".to_owned(), bob.user_id.clone())),
+        "no membership for bob in the invite-only room"
+    );
+    bob.fails(
+        "POST",
+        &knock_path(&room),
+        Some(json!({"reason": "x".repeat(5000)})),
+        "M_INVALID_PARAM",
+    )
+    .await;
+
+    bob.ok("POST", &knock_path(&room), Some(json!({"reason": "let me in"})))
+        .await;
+    let v = sync_once(&bob, None).await;
+    let knocked = &v["rooms"]["knock"][&room]["knock_state"]["events"];
+    let names: Vec<&Value> = knocked
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.name")
+        .collect();
+    assert_eq!(names[0]["content"]["name"], "knock here", "{v}");
+    let member = alice
+        .ok(
+            "GET",
+            &rooms_path(
+                &room,
+                &format!("state/m.room.member/{}", common::client::enc(&bob.user_id)),
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(member["membership"], "knock");
+    assert_eq!(member["reason"], "let me in");
+
+    alice
+        .ok(
+            "POST",
+            &rooms_path(&room, "invite"),
+            Some(json!({"user_id": bob.user_id})),
+        )
+        .await;
+    let join = format!(
+        "/_matrix/client/v3/join/{}?via={}",
+        common::client::enc(&room),
+        a.server_name()
+    );
+    bob.ok("POST", &join, Some(json!({}))).await;
+    let v = sync_once(&bob, None).await;
+    assert!(v["rooms"]["join"].get(&room).is_some(), "{v}");
+    assert!(v["rooms"]["knock"].get(&room).is_none(), "the knock was answered");
+}

@@ -289,6 +289,9 @@ fn any_request() -> impl Strategy<Value = FedRequest> {
         (room_id(), user_id())
             .prop_map(|(room_id, user_id)| FedRequest::MakeJoin { room_id, user_id }),
         text().prop_map(|pdu| FedRequest::SendJoin { pdu }),
+        (room_id(), user_id())
+            .prop_map(|(room_id, user_id)| FedRequest::MakeKnock { room_id, user_id }),
+        text().prop_map(|pdu| FedRequest::SendKnock { pdu }),
         (text(), prop::collection::vec(text(), 0..3)).prop_map(|(pdu, room_state)| {
             FedRequest::Invite {
                 room_version: RoomVersionId::V12,
@@ -539,9 +542,12 @@ fn member_request(f: &MemberFixture) -> impl Strategy<Value = FedRequest> {
         rooms
             .clone()
             .prop_map(|room_id| FedRequest::Extremities { room_id }),
-        (rooms.clone(), users)
+        (rooms.clone(), users.clone())
             .prop_map(|(room_id, user_id)| FedRequest::MakeJoin { room_id, user_id }),
         pdus.clone().prop_map(|pdu| FedRequest::SendJoin { pdu }),
+        (rooms.clone(), users)
+            .prop_map(|(room_id, user_id)| FedRequest::MakeKnock { room_id, user_id }),
+        pdus.clone().prop_map(|pdu| FedRequest::SendKnock { pdu }),
         (versions, pdus.clone(), stripped).prop_map(|(room_version, pdu, room_state)| {
             FedRequest::Invite {
                 room_version,

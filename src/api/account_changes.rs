@@ -105,9 +105,8 @@ impl ClientApi {
         if let Some(challenge) = self.password_uia(r.auth, s, purpose).await? {
             return Ok(challenge);
         }
-        // Marked first: should anything below fail, the account is closed all the same and a
-        // retry (with the password, which still checks) finishes the rest.
-        self.accounts.deactivate(&s.user_id, erase).await?;
+        // The account is closed last: should a step fail, the password still works and a
+        // retry finishes the rest.
         let engine = self.node.engine();
         for room in engine.rooms().await? {
             let Some(state) = engine.current_state(&room).await? else {
@@ -140,6 +139,7 @@ impl ClientApi {
         let ids: Vec<String> = devices.iter().map(|d| d.device_id.to_string()).collect();
         self.devices_removed(&s.user_id, &ids).await?;
         self.data.delete_cross_signing_keys(&s.user_id).await?;
+        self.accounts.deactivate(&s.user_id, erase).await?;
         ok(json!({"id_server_unbind_result": "no-support"}))
     }
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 mod key_backup;
 mod key_data;
+mod knock;
 pub mod keys;
 mod limits;
 pub mod media;
@@ -589,6 +590,7 @@ impl ClientApi {
             (&M::GET, ["joined_rooms"]) => self.joined_rooms(s).await,
             (&M::GET, ["rooms", room, "messages"]) => self.messages(req, s, room).await,
             (&M::POST, ["search"]) => self.search(req, s).await,
+            (&M::POST, ["knock", target]) => self.knock(req, s, target).await,
             (&M::GET, ["rooms", room, "timestamp_to_event"]) => {
                 self.timestamp_to_event(req, s, room).await
             }
@@ -693,6 +695,7 @@ impl ClientApi {
                 | ["rooms", _, "relations", ..]
                 | ["rooms", _, "threads"]
                 | ["search"]
+                | ["knock", _]
                 | ["notifications"]
                 | ["pushers"]
                 | ["pushers", "set"]

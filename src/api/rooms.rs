@@ -203,30 +203,8 @@ impl ClientApi {
         target: &str,
     ) -> ApiResult<ApiResponse> {
         body_object(req)?;
-        let room = if target.starts_with('#') {
-            let id = self
-                .data
-                .alias(target)
-                .await?
-                .ok_or_else(|| ApiError::not_found("no room has that alias here"))?;
-            room_id(&id)?
-        } else {
-            room_id(target)?
-        };
-        // Every `via` / `server_name` value: the query may repeat the key.
-        let via: Vec<String> = req
-            .uri()
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .filter(|(k, _)| *k == "via" || *k == "server_name")
-            .map(|(_, v)| {
-                percent_encoding::percent_decode_str(v)
-                    .decode_utf8_lossy()
-                    .into_owned()
-            })
-            .collect();
+        let room = self.room_of(target).await?;
+        let via = super::knock::via_servers(req);
         if let Some(state) = self.node.engine().current_state(&room).await? {
             match self.membership(&state, &s.user_id).await?.as_deref() {
                 Some("join") => return ok(json!({ "room_id": room })),
@@ -272,7 +250,11 @@ impl ClientApi {
                 .join_with_profile(&room, s.user_id.localpart(), peer, profile.clone())
                 .await
             {
-                Ok(_) => return ok(json!({ "room_id": room })),
+                Ok(_) => {
+                    // Let in: a knock that waited is answered.
+                    self.forget_knock(&s.user_id, &room).await?;
+                    return ok(json!({ "room_id": room }));
+                }
                 Err(e) => last_error = Some(e),
             }
         }
@@ -310,6 +292,16 @@ impl ClientApi {
         // the room to `leave` so clients drop the invite too.
         if self.node.engine().room(&room).await?.is_none()
             && self.node.decline_invite(&room, &s.user_id).await?
+        {
+            let pos = self.data.bump().await?;
+            self.note_declined_invite(&s.user_id, &room, pos);
+            self.node.changed();
+            return ok(json!({}));
+        }
+        // A knock on a room not held here is taken back by forgetting it, like a declined
+        // invite (the room keeps it until a member answers).
+        if self.node.engine().room(&room).await?.is_none()
+            && self.forget_knock(&s.user_id, &room).await?
         {
             let pos = self.data.bump().await?;
             self.note_declined_invite(&s.user_id, &room, pos);

@@ -1057,9 +1057,11 @@ impl ClientApi {
         let engine = self.node.engine();
         let mut cursor = Some(upper);
         let (mut scanned, mut found, mut newest) = (0, None, None);
+        // Most rooms have nothing new since the last look: one event read tells.
+        let mut page = 1;
         'scan: while scanned < BUMP_SCAN_LIMIT {
-            let unseen = usize::try_from(upper - checked).unwrap_or(usize::MAX);
-            let want = 32.min(unseen).min(BUMP_SCAN_LIMIT - scanned).max(1);
+            let want = page.min(BUMP_SCAN_LIMIT - scanned);
+            page = 32;
             let page = engine
                 .timeline(room, cursor, Direction::Backward, want)
                 .await?;

@@ -292,6 +292,7 @@ impl ClientApi {
         let mut join = serde_json::Map::new();
         let mut invite = serde_json::Map::new();
         let mut leave = serde_json::Map::new();
+        let mut knock = serde_json::Map::new();
         let mut known_rooms = HashSet::new();
         for room in rooms {
             let Some(state) = engine.current_state(&room).await? else {
@@ -347,6 +348,12 @@ impl ClientApi {
                         None => {}
                     }
                 }
+                Some("knock") if since.is_none() || changed_membership => {
+                    knock.insert(
+                        room.to_string(),
+                        json!({"knock_state": {"events": self.invite_state(&state, &member).await?}}),
+                    );
+                }
                 Some("invite")
                     if (since.is_none() || changed_membership)
                         && !ignored.contains(&member.pdu.sender) =>
@@ -399,6 +406,23 @@ impl ClientApi {
                 inv.room_id.to_string(),
                 json!({"invite_state": {"events": events}}),
             );
+        }
+
+        // Knocks on rooms this peer does not hold, until an invite or a join answers them.
+        for (room, event_id, mut events, pos) in self.remote_knocks(&s.user_id).await? {
+            if known_rooms.contains(&room)
+                || invite.contains_key(room.as_str())
+                || pos >= next.client
+                || (since.is_some() && pos < from.client)
+            {
+                continue;
+            }
+            events.push(json!({
+                "type": "m.room.member", "state_key": s.user_id, "sender": s.user_id,
+                "content": {"membership": "knock"}, "event_id": event_id,
+                "origin_server_ts": now(),
+            }));
+            knock.insert(room.to_string(), json!({"knock_state": {"events": events}}));
         }
 
         // Remote invites declined since the last pass: the room moves to `leave` once.
@@ -462,13 +486,14 @@ impl ClientApi {
         let empty = join.is_empty()
             && invite.is_empty()
             && leave.is_empty()
+            && knock.is_empty()
             && global_account.is_empty()
             && to_device.is_empty()
             && devices_changed.is_empty()
             && devices_left.is_empty();
         let body = json!({
             "next_batch": next.render(),
-            "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
+            "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
             "account_data": {"events": global_account},
             "presence": {"events": []},
             "to_device": {"events": to_device},

@@ -54,6 +54,13 @@ pub enum FedRequest {
     },
     /// A signed join event built from a `MakeJoin` template.
     SendJoin { pdu: String },
+    /// A template for `user_id`'s knock (answered with `JoinTemplate`).
+    MakeKnock {
+        room_id: OwnedRoomId,
+        user_id: OwnedUserId,
+    },
+    /// A signed knock built from a `MakeKnock` template (answered with `KnockState`).
+    SendKnock { pdu: String },
     /// An invite event for one of this peer's users (the room may be unknown here).
     Invite {
         room_version: RoomVersionId,
@@ -117,7 +124,9 @@ impl FedRequest {
             } if earliest.len() > MAX_IDS_PER_REQUEST || latest.len() > MAX_IDS_PER_REQUEST => {
                 Err(format!("at most {MAX_IDS_PER_REQUEST} ids per list"))
             }
-            FedRequest::SendJoin { pdu } | FedRequest::Invite { pdu, .. }
+            FedRequest::SendJoin { pdu }
+            | FedRequest::SendKnock { pdu }
+            | FedRequest::Invite { pdu, .. }
                 if pdu.len() > crate::engine::pdu::MAX_PDU_BYTES =>
             {
                 Err("PDU over the size limit".into())
@@ -188,6 +197,10 @@ pub enum FedResponse {
     JoinTemplate {
         room_id: OwnedRoomId,
         template: Template,
+    },
+    /// A knock was taken: the room's stripped state (JSON), for the knocker to show it.
+    KnockState {
+        room_state: Vec<String>,
     },
     /// Keys asked for with `QueryKeys` or `ClaimKeys`, as the JSON of the client API's answer
     /// (`device_keys`, `master_keys`, `self_signing_keys`; or `one_time_keys`).

@@ -93,6 +93,13 @@ impl P2pNode {
                         .await?
                 }
                 FedRequest::SendJoin { pdu } => self.answer_send_join(peer, &asker, pdu).await?,
+                FedRequest::MakeKnock { room_id, user_id } => {
+                    self.answer_make_knock(peer, &asker, room_id, user_id)
+                        .await?
+                }
+                FedRequest::SendKnock { pdu } => {
+                    self.answer_send_knock(peer, &asker, pdu).await?
+                }
                 FedRequest::Invite {
                     room_version,
                     pdu,

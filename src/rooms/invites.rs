@@ -7,7 +7,7 @@ use serde_json::json;
 use super::{NodeError, P2pNode};
 use crate::engine::verify_standalone;
 use crate::identity::ServerName;
-use crate::net::protocol::{FedErrorCode, FedRequest, FedResponse};
+use crate::net::protocol::{FedErrorCode, FedRequest, FedResponse, MAX_INVITE_STATE};
 use crate::store::{Table, WriteBatch};
 use libp2p::PeerId;
 
@@ -157,6 +157,52 @@ impl P2pNode {
         self.deliver_invite(room_id, invitee).await
     }
 
+    /// The stripped state of a room in `state` (`STRIPPED_STATE`), as JSON strings: what an
+    /// invitee or knocker is shown of a room they are not in.
+    pub(super) async fn stripped_state(
+        &self,
+        state: &crate::engine::SortedState,
+    ) -> Result<Vec<String>, NodeError> {
+        let mut room_state = Vec::new();
+        for kind in STRIPPED_STATE {
+            let Some(id) = state.get(&(kind.to_owned(), String::new())) else {
+                continue;
+            };
+            if let Some(e) = self.shared.engine.event(id).await? {
+                let stripped = json!({
+                    "type": kind,
+                    "state_key": "",
+                    "sender": e.pdu.sender,
+                    "content": serde_json::from_str::<serde_json::Value>(e.pdu.content.get())
+                        .unwrap_or_default(),
+                });
+                room_state.push(stripped.to_string());
+            }
+        }
+        Ok(room_state)
+    }
+
+    /// Stripped state a peer sent (with an invite, or in answer to a knock), checked: one event
+    /// per known type, within a byte budget; anything else is dropped.
+    pub(super) fn checked_stripped_state(
+        room_state: &[String],
+        room_id: &RoomId,
+    ) -> Vec<serde_json::Value> {
+        let mut kept: Vec<serde_json::Value> = Vec::new();
+        let mut bytes = 0;
+        for e in room_state.iter().take(MAX_INVITE_STATE) {
+            let Some(v) = stripped_state_event(e, room_id) else {
+                continue;
+            };
+            bytes += e.len();
+            if bytes > MAX_INVITE_STATE_BYTES || kept.iter().any(|k| k["type"] == v["type"]) {
+                continue;
+            }
+            kept.push(v);
+        }
+        kept
+    }
+
     pub(super) async fn deliver_invite(
         &self,
         room_id: &RoomId,
@@ -188,22 +234,7 @@ impl P2pNode {
             .room(room_id)
             .await?
             .ok_or(NodeError::Stopped)?;
-        let mut room_state = Vec::new();
-        for kind in STRIPPED_STATE {
-            let Some(id) = state.get(&(kind.to_owned(), String::new())) else {
-                continue;
-            };
-            if let Some(e) = self.shared.engine.event(id).await? {
-                let stripped = json!({
-                    "type": kind,
-                    "state_key": "",
-                    "sender": e.pdu.sender,
-                    "content": serde_json::from_str::<serde_json::Value>(e.pdu.content.get())
-                        .unwrap_or_default(),
-                });
-                room_state.push(stripped.to_string());
-            }
-        }
+        let room_state = self.stripped_state(&state).await?;
         let request = FedRequest::Invite {
             room_version: room.room_version,
             pdu: ev.pdu.json.get().to_owned(),
@@ -250,19 +281,7 @@ impl P2pNode {
                 "the invitee is not on this server",
             ));
         }
-        // Stripped state: one event per known type, within a byte budget.
-        let mut kept: Vec<serde_json::Value> = Vec::new();
-        let mut bytes = 0;
-        for e in room_state {
-            let Some(v) = stripped_state_event(e, &ev.room_id) else {
-                continue;
-            };
-            bytes += e.len();
-            if bytes > MAX_INVITE_STATE_BYTES || kept.iter().any(|k| k["type"] == v["type"]) {
-                continue;
-            }
-            kept.push(v);
-        }
+        let kept = Self::checked_stripped_state(room_state, &ev.room_id);
         let invite = Invite {
             room_id: ev.room_id.clone(),
             room_version: room_version.clone(),

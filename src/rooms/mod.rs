@@ -17,6 +17,7 @@ pub mod edu;
 pub mod ingest;
 pub mod invites;
 pub mod join;
+pub mod knock;
 pub mod media;
 pub mod push;
 pub mod send;
