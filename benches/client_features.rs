@@ -261,6 +261,28 @@ mod native {
             pct(&sliding, 0.5), pct(&sliding, 0.99), pct(&synced, 0.5), pct(&synced, 0.99)
         );
 
+        // One incremental pass with nothing new, each way: the cost of looking.
+        let (mut sliding_idle, mut sync_idle) = (Vec::new(), Vec::new());
+        for _ in 0..20 {
+            let p = pos.lock().unwrap().clone();
+            let t = Instant::now();
+            let v = call(&api, "POST", &format!("{SLIDING}?pos={}&timeout=0", enc(&p)), Some(&bob), room_list_body()).await;
+            sliding_idle.push(ms(t.elapsed()));
+            *pos.lock().unwrap() = v["pos"].as_str().unwrap().to_owned();
+            let s = since.lock().unwrap().clone();
+            let t = Instant::now();
+            let v = call(&api, "GET", &format!("/_matrix/client/v3/sync?since={}&timeout=0", enc(&s)), Some(&bob), json!({})).await;
+            sync_idle.push(ms(t.elapsed()));
+            *since.lock().unwrap() = v["next_batch"].as_str().unwrap().to_owned();
+        }
+        sliding_idle.sort_by(f64::total_cmp);
+        sync_idle.sort_by(f64::total_cmp);
+        println!(
+            "BENCH an incremental pass with nothing new, {ROOMS} rooms: sliding sync p50 {:.2} ms, /sync p50 {:.2} ms",
+            pct(&sliding_idle, 0.5),
+            pct(&sync_idle, 0.5)
+        );
+
         // Search: 10,000 messages in 10 rooms, words drawn so each query matches a few.
         let mut search_rooms = Vec::new();
         for i in 0..SEARCH_ROOMS {

@@ -242,7 +242,9 @@ async fn is_redacted(engine: &Engine, ev: &StoredEvent) -> Result<bool, StoreErr
 
 /// The bundled aggregations of `ev` from the events that relate to it (`related`, in stream
 /// order): its thread (reply count, latest reply, whether the viewer took part), its latest
-/// edit by its own sender, and the events that reference it. Redacted relations do not count.
+/// edit by its own sender, and the events that reference it. A redacted edit, reference or
+/// latest reply does not count; the reply count includes redacted replies (checking each would
+/// cost a look-up per reply every time the root is served).
 async fn aggregate(
     engine: &Engine,
     ev: &StoredEvent,
@@ -251,10 +253,9 @@ async fn aggregate(
     viewer: Viewer<'_>,
     now: MilliSecondsSinceUnixEpoch,
 ) -> Result<Option<Value>, StoreError> {
-    let mut thread_count = 0u64;
-    let mut latest_reply = None;
+    let mut replies = Vec::new();
     let mut participated = ev.pdu.sender == viewer.user;
-    let mut edit: Option<&StoredEvent> = None;
+    let mut edits = Vec::new();
     let mut references = Vec::new();
     for rel in related {
         if rel.pdu.redacts.is_some()
@@ -268,48 +269,61 @@ async fn aggregate(
         let Some((kind, target)) = relation_of(rel) else {
             continue;
         };
-        if target != ev.pdu.event_id.as_str() || is_redacted(engine, rel).await? {
+        if target != ev.pdu.event_id.as_str() {
             continue;
         }
         match kind.as_str() {
             "m.thread" => {
-                thread_count += 1;
                 participated |= rel.pdu.sender == viewer.user;
-                latest_reply = Some(rel.as_ref());
+                replies.push(rel.as_ref());
             }
             // Only the sender may edit, and an edit keeps the event's type.
             "m.replace" if rel.pdu.sender == ev.pdu.sender && rel.pdu.kind == ev.pdu.kind => {
-                let newer = edit.is_none_or(|e| {
-                    (rel.pdu.origin_server_ts, &rel.pdu.event_id)
-                        > (e.pdu.origin_server_ts, &e.pdu.event_id)
-                });
-                if newer {
-                    edit = Some(rel.as_ref());
-                }
+                edits.push(rel.as_ref());
             }
-            "m.reference" => references.push(json!({"event_id": rel.pdu.event_id})),
+            "m.reference" => references.push(rel.as_ref()),
             _ => {}
         }
     }
     let mut out = serde_json::Map::new();
+    let mut latest_reply = None;
+    for reply in replies.iter().rev() {
+        if !is_redacted(engine, reply).await? {
+            latest_reply = Some(*reply);
+            break;
+        }
+    }
     if let Some(latest) = latest_reply {
         out.insert(
             "m.thread".into(),
             json!({
                 "latest_event": client_event(latest, version, Unsigned::default(), now),
-                "count": thread_count,
+                "count": replies.len(),
                 "current_user_participated": participated,
             }),
         );
     }
-    if let Some(edit) = edit {
-        out.insert(
-            "m.replace".into(),
-            client_event(edit, version, Unsigned::default(), now),
-        );
+    // The newest edit by origin_server_ts (then event id), as the spec orders them.
+    edits.sort_by(|a, b| {
+        (b.pdu.origin_server_ts, &b.pdu.event_id).cmp(&(a.pdu.origin_server_ts, &a.pdu.event_id))
+    });
+    for edit in edits {
+        if !is_redacted(engine, edit).await? {
+            out.insert(
+                "m.replace".into(),
+                client_event(edit, version, Unsigned::default(), now),
+            );
+            break;
+        }
     }
-    if !references.is_empty() {
-        out.insert("m.reference".into(), json!({ "chunk": references }));
+    let mut chunk = Vec::new();
+    for r in references {
+        if !is_redacted(engine, r).await? {
+            chunk.push(json!({"event_id": r.pdu.event_id}));
+        }
+    }
+    if !chunk.is_empty() {
+        out.insert("m.reference".into(), json!({ "chunk": chunk }));
     }
     Ok((!out.is_empty()).then_some(Value::Object(out)))
 }
