@@ -266,12 +266,26 @@ mod native {
         for _ in 0..20 {
             let p = pos.lock().unwrap().clone();
             let t = Instant::now();
-            let v = call(&api, "POST", &format!("{SLIDING}?pos={}&timeout=0", enc(&p)), Some(&bob), room_list_body()).await;
+            let v = call(
+                &api,
+                "POST",
+                &format!("{SLIDING}?pos={}&timeout=0", enc(&p)),
+                Some(&bob),
+                room_list_body(),
+            )
+            .await;
             sliding_idle.push(ms(t.elapsed()));
             *pos.lock().unwrap() = v["pos"].as_str().unwrap().to_owned();
             let s = since.lock().unwrap().clone();
             let t = Instant::now();
-            let v = call(&api, "GET", &format!("/_matrix/client/v3/sync?since={}&timeout=0", enc(&s)), Some(&bob), json!({})).await;
+            let v = call(
+                &api,
+                "GET",
+                &format!("/_matrix/client/v3/sync?since={}&timeout=0", enc(&s)),
+                Some(&bob),
+                json!({}),
+            )
+            .await;
             sync_idle.push(ms(t.elapsed()));
             *since.lock().unwrap() = v["next_batch"].as_str().unwrap().to_owned();
         }

@@ -1874,7 +1874,9 @@ async fn knocking_across_peers() {
         )
     };
 
-    let (status, v) = bob.call("POST", &knock_path(&closed), Some(json!({}))).await;
+    let (status, v) = bob
+        .call("POST", &knock_path(&closed), Some(json!({})))
+        .await;
     assert!(status >= 400, "knocking on an invite-only room: {v}");
     let state = a
         .engine()
@@ -1894,8 +1896,12 @@ async fn knocking_across_peers() {
     )
     .await;
 
-    bob.ok("POST", &knock_path(&room), Some(json!({"reason": "let me in"})))
-        .await;
+    bob.ok(
+        "POST",
+        &knock_path(&room),
+        Some(json!({"reason": "let me in"})),
+    )
+    .await;
     let v = sync_once(&bob, None).await;
     let knocked = &v["rooms"]["knock"][&room]["knock_state"]["events"];
     let names: Vec<&Value> = knocked
@@ -1933,5 +1939,8 @@ async fn knocking_across_peers() {
     bob.ok("POST", &join, Some(json!({}))).await;
     let v = sync_once(&bob, None).await;
     assert!(v["rooms"]["join"].get(&room).is_some(), "{v}");
-    assert!(v["rooms"]["knock"].get(&room).is_none(), "the knock was answered");
+    assert!(
+        v["rooms"]["knock"].get(&room).is_none(),
+        "the knock was answered"
+    );
 }

@@ -71,9 +71,7 @@ impl ClientApi {
             match self.membership(&state, &s.user_id).await?.as_deref() {
                 Some("join") => return Err(ApiError::forbidden("you are in that room already")),
                 Some("invite") => {
-                    return Err(ApiError::forbidden(
-                        "you are invited to that room: join it",
-                    ))
+                    return Err(ApiError::forbidden("you are invited to that room: join it"))
                 }
                 Some("ban") => return Err(ApiError::forbidden("you are banned from that room")),
                 Some("knock") => return ok(json!({ "room_id": room })),
@@ -122,7 +120,8 @@ impl ClientApi {
                     let k = key(&["knock", s.user_id.as_str(), room.as_str()]);
                     self.data
                         .write_at(|pos, b| {
-                            let record = json!({"pos": pos, "event_id": event_id, "state": room_state});
+                            let record =
+                                json!({"pos": pos, "event_id": event_id, "state": room_state});
                             b.put(crate::store::Table::ClientData, k, record.to_string());
                         })
                         .await?;

@@ -97,9 +97,7 @@ impl P2pNode {
                     self.answer_make_knock(peer, &asker, room_id, user_id)
                         .await?
                 }
-                FedRequest::SendKnock { pdu } => {
-                    self.answer_send_knock(peer, &asker, pdu).await?
-                }
+                FedRequest::SendKnock { pdu } => self.answer_send_knock(peer, &asker, pdu).await?,
                 FedRequest::Invite {
                     room_version,
                     pdu,

@@ -86,10 +86,9 @@ impl P2pNode {
         .map_err(IngestError::BadFormat)?;
         let pdu = String::from_utf8(pdu).expect("canonical JSON is UTF-8");
         match self.request(via, FedRequest::SendKnock { pdu }).await? {
-            FedResponse::KnockState { room_state } => Ok((
-                event_id,
-                Self::checked_stripped_state(&room_state, room_id),
-            )),
+            FedResponse::KnockState { room_state } => {
+                Ok((event_id, Self::checked_stripped_state(&room_state, room_id)))
+            }
             _ => Err(NodeError::Network("unexpected answer to send_knock".into())),
         }
     }
