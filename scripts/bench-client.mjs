@@ -110,6 +110,144 @@ function percentile(sorted, p) {
   return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(p * sorted.length) - 1))];
 }
 
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * A reader of one room through /sync, as a client runs it: a filter for the room with a
+ * timeline limit of `limit`, and a new long poll as soon as one answers (or `pauseMs` later, a
+ * slow reader). A `limited` timeline is filled from its `prev_batch` with /messages back to the
+ * last event the reader had, as a client fills a gap. Records when each message body was first
+ * seen, and every event id in the order delivered.
+ */
+function syncReader(user, roomId, { pauseMs = 0, limit = 1000 } = {}) {
+  const filter = JSON.stringify({ room: { rooms: [roomId], timeline: { limit } } });
+  const seenAt = new Map();
+  const order = [];
+  const counts = new Map();
+  const stats = { syncs: 0, limited: 0, gap_events: 0 };
+  const stop = new AbortController();
+  let since;
+  let lastId;
+  const ready = user.call("GET", "/sync", { query: { filter, timeout: 0 } }).then((r) => {
+    since = r.next_batch;
+    const events = r.rooms?.join?.[roomId]?.timeline?.events ?? [];
+    lastId = events.at(-1)?.event_id;
+  });
+  const loop = (async () => {
+    await ready;
+    while (!stop.signal.aborted) {
+      if (pauseMs) await sleep(pauseMs);
+      let r;
+      try {
+        r = await user.call("GET", "/sync", {
+          query: { since, filter, timeout: SYNC_TIMEOUT_MS },
+          timeoutMs: SYNC_TIMEOUT_MS + 30_000,
+          signal: stop.signal,
+        });
+      } catch (e) {
+        if (stop.signal.aborted) return;
+        throw e;
+      }
+      const at = now();
+      since = r.next_batch;
+      stats.syncs++;
+      const timeline = r.rooms?.join?.[roomId]?.timeline;
+      if (!timeline) continue;
+      let events = timeline.events ?? [];
+      if (timeline.limited && lastId) {
+        stats.limited++;
+        const gap = [];
+        let from = timeline.prev_batch;
+        gapFill: while (from) {
+          const page = await user.call("GET", `/rooms/${enc(roomId)}/messages`, { query: { dir: "b", from, limit: 100 } });
+          for (const ev of page.chunk) {
+            if (ev.event_id === lastId) break gapFill;
+            gap.push(ev);
+          }
+          if (!page.end || page.chunk.length === 0) break;
+          from = page.end;
+        }
+        gap.reverse();
+        stats.gap_events += gap.length;
+        events = [...gap, ...events];
+      }
+      for (const ev of events) {
+        counts.set(ev.event_id, (counts.get(ev.event_id) ?? 0) + 1);
+        order.push(ev.event_id);
+        const body = ev.content?.body;
+        if (body && !seenAt.has(body)) seenAt.set(body, at);
+      }
+      if (events.length) lastId = events.at(-1).event_id;
+    }
+  })();
+  return {
+    ready,
+    seenAt,
+    order,
+    counts,
+    stats,
+    /** Resolves once every body in `bodies` was seen, or after `timeoutMs`. */
+    async waitFor(bodies, timeoutMs = SEEN_TIMEOUT_MS) {
+      const until = now() + timeoutMs;
+      while (now() < until && !bodies.every((b) => seenAt.has(b))) await sleep(5);
+    },
+    async stop() {
+      stop.abort();
+      await loop;
+    },
+  };
+}
+
+/**
+ * SENDERS users send `total` messages at once, each one at a time, while bob reads the room
+ * with `syncReader(readerOptions)`. Returns the send figures and, per message, the time from the
+ * start of its send to bob's sync answer holding it; checks nothing was lost, duplicated or
+ * delivered out of the room's order.
+ */
+async function concurrentPhase(name, { senders, bob, roomId, total, tag, readerOptions }) {
+  const reader = syncReader(bob, roomId, readerOptions);
+  await reader.ready;
+  const started = new Map();
+  const each = Math.ceil(total / senders.length);
+  const t0 = now();
+  const perSender = await Promise.all(
+    senders.map(async (u, s) => {
+      const ids = [];
+      for (let i = 0; i < each; i++) {
+        const body = `${tag} ${s}/${i}`;
+        started.set(body, now());
+        ids.push(await u.send(roomId, body));
+      }
+      return ids;
+    }),
+  );
+  const ms = now() - t0;
+  const ids = perSender.flat();
+  await reader.waitFor([...started.keys()]);
+  await reader.stop();
+  const latencies = [...started].filter(([b]) => reader.seenAt.has(b)).map(([b, t]) => reader.seenAt.get(b) - t);
+  latencies.sort((a, b) => a - b);
+  // The room's order, from /messages, against the order bob's syncs delivered.
+  const whole = await pageBack(bob, roomId, { maxEvents: ids.length + 200 });
+  const wanted = new Set(ids);
+  const roomOrder = whole.events.map((e) => e.event_id).reverse().filter((id) => wanted.has(id));
+  const delivered = reader.order.filter((id) => wanted.has(id));
+  const firstDelivery = [...new Set(delivered)];
+  return {
+    senders: senders.length,
+    events: ids.length,
+    ms: round(ms),
+    events_per_s: round((ids.length * 1000) / ms),
+    delivery_p50_ms: round(percentile(latencies, 0.5), 2),
+    delivery_p99_ms: round(percentile(latencies, 0.99), 2),
+    lost: ids.filter((id) => !reader.counts.has(id)).length,
+    duplicated: ids.filter((id) => (reader.counts.get(id) ?? 0) > 1).length,
+    out_of_order: firstDelivery.filter((id, i) => roomOrder[i] !== id).length,
+    ...reader.stats,
+    ids,
+  };
+}
+
 /** Pages /messages backwards from the newest event, `limit` at a time, until `maxEvents` or the start. */
 async function pageBack(user, roomId, { limit = PAGE, maxEvents = Infinity } = {}) {
   const events = [];
@@ -156,25 +294,31 @@ async function benchServer(name, base) {
   let ms = now() - t0;
   out.sequential_send = { events: N, ms: round(ms), events_per_s: round((N * 1000) / ms) };
 
-  // Concurrent send: SENDERS users at once, each one message at a time.
-  progress(`concurrent send: ${CONCURRENT_TOTAL} messages from ${SENDERS} users`);
-  const each = Math.ceil(CONCURRENT_TOTAL / SENDERS);
-  t0 = now();
-  const perSender = await Promise.all(
-    senders.map(async (u, s) => {
-      const ids = [];
-      for (let i = 0; i < each; i++) ids.push(await u.send(roomId, `concurrent ${s}/${i}`));
-      return ids;
-    }),
-  );
-  ms = now() - t0;
-  for (const ids of perSender) sent.push(...ids);
-  out.concurrent_send = {
-    senders: SENDERS,
-    events: each * SENDERS,
-    ms: round(ms),
-    events_per_s: round((each * SENDERS * 1000) / ms),
-  };
+  // Concurrent send: SENDERS users at once, each one message at a time, while bob reads the
+  // room through /sync and polls again at once.
+  progress(`concurrent send: ${CONCURRENT_TOTAL} messages from ${SENDERS} users, bob reading`);
+  out.concurrent_send = await concurrentPhase(name, {
+    senders,
+    bob,
+    roomId,
+    total: CONCURRENT_TOTAL,
+    tag: `concurrent ${run}`,
+  });
+  // The same with a slow reader: 200 ms between bob's polls, so his timelines come limited and
+  // he fills the gaps from prev_batch; nothing may be lost or doubled.
+  progress(`concurrent send with a slow reader (200 ms between polls)`);
+  out.slow_reader = await concurrentPhase(name, {
+    senders,
+    bob,
+    roomId,
+    total: CONCURRENT_TOTAL,
+    tag: `slow ${run}`,
+    readerOptions: { pauseMs: 200, limit: 50 },
+  });
+  for (const phase of [out.concurrent_send, out.slow_reader]) {
+    sent.push(...phase.ids);
+    delete phase.ids;
+  }
 
   // Nothing lost: bob pages back over the whole room; every sent event is there exactly once.
   progress("checking for lost events: /messages over the whole room");
@@ -325,11 +469,15 @@ await writeFile(OUT, `${JSON.stringify(results, null, 2)}\n`);
 
 const h = results.hyphae;
 const s = results.synapse;
+const fmtCheck = (p) => `${p.lost} / ${p.duplicated} / ${p.out_of_order}`;
 const higher = (a, b) => `${(a / b).toFixed(2)}×`; // throughput: Hyphae / Synapse
 const lower = (a, b) => `${(b / a).toFixed(2)}×`; // time: Synapse / Hyphae
 const rows = [
   ["sequential send (events/s)", h.sequential_send.events_per_s, s.sequential_send.events_per_s, higher],
   [`concurrent send, ${SENDERS} users (events/s)`, h.concurrent_send.events_per_s, s.concurrent_send.events_per_s, higher],
+  ["delivery to a reader during the concurrent sends p50 (ms)", h.concurrent_send.delivery_p50_ms, s.concurrent_send.delivery_p50_ms, lower],
+  ["delivery to a reader during the concurrent sends p99 (ms)", h.concurrent_send.delivery_p99_ms, s.concurrent_send.delivery_p99_ms, lower],
+  ["slow reader (200 ms between polls): delivery p50 (ms)", h.slow_reader.delivery_p50_ms, s.slow_reader.delivery_p50_ms, lower],
   ["sync delivery latency p50 (ms)", h.sync_latency.p50_ms, s.sync_latency.p50_ms, lower],
   ["sync delivery latency p99 (ms)", h.sync_latency.p99_ms, s.sync_latency.p99_ms, lower],
   [`/messages back over ${PAGED_EVENTS} events (ms)`, h.messages.total_ms, s.messages.total_ms, lower],
@@ -338,6 +486,9 @@ const rows = [
   [`lost events (of ${h.loss.sent} / ${s.loss.sent})`, h.loss.lost, s.loss.lost, null],
   ["events paged back twice", h.loss.duplicated, s.loss.duplicated, null],
   ["truncated syncs (limited, message left out)", h.sync_latency.truncated, s.sync_latency.truncated, null],
+  ["concurrent phase: lost / doubled / out of order", fmtCheck(h.concurrent_send), fmtCheck(s.concurrent_send), null],
+  ["slow reader: lost / doubled / out of order", fmtCheck(h.slow_reader), fmtCheck(s.slow_reader), null],
+  ["slow reader: limited timelines (gap events filled)", `${h.slow_reader.limited} (${h.slow_reader.gap_events})`, `${s.slow_reader.limited} (${s.slow_reader.gap_events})`, null],
   ["latency messages missing from sync", h.sync_latency.missing, s.sync_latency.missing, null],
   ["events delivered twice by /sync", h.sync_latency.duplicated_in_sync, s.sync_latency.duplicated_in_sync, null],
 ];
@@ -361,6 +512,11 @@ for (const [name, r] of [["Hyphae", h], ["Synapse", s]]) {
   if (r.loss.duplicated > 0) problems.push(`${name}'s /messages returned ${r.loss.duplicated} events twice`);
   if (r.sync_latency.truncated > 0) problems.push(`${name} truncated ${r.sync_latency.truncated} syncs`);
   if (r.sync_latency.missing > 0) problems.push(`${name}'s /sync never delivered ${r.sync_latency.missing} messages`);
+  for (const [phase, p] of [["concurrent", r.concurrent_send], ["slow-reader", r.slow_reader]]) {
+    if (p.lost || p.duplicated || p.out_of_order) {
+      problems.push(`${name}, ${phase} phase: ${p.lost} lost, ${p.duplicated} doubled, ${p.out_of_order} out of order in /sync`);
+    }
+  }
   if (r.sync_latency.duplicated_in_sync > 0) {
     problems.push(`${name}'s /sync delivered ${r.sync_latency.duplicated_in_sync} events a second time`);
   }

@@ -59,6 +59,8 @@ impl ClientApi {
     ) -> ApiResult<ApiResponse> {
         use ruma::api::client::account::change_password::v3::Request;
         let r: Request = parse(req, &[])?;
+        // One change to an account at a time: a new password cannot reopen a closing account.
+        let _one_at_a_time = self.txns.lock(format!("account\0{}", s.user_id)).await;
         let purpose = UiaPurpose::ChangePassword {
             user: s.user_id.clone(),
         };
@@ -99,6 +101,7 @@ impl ClientApi {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         let r: Request = parse(req, &[])?;
+        let _one_at_a_time = self.txns.lock(format!("account\0{}", s.user_id)).await;
         let purpose = UiaPurpose::Deactivate {
             user: s.user_id.clone(),
         };

@@ -19,14 +19,6 @@ pub struct Unsigned {
     pub relations: Option<Value>,
 }
 
-/// Who reads an event, for what its bundled aggregations may tell: nothing sent after the
-/// reader left (`bound`) counts.
-#[derive(Debug, Clone, Copy)]
-pub struct Viewer<'a> {
-    pub user: &'a UserId,
-    pub bound: Option<u64>,
-}
-
 /// The client format of `ev` (with its content redacted under `version`'s rules if
 /// `unsigned.redacted_because` is set).
 pub fn client_event(
@@ -176,15 +168,34 @@ pub async fn state_event_level(
         .unwrap_or(50))
 }
 
-/// The client format of `ev`, with redaction and `prev_content` worked out and, for a
-/// `viewer`, the bundled aggregations of the events that relate to it.
+/// The client format of `ev`, with redaction and `prev_content` worked out.
 pub async fn format_event(
     engine: &Engine,
     ev: &StoredEvent,
     transaction_id: Option<String>,
     now: MilliSecondsSinceUnixEpoch,
-    viewer: Option<Viewer<'_>>,
 ) -> Result<Value, StoreError> {
+    Ok(format_event_parts(engine, ev, transaction_id, now)
+        .await?
+        .value)
+}
+
+/// An event in client format, with what its bundled aggregations are made from.
+pub struct Formatted {
+    pub value: Value,
+    /// The events that redact or relate to it, in stream order.
+    pub related: Vec<std::sync::Arc<StoredEvent>>,
+    pub redacted: bool,
+    pub version: RoomVersionId,
+}
+
+/// [`format_event`], keeping the related events for [`aggregate`].
+pub async fn format_event_parts(
+    engine: &Engine,
+    ev: &StoredEvent,
+    transaction_id: Option<String>,
+    now: MilliSecondsSinceUnixEpoch,
+) -> Result<Formatted, StoreError> {
     let mut unsigned = Unsigned {
         transaction_id,
         ..Unsigned::default()
@@ -203,9 +214,7 @@ pub async fn format_event(
             break;
         }
     }
-    if let (Some(viewer), None) = (viewer, &unsigned.redacted_because) {
-        unsigned.relations = aggregate(engine, ev, &related, &version, viewer, now).await?;
-    }
+    let redacted = unsigned.redacted_because.is_some();
     if let Some((kind, key)) = ev.pdu.state_key_pair() {
         if let Some(before) = engine.state_before(&ev.pdu.event_id).await? {
             if let Some(prev_id) = before.get(&(kind.to_string(), key)) {
@@ -215,7 +224,12 @@ pub async fn format_event(
             }
         }
     }
-    Ok(client_event(ev, &version, unsigned, now))
+    Ok(Formatted {
+        value: client_event(ev, &version, unsigned, now),
+        related,
+        redacted,
+        version,
+    })
 }
 
 /// What `rel_type` an event's `m.relates_to` names, and the event it relates to.
@@ -229,7 +243,7 @@ pub fn relation_of(ev: &StoredEvent) -> Option<(String, String)> {
 }
 
 /// Whether a redaction that applies has removed `ev`.
-async fn is_redacted(engine: &Engine, ev: &StoredEvent) -> Result<bool, StoreError> {
+pub async fn is_redacted(engine: &Engine, ev: &StoredEvent) -> Result<bool, StoreError> {
     for rel in engine.relations(&ev.pdu.event_id).await? {
         if rel.pdu.redacts.as_ref() == Some(&ev.pdu.event_id)
             && redaction_applies(engine, ev, &rel).await?
@@ -240,41 +254,59 @@ async fn is_redacted(engine: &Engine, ev: &StoredEvent) -> Result<bool, StoreErr
     Ok(false)
 }
 
+/// Related events one event's aggregations look at, newest first, and references they list.
+const MAX_AGGREGATED: usize = 1000;
+const MAX_REFERENCES: usize = 50;
+/// Edits and replies tried, newest first, for one that is not redacted.
+const MAX_REDACTION_CHECKS: usize = 10;
+
+/// Whether any of `related` is a thread reply, an edit or a reference of `ev` (most events
+/// have none, and then no reader needs to be built).
+pub fn has_aggregations(ev: &StoredEvent, related: &[std::sync::Arc<StoredEvent>]) -> bool {
+    related.iter().any(|rel| {
+        relation_of(rel).is_some_and(|(kind, target)| {
+            target == ev.pdu.event_id.as_str()
+                && matches!(kind.as_str(), "m.thread" | "m.replace" | "m.reference")
+        })
+    })
+}
+
 /// The bundled aggregations of `ev` from the events that relate to it (`related`, in stream
-/// order): its thread (reply count, latest reply, whether the viewer took part), its latest
-/// edit by its own sender, and the events that reference it. A redacted edit, reference or
-/// latest reply does not count; the reply count includes redacted replies (checking each would
-/// cost a look-up per reply every time the root is served).
-async fn aggregate(
+/// order) that `reader` may see: its thread (reply count, latest reply, whether the reader took
+/// part), its latest edit by its own sender, and the events that reference it. A redacted edit,
+/// reference or latest reply does not count; the reply count includes redacted replies
+/// (checking each would cost a look-up per reply every time the root is served). At most the
+/// newest [`MAX_AGGREGATED`] related events are looked at.
+pub(super) async fn aggregate(
     engine: &Engine,
     ev: &StoredEvent,
     related: &[std::sync::Arc<StoredEvent>],
     version: &RoomVersionId,
-    viewer: Viewer<'_>,
+    reader: &super::visibility::Reader<'_>,
+    user: &UserId,
     now: MilliSecondsSinceUnixEpoch,
 ) -> Result<Option<Value>, StoreError> {
     let mut replies = Vec::new();
-    let mut participated = ev.pdu.sender == viewer.user;
+    let mut participated = ev.pdu.sender == user;
     let mut edits = Vec::new();
     let mut references = Vec::new();
-    for rel in related {
-        if rel.pdu.redacts.is_some()
-            || rel.pdu.room_id != ev.pdu.room_id
-            || viewer
-                .bound
-                .is_some_and(|b| rel.stream.is_none_or(|p| p > b))
-        {
+    let newest = related.len().saturating_sub(MAX_AGGREGATED);
+    for rel in &related[newest..] {
+        if rel.pdu.redacts.is_some() || rel.pdu.room_id != ev.pdu.room_id {
             continue;
         }
         let Some((kind, target)) = relation_of(rel) else {
             continue;
         };
-        if target != ev.pdu.event_id.as_str() {
+        if target != ev.pdu.event_id.as_str()
+            || !matches!(kind.as_str(), "m.thread" | "m.replace" | "m.reference")
+            || !reader.may_see(rel).await?
+        {
             continue;
         }
         match kind.as_str() {
             "m.thread" => {
-                participated |= rel.pdu.sender == viewer.user;
+                participated |= rel.pdu.sender == user;
                 replies.push(rel.as_ref());
             }
             // Only the sender may edit, and an edit keeps the event's type.
@@ -287,7 +319,7 @@ async fn aggregate(
     }
     let mut out = serde_json::Map::new();
     let mut latest_reply = None;
-    for reply in replies.iter().rev() {
+    for reply in replies.iter().rev().take(MAX_REDACTION_CHECKS) {
         if !is_redacted(engine, reply).await? {
             latest_reply = Some(*reply);
             break;
@@ -307,7 +339,7 @@ async fn aggregate(
     edits.sort_by(|a, b| {
         (b.pdu.origin_server_ts, &b.pdu.event_id).cmp(&(a.pdu.origin_server_ts, &a.pdu.event_id))
     });
-    for edit in edits {
+    for edit in edits.into_iter().take(MAX_REDACTION_CHECKS) {
         if !is_redacted(engine, edit).await? {
             out.insert(
                 "m.replace".into(),
@@ -317,7 +349,7 @@ async fn aggregate(
         }
     }
     let mut chunk = Vec::new();
-    for r in references {
+    for r in references.into_iter().rev().take(MAX_REFERENCES) {
         if !is_redacted(engine, r).await? {
             chunk.push(json!({"event_id": r.pdu.event_id}));
         }

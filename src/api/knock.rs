@@ -86,6 +86,8 @@ impl ClientApi {
                 .await?;
             return ok(json!({ "room_id": room }));
         }
+        // Counted and written one knock at a time, so the limit holds.
+        let _one_at_a_time = self.txns.lock(format!("knock\0{}", s.user_id)).await;
         let pending = self
             .data
             .scan(&prefix(&["knock", s.user_id.as_str()]))

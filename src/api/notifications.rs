@@ -59,7 +59,7 @@ impl ClientApi {
                 },
                 None => None,
             };
-            let notifier = self.notifier(&room, &state, &s.user_id, &rules).await?;
+            let mut notifier = None;
             let events = engine
                 .timeline(&room, before, Direction::Backward, SCAN_PER_ROOM)
                 .await?;
@@ -67,37 +67,41 @@ impl ClientApi {
                 if ev.pdu.sender == s.user_id || !reader.may_see(&ev).await? {
                     continue;
                 }
-                let judged = notifier.judge(&ev).await;
+                if notifier.is_none() {
+                    notifier = Some(self.notifier(&room, &state, &s.user_id, &rules).await?);
+                }
+                let judged = notifier.as_ref().expect("just built").judge(&ev).await;
                 if !judged.notify || (only_highlight && !judged.highlight) {
                     continue;
                 }
                 let pos = ev.stream.unwrap_or(0);
-                let mut actions = vec![json!("notify")];
-                if judged.highlight {
-                    actions.push(json!({"set_tweak": "highlight"}));
-                }
-                found.push((
-                    pos,
-                    json!({
-                        "actions": actions,
-                        "event": self.client_format(s, &ev).await?,
-                        "read": read_pos.is_some_and(|r| pos <= r),
-                        "room_id": room,
-                        "ts": ev.pdu.origin_server_ts,
-                    }),
-                ));
+                found.push((pos, room.clone(), ev, judged.highlight, read_pos));
             }
         }
         found.sort_by_key(|n| std::cmp::Reverse(n.0));
         let more = found.len() > limit;
         found.truncate(limit);
-        let mut out = json!({});
+        // Only the page is formatted.
+        let mut notifications = Vec::with_capacity(found.len());
+        for (pos, room, ev, highlight, read_pos) in &found {
+            let mut actions = vec![json!("notify")];
+            if *highlight {
+                actions.push(json!({"set_tweak": "highlight"}));
+            }
+            notifications.push(json!({
+                "actions": actions,
+                "event": self.client_format(s, ev).await?,
+                "read": read_pos.is_some_and(|r| *pos <= r),
+                "room_id": room,
+                "ts": ev.pdu.origin_server_ts,
+            }));
+        }
+        let mut out = json!({ "notifications": notifications });
         if more {
-            if let Some((pos, _)) = found.last() {
+            if let Some((pos, ..)) = found.last() {
                 out["next_token"] = format!("n{pos}").into();
             }
         }
-        out["notifications"] = found.into_iter().map(|(_, n)| n).collect::<Vec<_>>().into();
         ok(out)
     }
 

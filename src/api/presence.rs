@@ -73,9 +73,12 @@ impl ClientApi {
         };
         let mut out = json!({
             "presence": presence,
-            "last_active_ago": u64::try_from(idle.as_millis()).unwrap_or(u64::MAX),
             "currently_active": presence == "online" && idle < ACTIVE_FOR,
         });
+        // Someone who chose to appear offline does not show when they were last around.
+        if p.set != "offline" {
+            out["last_active_ago"] = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX).into();
+        }
         if let Some(msg) = p.status_msg {
             out["status_msg"] = msg.into();
         }

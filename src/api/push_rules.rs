@@ -21,6 +21,8 @@ use crate::engine::SortedState;
 
 /// The account-data type the rule set is kept under.
 pub(super) const PUSH_RULES: &str = "m.push_rules";
+/// Rules one user may have, the server's defaults included.
+const MAX_RULES: usize = 500;
 
 fn rule_kind(kind: &str) -> ApiResult<RuleKind> {
     Ok(match kind {
@@ -86,6 +88,11 @@ impl ClientApi {
             _ => rest.to_vec(),
         };
         let m = req.method().clone();
+        // Read, change, write: one change to a user's rules at a time.
+        let _one_at_a_time = match m {
+            M::GET => None,
+            _ => Some(self.txns.lock(format!("pushrules\0{}", s.user_id)).await),
+        };
         match (&m, rest.as_slice()) {
             (&M::GET, []) => ok(json!({ "global": self.push_ruleset(&s.user_id).await? })),
             (&M::GET, ["global"]) => ok(serde_json::to_value(self.push_ruleset(&s.user_id).await?)
@@ -173,6 +180,13 @@ impl ClientApi {
                 }
                 other => ApiError::invalid_param(other.to_string()),
             })?;
+        if rules.iter().count() > MAX_RULES {
+            return Err(ApiError::new(
+                http::StatusCode::BAD_REQUEST,
+                "M_LIMIT_EXCEEDED",
+                format!("at most {MAX_RULES} push rules"),
+            ));
+        }
         self.put_ruleset(&s.user_id, &rules).await?;
         ok(json!({}))
     }
@@ -320,7 +334,14 @@ impl Notifier<'_> {
             return Judgement::default();
         };
         let raw: Raw<Value> = Raw::from_json(raw);
+        #[cfg(not(target_arch = "wasm32"))]
         let actions = self.rules.get_actions(&raw, &self.ctx).await;
+        #[cfg(target_arch = "wasm32")]
+        let actions = super::push_eval::actions(
+            self.rules,
+            &ruma::push::FlattenedJson::from_raw(&raw),
+            &self.ctx,
+        );
         Judgement {
             notify: actions.iter().any(Action::should_notify),
             highlight: actions.iter().any(Action::is_highlight),

@@ -141,6 +141,14 @@ impl ClientApi {
                 continue;
             };
             let chunk = self.room_chunk(&room, &state).await?;
+            // Published once, but listed only while anyone may join, knock or read it.
+            let open = matches!(
+                chunk["join_rule"].as_str(),
+                Some("public" | "knock" | "knock_restricted")
+            ) || chunk["world_readable"] == true;
+            if !open {
+                continue;
+            }
             if let Some(term) = &term {
                 let hit = ["name", "topic", "canonical_alias"].iter().any(|f| {
                     chunk[*f]
@@ -162,7 +170,7 @@ impl ClientApi {
         let total = chunks.len();
         let page: Vec<Value> = chunks.into_iter().skip(offset).take(limit).collect();
         let mut out = json!({"chunk": page, "total_room_count_estimate": total});
-        if offset + limit < total {
+        if offset.saturating_add(limit) < total {
             out["next_batch"] = format!("p{}", offset + limit).into();
         }
         if offset > 0 {
@@ -232,7 +240,11 @@ impl ClientApi {
     /// anyone, if it is world-readable).
     pub(super) async fn room_aliases(&self, s: &Session, room: &str) -> ApiResult<ApiResponse> {
         let room = room_id(room)?;
-        self.room_reader(&room, &s.user_id).await?;
+        let state = self.state_of(&room).await?;
+        let joined = self.membership(&state, &s.user_id).await?.as_deref() == Some("join");
+        if !joined && self.room_chunk(&room, &state).await?["world_readable"] != true {
+            return Err(ApiError::forbidden("you are not in that room"));
+        }
         let p = prefix(&["alias"]);
         let mut aliases = Vec::new();
         for (k, v) in self.data.scan(&p).await? {

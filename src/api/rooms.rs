@@ -476,7 +476,7 @@ impl ClientApi {
                 let mut out = Vec::with_capacity(state.len());
                 for id in state.values() {
                     if let Some(ev) = engine.event(id).await? {
-                        out.push(format_event(engine, &ev, None, now(), None).await?);
+                        out.push(format_event(engine, &ev, None, now()).await?);
                     }
                 }
                 ok(Value::Array(out))
@@ -566,7 +566,7 @@ impl ClientApi {
         let mut state_events = Vec::new();
         for id in state.values() {
             if let Some(e) = engine.event(id).await? {
-                state_events.push(format_event(engine, &e, None, now(), None).await?);
+                state_events.push(format_event(engine, &e, None, now()).await?);
             }
         }
         ok(json!({
@@ -581,35 +581,36 @@ impl ClientApi {
 
     /// The client format of `ev` for the session (with its transaction id if it sent it).
     pub(super) async fn client_format(&self, s: &Session, ev: &StoredEvent) -> ApiResult<Value> {
-        let (txn, bound) = futures::try_join!(
-            self.data.txn_of(s, ev),
-            self.read_bound(&ev.pdu.room_id, &s.user_id),
-        )?;
-        let viewer = super::events::Viewer {
-            user: &s.user_id,
-            bound,
-        };
-        Ok(format_event(self.node.engine(), ev, txn, now(), Some(viewer)).await?)
+        let engine = self.node.engine();
+        let txn = self.data.txn_of(s, ev).await?;
+        let mut formatted = super::events::format_event_parts(engine, ev, txn, now()).await?;
+        if !formatted.redacted && super::events::has_aggregations(ev, &formatted.related) {
+            // What relates to it counts only as far as the user may see it.
+            let reader = self.any_reader(&ev.pdu.room_id, &s.user_id).await?;
+            let bundled = super::events::aggregate(
+                engine,
+                ev,
+                &formatted.related,
+                &formatted.version,
+                &reader,
+                &s.user_id,
+                now(),
+            )
+            .await?;
+            if let Some(bundled) = bundled {
+                formatted.value["unsigned"]["m.relations"] = bundled;
+            }
+        }
+        Ok(formatted.value)
     }
 
-    /// The stream position of the user's leave or ban in `room`, if they left or were banned:
-    /// what relates to an event after that is not theirs to hear of.
-    pub(super) async fn read_bound(&self, room: &RoomId, user: &UserId) -> ApiResult<Option<u64>> {
-        let engine = self.node.engine();
-        let Some(state) = engine.current_state_map(room).await? else {
-            return Ok(None);
-        };
-        let key = (ruma::events::StateEventType::RoomMember, user.to_string());
-        let Some(id) = state.get(&key).cloned() else {
-            return Ok(None);
-        };
-        let Some(ev) = engine.event(&id).await? else {
-            return Ok(None);
-        };
-        Ok(
-            matches!(membership_of(&ev).as_deref(), Some("leave" | "ban"))
-                .then(|| ev.stream.unwrap_or(0)),
-        )
+    /// A reader of `room` for `user` whatever their membership (what they may see is the
+    /// reader's to say).
+    async fn any_reader(&self, room: &RoomId, user: &UserId) -> ApiResult<Reader<'_>> {
+        let state = self.state_of(room).await?;
+        let member = self.member_event(&state, user).await?;
+        let ignored = self.ignored_users(user).await?;
+        Ok(Reader::new(self.node.engine(), room, user, member.as_deref(), ignored).await?)
     }
 
     /// [`ClientApi::client_format`] for many events at once: their store reads (transaction ids,
@@ -707,7 +708,7 @@ impl ClientApi {
             {
                 continue;
             }
-            out.push(format_event(engine, &ev, None, now(), None).await?);
+            out.push(format_event(engine, &ev, None, now()).await?);
         }
         ok(json!({ "chunk": out }))
     }

@@ -231,7 +231,10 @@ impl ClientApi {
             let Some(rank) = query.rank(&ev) else {
                 continue;
             };
-            if !c.reader.may_see(&ev).await? {
+            // A redacted event's text is gone: it must not be found by it.
+            if !c.reader.may_see(&ev).await?
+                || super::events::is_redacted(self.node.engine(), &ev).await?
+            {
                 continue;
             }
             let mut result = json!({"rank": rank, "result": self.client_format(s, &ev).await?});

@@ -44,6 +44,7 @@ const MAX_TIMELINE_LIMIT: usize = 1000;
 const MAX_ID_LEN: usize = 256;
 /// Connections remembered per device, and on the whole node (the least recently used go).
 const MAX_CONNECTIONS_PER_DEVICE: usize = 8;
+const MAX_CONNECTIONS_PER_USER: usize = 32;
 const MAX_CONNECTIONS: usize = 10_000;
 /// `pos` values that stay valid per connection: the newest and those before it (a client that
 /// drops a long poll asks again from where it was, while the dropped one may still finish).
@@ -149,6 +150,11 @@ impl Connections {
         let of_device = |k: &ConnKey| k.0 == user && k.1 == device;
         while self.conns.keys().filter(|k| of_device(k)).count() > MAX_CONNECTIONS_PER_DEVICE {
             self.drop_least_used(of_device);
+        }
+        // One user's many logins cannot push everyone else's connections out.
+        let of_user = |k: &ConnKey| k.0 == user;
+        while self.conns.keys().filter(|k| of_user(k)).count() > MAX_CONNECTIONS_PER_USER {
+            self.drop_least_used(of_user);
         }
         while self.conns.len() > MAX_CONNECTIONS {
             self.drop_least_used(|_| true);
@@ -471,7 +477,7 @@ impl ClientApi {
                 .as_ref()
                 .is_some_and(|f| !f.room_types.is_empty() || !f.not_room_types.is_empty())
         });
-        let mut candidates = self
+        let (mut candidates, deferred) = self
             .candidates(s, prev, (from, next), &ignored, wants_types)
             .await?;
         candidates.sort_by(|a, b| b.bump.cmp(&a.bump).then_with(|| a.room.cmp(&b.room)));
@@ -517,7 +523,8 @@ impl ClientApi {
 
         let mut sent = prev.map(|p| p.rooms.clone()).unwrap_or_default();
         // Rooms no longer the user's are forgotten: should they come back, they come whole.
-        sent.retain(|room, _| by_id.contains_key(room));
+        // (A room whose membership changed during this pass is the next pass's to judge.)
+        sent.retain(|room, _| by_id.contains_key(room) || deferred.contains(room));
         let mut rooms_out = serde_json::Map::new();
         let mut initial_rooms = HashSet::new();
         for (room, settings) in &wanted {
@@ -669,6 +676,10 @@ impl ClientApi {
                 } else {
                     from.client
                 };
+                if since >= next.client {
+                    // No client data moved: no receipt did.
+                    continue;
+                }
                 if let Some(content) = self
                     .data
                     .receipts_since(room, since, next.client, &s.user_id)
@@ -731,11 +742,12 @@ impl ClientApi {
         (from, next): (SyncToken, SyncToken),
         ignored: &Ignored,
         wants_types: bool,
-    ) -> ApiResult<Vec<Candidate>> {
+    ) -> ApiResult<(Vec<Candidate>, HashSet<OwnedRoomId>)> {
         let engine = self.node.engine();
         let direct = self.direct_rooms(&s.user_id).await?;
         let mut out = Vec::new();
         let mut known = HashSet::new();
+        let mut deferred = HashSet::new();
         for room in engine.rooms().await? {
             let Some(state) = engine.current_state(&room).await? else {
                 continue;
@@ -745,7 +757,11 @@ impl ClientApi {
             };
             known.insert(room.clone());
             let member_pos = member.stream.unwrap_or(0);
-            if member_pos >= next.events || self.data.forgotten(&s.user_id, &room).await? {
+            if member_pos >= next.events {
+                deferred.insert(room);
+                continue;
+            }
+            if self.data.forgotten(&s.user_id, &room).await? {
                 continue;
             }
             let membership = match membership_of(&member).as_deref() {
@@ -814,7 +830,7 @@ impl ClientApi {
                 remote_invite: Some(stripped),
             });
         }
-        Ok(out)
+        Ok((out, deferred))
     }
 
     /// One room's part of the response, or `None` if the connection has it all already.

@@ -82,6 +82,13 @@ impl ClientApi {
             let mut next_targets = Vec::new();
             for target in &targets {
                 for ev in engine.relations(target).await? {
+                    if gathered.len() >= MAX_RELATIONS_GATHERED {
+                        return Err(ApiError::new(
+                            http::StatusCode::BAD_REQUEST,
+                            "M_LIMIT_EXCEEDED",
+                            "too many related events to list at once",
+                        ));
+                    }
                     if ev.pdu.redacts.is_some()
                         || ev.pdu.room_id != room
                         || !seen.insert(ev.pdu.event_id.clone())
@@ -91,13 +98,6 @@ impl ClientApi {
                     next_targets.push(ev.pdu.event_id.clone());
                     gathered.push(ev);
                 }
-            }
-            if gathered.len() > MAX_RELATIONS_GATHERED {
-                return Err(ApiError::new(
-                    http::StatusCode::BAD_REQUEST,
-                    "M_LIMIT_EXCEEDED",
-                    "too many related events to list at once",
-                ));
             }
             targets = next_targets;
         }

@@ -556,6 +556,9 @@ impl UserData {
     }
 }
 
+/// Tags one room may have for one user.
+const MAX_TAGS: usize = 100;
+
 impl ClientApi {
     /// Adds the user's display name and avatar to a member event's content.
     /// Adds the user's profile (`displayname`, `avatar_url` when set) to member-event content.
@@ -748,6 +751,15 @@ impl ClientApi {
             Some(ev) if ev.pdu.room_id == room => {}
             _ => return Err(ApiError::not_found("no such event in that room")),
         }
+        // A receipt in a thread is kept per thread: only for threads that are in the room.
+        if let Some(thread) = thread.as_deref().filter(|t| *t != "main") {
+            let root = EventId::parse(thread)
+                .map_err(|_| ApiError::invalid_param("thread_id is an event id or main"))?;
+            match self.node.engine().event(&root).await? {
+                Some(ev) if ev.pdu.room_id == room => {}
+                _ => return Err(ApiError::invalid_param("no such thread in that room")),
+            }
+        }
         if kind == "m.fully_read" {
             self.data
                 .put_account_data(
@@ -891,6 +903,13 @@ impl ClientApi {
             .unwrap_or_else(|| json!({"tags": {}}));
         let tags = content["tags"].as_object_mut().expect("checked above");
         match info {
+            Some(_) if tags.len() >= MAX_TAGS && !tags.contains_key(tag) => {
+                return Err(ApiError::new(
+                    http::StatusCode::BAD_REQUEST,
+                    "M_LIMIT_EXCEEDED",
+                    format!("at most {MAX_TAGS} tags per room"),
+                ));
+            }
             Some(info) => {
                 tags.insert(tag.to_owned(), info);
             }

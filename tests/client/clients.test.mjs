@@ -279,6 +279,46 @@ test("threads, edits, push rules, tags, search, directory and accounts", { timeo
     expectErrorResponse(await call(alice, "POST", `${V3}/search`, {}), 400, "M_BAD_JSON", "no criteria");
   }, { independent: true });
 
+  await step("what relates to an event, search and the directory show only what the reader may see", async () => {
+    // A thread reply by someone alice ignores does not show in the root's summary.
+    const { event_id: root } = await alice.sendTextMessage(roomId, "another thread");
+    const { event_id: seen } = await bob.sendEvent(roomId, "m.room.message", {
+      msgtype: "m.text",
+      body: "visible reply",
+      "m.relates_to": { rel_type: "m.thread", event_id: root },
+    });
+    const mallory = await register(node.url, uniqueName("mallory"), PASSWORD);
+    await alice.invite(roomId, mallory.getUserId());
+    await mallory.joinRoom(roomId);
+    await mallory.sendEvent(roomId, "m.room.message", {
+      msgtype: "m.text",
+      body: "ignored reply",
+      "m.relates_to": { rel_type: "m.thread", event_id: root },
+    });
+    await call(alice, "PUT", `${V3}/user/${enc(alice.getUserId())}/account_data/m.ignored_user_list`, {
+      ignored_users: { [mallory.getUserId()]: {} },
+    });
+    const viewed = await call(alice, "GET", `${V3}/rooms/${enc(roomId)}/event/${enc(root)}`);
+    const thread = viewed.json.unsigned["m.relations"]["m.thread"];
+    assert.equal(thread.latest_event.event_id, seen, "the ignored user's reply is not the latest alice sees");
+    assert.equal(thread.count, 1);
+    await call(alice, "PUT", `${V3}/user/${enc(alice.getUserId())}/account_data/m.ignored_user_list`, { ignored_users: {} });
+
+    // A deleted message is not found by its words.
+    const { event_id: secret } = await bob.sendTextMessage(roomId, "the password is swordfish");
+    await bob.redactEvent(roomId, secret);
+    const found = await call(alice, "POST", `${V3}/search`, {
+      search_categories: { room_events: { search_term: "swordfish" } },
+    });
+    assert.deepEqual(found.json.search_categories.room_events.results, [], "redacted text is not searchable");
+
+    // A published room that later became invite-only leaves the directory.
+    const { room_id: was } = await alice.createRoom({ name: "Was open", visibility: "public", preset: "public_chat" });
+    await alice.sendStateEvent(was, "m.room.join_rules", { join_rule: "invite" }, "");
+    const listed = await request(node.url, "GET", `${V3}/publicRooms`);
+    assert.ok(!listed.json.chunk.some((r) => r.room_id === was), "an invite-only room is not listed");
+  }, { independent: true });
+
   await step("the public room directory", async () => {
     const { room_id: lobby } = await alice.createRoom({ name: "Lobby", visibility: "public", preset: "public_chat" });
     const listed = await request(node.url, "GET", `${V3}/publicRooms`);
