@@ -30,6 +30,9 @@ mod rooms;
 mod search;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod server;
+// Sliding sync is for native clients (Element X, matrix-rust-sdk), none of which can reach a
+// tab: the tab's module leaves it out, and stays within its size budget.
+#[cfg(not(target_arch = "wasm32"))]
 mod sliding_sync;
 mod sync;
 mod threads;
@@ -146,9 +149,11 @@ pub struct ClientApi {
     /// Who of this server's users is around.
     presence: Mutex<presence::PresenceMap>,
     /// Sliding-sync connections: what each was sent, per `pos`.
+    #[cfg(not(target_arch = "wasm32"))]
     sliding: Mutex<sliding_sync::Connections>,
     /// Per room: the stream position last looked at for what moves it up the room list, and
     /// the position of that event.
+    #[cfg(not(target_arch = "wasm32"))]
     bumps: Mutex<HashMap<OwnedRoomId, (u64, u64)>>,
     /// This API itself, for tasks it starts (typing expiry) that must not keep it alive.
     me: std::sync::Weak<ClientApi>,
@@ -348,8 +353,10 @@ impl ClientApi {
             declined_invites: Mutex::new(HashMap::new()),
             remote_keys: Mutex::new(keys::RemoteKeys::default()),
             outbox_wake: std::sync::Arc::new(tokio::sync::Notify::new()),
+            #[cfg(not(target_arch = "wasm32"))]
             sliding: Mutex::default(),
             presence: Mutex::default(),
+            #[cfg(not(target_arch = "wasm32"))]
             bumps: Mutex::default(),
             me: std::sync::Weak::new(),
         })
@@ -549,7 +556,11 @@ impl ClientApi {
             (&M::GET, ["voip", "turnServer"]) => ok(json!({})),
             (&M::GET, ["sync"]) => self.sync(req, s).await,
             (&M::POST, ["org.matrix.simplified_msc3575", "sync"]) => {
-                self.sliding_sync(req, s).await
+                #[cfg(not(target_arch = "wasm32"))]
+                let answer = self.sliding_sync(req, s).await;
+                #[cfg(target_arch = "wasm32")]
+                let answer = Err(ApiError::unrecognized(StatusCode::NOT_FOUND));
+                answer
             }
             (&M::POST, ["createRoom"]) => self.create_room(req, s).await,
             (&M::POST, ["join", target]) => {
@@ -731,7 +742,10 @@ impl ClientApi {
     fn versions(&self) -> ApiResult<ApiResponse> {
         ok(json!({
             "versions": ["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12"],
-            "unstable_features": {"org.matrix.simplified_msc3575": true}
+            // Only what is served: the tab leaves sliding sync out.
+            "unstable_features": {
+                "org.matrix.simplified_msc3575": cfg!(not(target_arch = "wasm32")),
+            }
         }))
     }
 
