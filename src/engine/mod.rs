@@ -194,6 +194,165 @@ struct Prepared {
 pub struct Engine {
     store: SharedStore,
     inner: Mutex<Inner>,
+    /// What readers see: only what is durable.
+    published: Arc<std::sync::Mutex<Published>>,
+    /// Sealed batches, written one at a time in the order they were sealed.
+    writes: Arc<WriteQueue>,
+}
+
+/// The durable view readers get, while later batches are still being written.
+#[derive(Default)]
+struct Published {
+    /// Every accepted event below this stream position is durable.
+    next_stream: u64,
+    /// Rooms that batches not yet durable changed: the ticket of the last batch that changed
+    /// each, and its last durable record (`None`: the room is not durable yet).
+    shadow: HashMap<OwnedRoomId, (u64, Option<RoomRecord>)>,
+}
+
+/// A batch ready to be written: the writes, and what becomes visible once they are durable.
+struct Sealed {
+    ticket: u64,
+    batch: WriteBatch,
+    rooms: Vec<(OwnedRoomId, RoomRecord)>,
+    next_stream: u64,
+}
+
+/// How a sealed batch's write ended.
+enum Written {
+    Done(Result<(), StoreError>),
+    Panicked(Box<dyn std::any::Any + Send>),
+}
+
+/// Writes a sealed batch in its turn, then makes it visible to readers. Its turn always ends,
+/// whatever the store does.
+async fn write_sealed(
+    store: SharedStore,
+    published: &std::sync::Mutex<Published>,
+    writes: &WriteQueue,
+    sealed: Sealed,
+) -> Written {
+    use futures::FutureExt;
+    writes.turn(sealed.ticket).await;
+    let mut panicked = None;
+    let result = if writes.poisoned() {
+        Err(StoreError::Backend(
+            "an earlier write failed; nothing of this one was stored".into(),
+        ))
+    } else {
+        match std::panic::AssertUnwindSafe(store.write(sealed.batch))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(panic) => {
+                panicked = Some(panic);
+                Err(StoreError::Backend(
+                    "the store panicked while writing".into(),
+                ))
+            }
+        }
+    };
+    match &result {
+        Ok(()) => {
+            let mut published = published.lock().expect("published lock");
+            published.next_stream = published.next_stream.max(sealed.next_stream);
+            for (room, record) in sealed.rooms {
+                let latest = published.shadow.get(&room).map(|(t, _)| *t);
+                match latest {
+                    Some(t) if t == sealed.ticket => {
+                        published.shadow.remove(&room);
+                    }
+                    Some(_) => {
+                        // A later batch changed it again: this is its durable record now.
+                        if let Some(entry) = published.shadow.get_mut(&room) {
+                            entry.1 = Some(record);
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "store write failed; the caches reload"),
+    }
+    writes.done(sealed.ticket, result.is_err());
+    match panicked {
+        Some(panic) => Written::Panicked(panic),
+        None => Written::Done(result),
+    }
+}
+
+/// Orders the durable writes: a batch is sealed (and takes a ticket) under the engine lock,
+/// then written outside it once every earlier ticket was written, so the next batch forms
+/// while one is being written and readers never wait for the disk. A failed write poisons the
+/// queue: the batches sealed after it are refused too (they build on it), and the next
+/// operation reloads the caches once nothing is in flight.
+#[derive(Default)]
+struct WriteQueue {
+    state: std::sync::Mutex<QueueState>,
+    turn: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    next_ticket: u64,
+    /// The ticket whose turn it is.
+    serving: u64,
+    poisoned: bool,
+}
+
+impl WriteQueue {
+    fn take_ticket(&self) -> u64 {
+        let mut st = self.state.lock().expect("write queue lock");
+        let t = st.next_ticket;
+        st.next_ticket += 1;
+        t
+    }
+
+    fn idle(&self) -> bool {
+        let st = self.state.lock().expect("write queue lock");
+        st.serving == st.next_ticket
+    }
+
+    fn poisoned(&self) -> bool {
+        self.state.lock().expect("write queue lock").poisoned
+    }
+
+    /// Waits until `ticket` may write.
+    async fn turn(&self, ticket: u64) {
+        loop {
+            let notified = self.turn.notified();
+            if self.state.lock().expect("write queue lock").serving == ticket {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Ends `ticket`'s turn (`failed`: its write did not happen).
+    fn done(&self, ticket: u64, failed: bool) {
+        let mut st = self.state.lock().expect("write queue lock");
+        debug_assert_eq!(st.serving, ticket);
+        st.serving += 1;
+        st.poisoned |= failed;
+        drop(st);
+        self.turn.notify_waiters();
+    }
+
+    /// Waits until no batch is in flight.
+    async fn drained(&self) {
+        loop {
+            let notified = self.turn.notified();
+            if self.idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn clear_poison(&self) {
+        self.state.lock().expect("write queue lock").poisoned = false;
+    }
 }
 
 #[derive(Default)]
@@ -207,6 +366,8 @@ struct Inner {
     pending_groups: Vec<(u64, StateGroupRecord)>,
     /// Event ids a batch prefetch found absent from the store (valid until the batch ends).
     known_absent: HashSet<OwnedEventId>,
+    /// Rooms the batch being built changed, with their records before it.
+    touched: HashMap<OwnedRoomId, Option<RoomRecord>>,
     next_stream: u64,
     next_group: u64,
 }
@@ -273,9 +434,15 @@ impl Engine {
     pub async fn open(store: SharedStore) -> Result<Self, StoreError> {
         schema::prepare(store.as_ref()).await?;
         let inner = Inner::load(store.as_ref()).await?;
+        let published = Published {
+            next_stream: inner.next_stream,
+            shadow: HashMap::new(),
+        };
         Ok(Self {
             store,
             inner: Mutex::new(inner),
+            published: Arc::new(std::sync::Mutex::new(published)),
+            writes: Arc::new(WriteQueue::default()),
         })
     }
 
@@ -287,8 +454,90 @@ impl Engine {
     /// the store, so keeping them leaves gaps, never reuse.
     async fn lock(&self) -> InnerGuard<'_> {
         let mut inner = InnerGuard(self.inner.lock().await);
-        inner.trim();
+        if self.writes.poisoned() {
+            // A write failed: what the caches hold may never have reached the disk.
+            if let Err(e) = self.settle(&mut inner).await {
+                tracing::error!(error = %e, "reloading the engine after a failed write failed");
+            }
+        }
+        // Batches in flight may need what is cached of them until they are durable.
+        if self.writes.idle() {
+            inner.trim();
+        } else {
+            inner.known_absent.clear();
+        }
         inner
+    }
+
+    /// Drops the caches and reloads the counters once no write is in flight: after a failed
+    /// write, or when an operation must forget what it half-built.
+    async fn settle(&self, inner: &mut InnerGuard<'_>) -> Result<(), StoreError> {
+        self.writes.drained().await;
+        inner.reset(self.store.as_ref()).await?;
+        let mut published = self.published.lock().expect("published lock");
+        published.shadow.clear();
+        published.next_stream = inner.next_stream;
+        drop(published);
+        self.writes.clear_poison();
+        Ok(())
+    }
+
+    /// Makes `batch` durable (with the pending state groups and the counters) and then visible
+    /// to readers. The engine lock is released while the disk works: the next batch can be
+    /// built meanwhile, and readers go on reading what was durable before.
+    async fn commit(&self, mut inner: InnerGuard<'_>, batch: WriteBatch) -> Result<(), StoreError> {
+        let Some(sealed) = inner.seal(batch, &self.writes) else {
+            return Ok(());
+        };
+        {
+            // Until it is durable, readers keep the rooms' records as they were.
+            let mut published = self.published.lock().expect("published lock");
+            for (room, before) in inner.touched.drain() {
+                published
+                    .shadow
+                    .entry(room)
+                    .and_modify(|(t, _)| *t = sealed.ticket)
+                    .or_insert((sealed.ticket, before));
+            }
+        }
+        drop(inner);
+        // The write runs as a task of its own, so that a caller that gives up (a client that
+        // hangs up) cannot leave its ticket unserved and the queue stuck behind it.
+        let (store, published, writes) = (
+            self.store.clone(),
+            self.published.clone(),
+            self.writes.clone(),
+        );
+        let (done, outcome) = futures::channel::oneshot::channel();
+        crate::net::rt::spawn(async move {
+            let outcome = write_sealed(store, &published, &writes, sealed).await;
+            let _ = done.send(outcome);
+        });
+        match outcome.await {
+            Ok(Written::Done(result)) => result,
+            // A store that panics (a bug) panics its caller, as it would without the task.
+            Ok(Written::Panicked(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => Err(StoreError::Backend("the write task ended".into())),
+        }
+    }
+
+    /// A room's durable record, as readers see it.
+    async fn durable_room(
+        &self,
+        inner: &mut InnerGuard<'_>,
+        room_id: &RoomId,
+    ) -> Result<Option<RoomRecord>, StoreError> {
+        let shadowed = self
+            .published
+            .lock()
+            .expect("published lock")
+            .shadow
+            .get(room_id)
+            .map(|(_, record)| record.clone());
+        match shadowed {
+            Some(record) => Ok(record),
+            None => inner.load_room(self.store.as_ref(), room_id).await,
+        }
     }
 
     /// Events cached in memory now, and their weight in bytes.
@@ -368,10 +617,10 @@ impl Engine {
         }
         inner.known_absent.clear();
         if let Some(e) = failure {
-            inner.reset(store).await?;
+            self.settle(&mut inner).await?;
             return Err(e);
         }
-        inner.commit(store, batch).await?;
+        self.commit(inner, batch).await?;
         Ok(results)
     }
 
@@ -406,12 +655,12 @@ impl Engine {
             .await;
         let received = match received {
             Err(IngestError::Store(e)) => {
-                inner.reset(store).await?;
+                self.settle(&mut inner).await?;
                 return Err(e.into());
             }
             other => other?,
         };
-        inner.commit(store, batch).await?;
+        self.commit(inner, batch).await?;
         Ok(received)
     }
 
@@ -444,7 +693,7 @@ impl Engine {
                 )
                 .await;
             if let Err(IngestError::Store(e)) = r {
-                inner.reset(store).await?;
+                self.settle(&mut inner).await?;
                 return Err(e);
             }
             if let (Ok(received), Some(also)) = (&r, ev.also_write) {
@@ -452,7 +701,7 @@ impl Engine {
             }
             results.push(r);
         }
-        inner.commit(store, batch).await?;
+        self.commit(inner, batch).await?;
         Ok(results)
     }
 
@@ -510,10 +759,10 @@ impl Engine {
         .await;
         if let Err(e) = result {
             // Nothing was written; drop what the cache learned from the half-built room.
-            inner.reset(store).await?;
+            self.settle(&mut inner).await?;
             return Err(e);
         }
-        inner.commit(store, batch).await?;
+        self.commit(inner, batch).await?;
         Ok((room_id.expect("create event sets the room id"), ids))
     }
 
@@ -586,7 +835,7 @@ impl Engine {
 
     pub async fn room(&self, room_id: &RoomId) -> Result<Option<RoomRecord>, StoreError> {
         let mut inner = self.lock().await;
-        inner.load_room(self.store.as_ref(), room_id).await
+        self.durable_room(&mut inner, room_id).await
     }
 
     /// Every room this store knows.
@@ -609,7 +858,7 @@ impl Engine {
     pub async fn current_state(&self, room_id: &RoomId) -> Result<Option<SortedState>, StoreError> {
         let mut inner = self.lock().await;
         let store = self.store.as_ref();
-        let Some(room) = inner.load_room(store, room_id).await? else {
+        let Some(room) = self.durable_room(&mut inner, room_id).await? else {
             return Ok(None);
         };
         let group = inner.load_group(store, room.current_state).await?;
@@ -708,7 +957,7 @@ impl Engine {
     ) -> Result<Option<Arc<StateMap>>, StoreError> {
         let mut inner = self.lock().await;
         let store = self.store.as_ref();
-        let Some(room) = inner.load_room(store, room_id).await? else {
+        let Some(room) = self.durable_room(&mut inner, room_id).await? else {
             return Ok(None);
         };
         Ok(Some(inner.load_group(store, room.current_state).await?.map))
@@ -744,7 +993,7 @@ impl Engine {
     /// The stream position the next accepted event will take: every event at a lower position
     /// is already stored.
     pub async fn stream_position(&self) -> u64 {
-        self.lock().await.next_stream
+        self.published.lock().expect("published lock").next_stream
     }
 
     /// Up to `limit` timeline events of a room, starting after/before stream position `from`
@@ -863,10 +1112,11 @@ impl Inner {
         Ok(())
     }
 
-    /// Writes `batch` plus pending state groups and counters; on failure drops the caches.
-    async fn commit(&mut self, store: &dyn Store, mut batch: WriteBatch) -> Result<(), StoreError> {
+    /// Seals `batch` with the pending state groups and the counters, and takes its ticket in
+    /// the write queue; `None` if there is nothing to write.
+    fn seal(&mut self, mut batch: WriteBatch, writes: &WriteQueue) -> Option<Sealed> {
         if batch.is_empty() && self.pending_groups.is_empty() {
-            return Ok(());
+            return None;
         }
         for (id, record) in self.pending_groups.drain(..) {
             batch.put(
@@ -877,12 +1127,17 @@ impl Inner {
         }
         batch.put(Table::Meta, NEXT_STREAM_KEY, self.next_stream.to_be_bytes());
         batch.put(Table::Meta, NEXT_GROUP_KEY, self.next_group.to_be_bytes());
-        if let Err(e) = store.write(batch).await {
-            tracing::error!(error = %e, "store write failed; dropping caches");
-            self.reset(store).await?;
-            return Err(e);
-        }
-        Ok(())
+        let rooms = self
+            .touched
+            .keys()
+            .filter_map(|r| Some((r.clone(), self.rooms.get(r)?.clone())))
+            .collect();
+        Some(Sealed {
+            ticket: writes.take_ticket(),
+            batch,
+            rooms,
+            next_stream: self.next_stream,
+        })
     }
 
     async fn load_room(
@@ -1532,6 +1787,8 @@ impl Inner {
                     room_id.as_bytes(),
                     serde_json::to_vec(&room).expect("serialises"),
                 );
+                let before = self.rooms.get(&room_id).cloned();
+                self.touched.entry(room_id.clone()).or_insert(before);
                 self.rooms.insert(room_id.clone(), room);
                 Outcome::Accepted { stream }
             }
