@@ -299,6 +299,15 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
       timeout: 60_000,
       polling: 250,
     });
+    // And until the profile's export holds them: the file is made from it.
+    await a.page.waitForFunction(
+      async () => {
+        const lines = (await window.hyphae.exportProfile()).split("\n").slice(1);
+        return lines.filter((l) => l && atob(JSON.parse(l).key).startsWith("backupkey\0")).length >= 2;
+      },
+      null,
+      { timeout: 60_000, polling: 500 },
+    );
     await a.page.locator("#settings-button").click();
     recoveryKey = await a.page.locator("#settings-recovery-key").inputValue();
     assert.match(recoveryKey, /^(\w{4} ){11}\w{4}$/);
