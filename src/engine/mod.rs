@@ -460,11 +460,12 @@ impl Engine {
                 tracing::error!(error = %e, "reloading the engine after a failed write failed");
             }
         }
-        // Batches in flight may need what is cached of them until they are durable.
+        // Batches in flight may need their state groups until they are durable (their events
+        // are the most recently used, which the event cache keeps).
         if self.writes.idle() {
             inner.trim();
         } else {
-            inner.known_absent.clear();
+            inner.trim_events();
         }
         inner
     }
@@ -1093,14 +1094,20 @@ impl Inner {
 
     /// Keeps the caches within their budgets. Groups not yet stored are never dropped.
     fn trim(&mut self) {
-        // Absences found by a prefetch hold for one operation only.
-        self.known_absent.clear();
-        self.events.trim(cache::EVENT_CACHE_BYTES);
+        self.trim_events();
         if self.pending_groups.is_empty() && self.groups.len() > cache::MAX_CACHED_GROUPS {
             // Dropped groups are reloaded from the store when next needed.
             let keep: HashSet<u64> = self.rooms.values().map(|r| r.current_state).collect();
             self.groups.retain(|id, _| keep.contains(id));
         }
+    }
+
+    /// [`Inner::trim`] without dropping state groups: while a batch is being written, a group
+    /// it made may be needed again before the store has it.
+    fn trim_events(&mut self) {
+        // Absences found by a prefetch hold for one operation only.
+        self.known_absent.clear();
+        self.events.trim(cache::EVENT_CACHE_BYTES);
         if self.resolved.len() > cache::MAX_CACHED_RESOLUTIONS {
             self.resolved.clear();
         }
