@@ -206,14 +206,25 @@ impl P2pNode {
             tracing::info!(%peer, %room_id, %user_id, "make_join refused: join rules");
             return Ok(unknown_room());
         }
-        let content = json!({"membership": "join"});
+        self.membership_template(room_id, &user_id, "join").await
+    }
+
+    /// A template for `user_id`'s own `membership` event in the room (the caller checked that
+    /// the asker may have it).
+    pub(super) async fn membership_template(
+        &self,
+        room_id: OwnedRoomId,
+        user_id: &UserId,
+        membership: &str,
+    ) -> Result<FedResponse, NodeError> {
+        let content = json!({ "membership": membership });
         Ok(
             match self
                 .shared
                 .engine
                 .template(
                     &room_id,
-                    &user_id,
+                    user_id,
                     "m.room.member",
                     Some(user_id.as_str()),
                     &content,
@@ -302,10 +313,24 @@ impl P2pNode {
         if !self.may_join(&room_id, &shape.sender).await? {
             return Ok(unknown_room());
         }
+        Ok(match self.take_membership(peer, &room_id, &pdu).await? {
+            Ok(_) => FedResponse::Ok,
+            Err(refused) => refused,
+        })
+    }
+
+    /// Ingests a remote user's own membership event for `room_id` (join or knock, checked by
+    /// the caller) and pushes it to the room's servers; its id, or the answer refusing it.
+    pub(super) async fn take_membership(
+        &self,
+        peer: PeerId,
+        room_id: &RoomId,
+        pdu: &str,
+    ) -> Result<Result<OwnedEventId, FedResponse>, NodeError> {
         let taken = self
             .shared
             .engine
-            .receive_batch_in(&Scope::room(&room_id), &[pdu.as_bytes()])
+            .receive_batch_in(&Scope::room(room_id), &[pdu.as_bytes()])
             .await?
             .pop()
             .expect("one result per event");
@@ -315,16 +340,17 @@ impl P2pNode {
                 room_id,
                 event_id,
             }) => {
-                tracing::info!(%peer, %event_id, "remote join accepted");
+                tracing::info!(%peer, %event_id, "remote membership accepted");
                 self.push_events(&room_id, std::slice::from_ref(&event_id))
                     .await;
                 self.changed();
-                FedResponse::Ok
+                Ok(event_id)
             }
-            Ok(Received { outcome, .. }) => {
-                FedResponse::error(FedErrorCode::Forbidden, format!("{outcome:?}"))
-            }
-            Err(e) => FedResponse::error(FedErrorCode::BadRequest, e.to_string()),
+            Ok(Received { outcome, .. }) => Err(FedResponse::error(
+                FedErrorCode::Forbidden,
+                format!("{outcome:?}"),
+            )),
+            Err(e) => Err(FedResponse::error(FedErrorCode::BadRequest, e.to_string())),
         })
     }
 }

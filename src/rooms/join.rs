@@ -34,49 +34,15 @@ impl P2pNode {
         profile: serde_json::Map<String, serde_json::Value>,
     ) -> Result<OwnedEventId, NodeError> {
         let user = self.user(localpart);
-        let FedResponse::JoinTemplate {
-            room_id: tpl_room,
-            template,
-        } = self
-            .request(
-                via,
-                FedRequest::MakeJoin {
-                    room_id: room_id.to_owned(),
-                    user_id: user.clone(),
-                },
-            )
-            .await?
-        else {
-            return Err(NodeError::Network("unexpected answer to make_join".into()));
-        };
-        if tpl_room != room_id {
-            return Err(NodeError::Network(
-                "make_join answered for another room".into(),
-            ));
-        }
         let mut content = serde_json::Value::Object(profile);
         content["membership"] = json!("join");
-        let rules = rules_for(&template.room_version).ok_or_else(|| {
-            IngestError::UnsupportedRoomVersion(template.room_version.to_string())
-        })?;
-        let (event_id, pdu) = build_signed(
-            &self.shared.identity,
-            &rules,
-            NewEvent {
-                room_id: Some(room_id),
-                sender: &user,
-                kind: "m.room.member",
-                state_key: Some(user.as_str()),
-                content,
-                prev_events: template.prev_events,
-                auth_events: template.auth_events,
-                depth: template.depth,
-                origin_server_ts: now(),
-                redacts: None,
-            },
-        )
-        .map_err(IngestError::BadFormat)?;
-        let pdu = String::from_utf8(pdu).expect("canonical JSON is UTF-8");
+        let request = FedRequest::MakeJoin {
+            room_id: room_id.to_owned(),
+            user_id: user.clone(),
+        };
+        let (event_id, pdu, room_version) = self
+            .signed_membership(room_id, &user, via, request, content)
+            .await?;
         // The avatar the join names may be fetched by the servers that see the join.
         let named: serde_json::Value = serde_json::from_str::<serde_json::Value>(&pdu)
             .ok()
@@ -87,12 +53,7 @@ impl P2pNode {
         // The join is made at `via` now; we hold the room only once its history up to our
         // join is here and the join itself is accepted. Anything less is reported as it is.
         let caught_up = self
-            .catch_up(
-                via,
-                room_id,
-                vec![event_id.clone()],
-                Some(&template.room_version),
-            )
+            .catch_up(via, room_id, vec![event_id.clone()], Some(&room_version))
             .await;
         let joined = matches!(
             self.shared.engine.event(&event_id).await?.as_deref(),
@@ -127,5 +88,53 @@ impl P2pNode {
             self.shared.engine.store().write(batch).await?;
         }
         Ok(event_id)
+    }
+
+    /// Asks `via` for a template (`request`: `MakeJoin` or `MakeKnock`) and signs `content` on
+    /// it as `user`'s own membership event: its id, its JSON, and the room's version.
+    pub(super) async fn signed_membership(
+        &self,
+        room_id: &RoomId,
+        user: &ruma::OwnedUserId,
+        via: PeerId,
+        request: FedRequest,
+        content: serde_json::Value,
+    ) -> Result<(OwnedEventId, String, ruma::RoomVersionId), NodeError> {
+        let FedResponse::JoinTemplate {
+            room_id: tpl_room,
+            template,
+        } = self.request(via, request).await?
+        else {
+            return Err(NodeError::Network(
+                "unexpected answer to a template request".into(),
+            ));
+        };
+        if tpl_room != room_id {
+            return Err(NodeError::Network(
+                "a template answered for another room".into(),
+            ));
+        }
+        let rules = rules_for(&template.room_version).ok_or_else(|| {
+            IngestError::UnsupportedRoomVersion(template.room_version.to_string())
+        })?;
+        let (event_id, pdu) = build_signed(
+            &self.shared.identity,
+            &rules,
+            NewEvent {
+                room_id: Some(room_id),
+                sender: user,
+                kind: "m.room.member",
+                state_key: Some(user.as_str()),
+                content,
+                prev_events: template.prev_events,
+                auth_events: template.auth_events,
+                depth: template.depth,
+                origin_server_ts: now(),
+                redacts: None,
+            },
+        )
+        .map_err(IngestError::BadFormat)?;
+        let pdu = String::from_utf8(pdu).expect("canonical JSON is UTF-8");
+        Ok((event_id, pdu, template.room_version))
     }
 }

@@ -10,9 +10,8 @@ use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{json, Value};
 
 use super::visibility::{entry_content, membership_in, Membership};
-use super::{now, NodeError, P2pNode};
-use crate::engine::pdu::{build_signed, rules_for, NewEvent};
-use crate::engine::{IngestError, Outcome, Received, Scope};
+use super::{NodeError, P2pNode};
+use crate::engine::pdu::rules_for;
 use crate::identity::ServerName;
 use crate::net::protocol::{FedErrorCode, FedRequest, FedResponse};
 
@@ -34,57 +33,23 @@ impl P2pNode {
         reason: Option<&str>,
     ) -> Result<(OwnedEventId, Vec<Value>), NodeError> {
         let user = self.user(localpart);
-        let FedResponse::JoinTemplate {
-            room_id: tpl_room,
-            template,
-        } = self
-            .request(
-                via,
-                FedRequest::MakeKnock {
-                    room_id: room_id.to_owned(),
-                    user_id: user.clone(),
-                },
-            )
-            .await?
-        else {
-            return Err(NodeError::Network("unexpected answer to make_knock".into()));
-        };
-        if tpl_room != room_id {
-            return Err(NodeError::Network(
-                "make_knock answered for another room".into(),
-            ));
-        }
-        let rules = rules_for(&template.room_version).ok_or_else(|| {
-            IngestError::UnsupportedRoomVersion(template.room_version.to_string())
-        })?;
-        if !rules.authorization.knocking {
-            return Err(NodeError::Refused(
-                FedErrorCode::Forbidden,
-                format!("room version {} has no knocking", template.room_version),
-            ));
-        }
         let mut content = json!({"membership": "knock"});
         if let Some(reason) = reason {
             content["reason"] = reason.into();
         }
-        let (event_id, pdu) = build_signed(
-            &self.shared.identity,
-            &rules,
-            NewEvent {
-                room_id: Some(room_id),
-                sender: &user,
-                kind: "m.room.member",
-                state_key: Some(user.as_str()),
-                content,
-                prev_events: template.prev_events,
-                auth_events: template.auth_events,
-                depth: template.depth,
-                origin_server_ts: now(),
-                redacts: None,
-            },
-        )
-        .map_err(IngestError::BadFormat)?;
-        let pdu = String::from_utf8(pdu).expect("canonical JSON is UTF-8");
+        let request = FedRequest::MakeKnock {
+            room_id: room_id.to_owned(),
+            user_id: user.clone(),
+        };
+        let (event_id, pdu, room_version) = self
+            .signed_membership(room_id, &user, via, request, content)
+            .await?;
+        if !rules_for(&room_version).is_some_and(|r| r.authorization.knocking) {
+            return Err(NodeError::Refused(
+                FedErrorCode::Forbidden,
+                format!("room version {room_version} has no knocking"),
+            ));
+        }
         match self.request(via, FedRequest::SendKnock { pdu }).await? {
             FedResponse::KnockState { room_state } => {
                 Ok((event_id, Self::checked_stripped_state(&room_state, room_id)))
@@ -139,25 +104,7 @@ impl P2pNode {
             tracing::info!(%peer, %room_id, %user_id, "make_knock refused");
             return Ok(refused_knock());
         }
-        let content = json!({"membership": "knock"});
-        Ok(
-            match self
-                .shared
-                .engine
-                .template(
-                    &room_id,
-                    &user_id,
-                    "m.room.member",
-                    Some(user_id.as_str()),
-                    &content,
-                )
-                .await
-            {
-                Ok(template) => FedResponse::JoinTemplate { room_id, template },
-                Err(IngestError::UnknownRoom(_)) => refused_knock(),
-                Err(e) => FedResponse::error(FedErrorCode::BadRequest, e.to_string()),
-            },
-        )
+        self.membership_template(room_id, &user_id, "knock").await
     }
 
     pub(super) async fn answer_send_knock(
@@ -198,37 +145,17 @@ impl P2pNode {
         if !self.may_knock(&room_id, &shape.sender).await? {
             return Ok(refused_knock());
         }
-        let taken = self
+        if let Err(refused) = self.take_membership(peer, &room_id, &pdu).await? {
+            return Ok(refused);
+        }
+        let state = self
             .shared
             .engine
-            .receive_batch_in(&Scope::room(&room_id), &[pdu.as_bytes()])
+            .current_state(&room_id)
             .await?
-            .pop()
-            .expect("one result per event");
-        Ok(match taken {
-            Ok(Received {
-                outcome: Outcome::Accepted { .. } | Outcome::Duplicate,
-                room_id,
-                event_id,
-            }) => {
-                tracing::info!(%peer, %event_id, "remote knock accepted");
-                self.push_events(&room_id, std::slice::from_ref(&event_id))
-                    .await;
-                self.changed();
-                let state = self
-                    .shared
-                    .engine
-                    .current_state(&room_id)
-                    .await?
-                    .unwrap_or_default();
-                FedResponse::KnockState {
-                    room_state: self.stripped_state(&state).await?,
-                }
-            }
-            Ok(Received { outcome, .. }) => {
-                FedResponse::error(FedErrorCode::Forbidden, format!("{outcome:?}"))
-            }
-            Err(e) => FedResponse::error(FedErrorCode::BadRequest, e.to_string()),
+            .unwrap_or_default();
+        Ok(FedResponse::KnockState {
+            room_state: self.stripped_state(&state).await?,
         })
     }
 }
