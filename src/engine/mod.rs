@@ -522,6 +522,12 @@ impl Engine {
         }
     }
 
+    /// Waits until every sealed batch has been written (or refused): nothing is written after
+    /// this returns unless something new is sent.
+    pub async fn writes_done(&self) {
+        self.writes.drained().await;
+    }
+
     /// A room's durable record, as readers see it.
     async fn durable_room(
         &self,

@@ -274,11 +274,13 @@ impl P2pNode {
         Ok(self.shared.net.connected_peers().await?)
     }
 
-    /// Stops the swarm and waits for a group commit in flight, so that nothing is written
-    /// after this returns (a tab hands its profile to another tab this way).
+    /// Stops the swarm and waits for a group commit in flight and for every write the engine
+    /// has under way, so that nothing is written after this returns (a tab hands its profile to
+    /// another tab this way).
     pub async fn shutdown(&self) {
         self.shared.net.shutdown();
         let _turn = self.shared.send_turn.lock().await;
+        self.shared.engine.writes_done().await;
     }
 
     /// Whether the node has stopped (shut down, or its swarm ended by a panic): its clients are
