@@ -25,6 +25,9 @@ cargo bench --bench keys 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
 echo "== native (release): cargo bench --bench media"
 cargo bench --bench media 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
 
+echo "== native (release): cargo bench --bench client_features (sliding sync against /sync, search)"
+cargo bench --bench client_features 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
+
 echo "== native (release): cargo bench --bench memory"
 cargo bench --bench memory 2>&1 | grep -v '^\s*\(Compiling\|Finished\|Running\)'
 
