@@ -390,7 +390,8 @@ impl ClientApi {
 
     /// Asks `server`, and asks again each time a peer connects while it cannot be reached (a
     /// tab that has just started finds its peers through the relay within seconds), until
-    /// `timeout_ms` have passed.
+    /// `timeout_ms` have passed. A request still waiting for a way to the server (a look-up in
+    /// the DHT) is asked again at once when the server itself connects.
     async fn ask_server(
         &self,
         server: ServerName,
@@ -399,18 +400,37 @@ impl ClientApi {
     ) -> Result<FedResponse, String> {
         let deadline = Instant::now() + std::time::Duration::from_millis(timeout_ms);
         let mut connected = self.node.connected_peer_events();
+        let peer = server.peer_id();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match rt::timeout(left, self.node.request(server.peer_id(), request.clone())).await {
+            let asked = Box::pin(self.node.request(peer, request.clone()));
+            let mut came = self.node.connected_peer_events();
+            let server_came = Box::pin(async move {
+                loop {
+                    match came.recv().await {
+                        Ok(p) if p == peer => return,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        // No more news of connections: only the request can end this.
+                        Err(_) => futures::future::pending::<()>().await,
+                    }
+                }
+            });
+            let answer = match rt::timeout(left, futures::future::select(asked, server_came)).await
+            {
                 None => return Err("the user's server did not answer in time".into()),
-                Some(Ok(answer)) => return Ok(answer),
-                Some(Err(crate::rooms::NodeError::Network(e))) => {
+                Some(futures::future::Either::Left((answer, _))) => answer,
+                // The server connected while the request waited: ask it directly now.
+                Some(futures::future::Either::Right(_)) => continue,
+            };
+            match answer {
+                Ok(answer) => return Ok(answer),
+                Err(crate::rooms::NodeError::Network(e)) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     if rt::timeout(left, connected.recv()).await.is_none() {
                         return Err(format!("network: {e}"));
                     }
                 }
-                Some(Err(e)) => return Err(e.to_string()),
+                Err(e) => return Err(e.to_string()),
             }
         }
     }
