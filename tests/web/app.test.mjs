@@ -332,7 +332,15 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
       const held = backedUpKeys(JSON.parse(await readFile(downloaded, "utf8")));
       if (held >= 2) break;
       assert.ok(attempt < 5, `after ${attempt} exports the file still holds ${held} backed-up room keys`);
-      console.warn(`export ${attempt} held ${held} backed-up room keys: exporting again`);
+      console.warn(`export ${attempt} held ${held} backed-up room keys: exporting again once they are back`);
+      await a.page.waitForFunction(
+        async () => {
+          const lines = (await window.hyphae.exportProfile()).split("\n").slice(1);
+          return lines.filter((l) => l && atob(JSON.parse(l).key).startsWith("backupkey\0")).length >= 2;
+        },
+        null,
+        { timeout: 60_000, polling: 500 },
+      );
     }
     await a.page.keyboard.press("Escape");
   });
