@@ -154,13 +154,25 @@ async fn an_outsider_gets_nothing_of_a_private_room() {
     let r = m
         .ask(FedRequest::MakeJoin {
             room_id: room.clone(),
-            user_id: user,
+            user_id: user.clone(),
         })
         .await;
     assert_eq!(
         not_found(&r).as_ref(),
         Some(&unknown_room),
         "MakeJoin: {r:?}"
+    );
+    // Nor a knock template: the room takes no knocks, and says so as a room that is not there.
+    let r = m
+        .ask(FedRequest::MakeKnock {
+            room_id: room.clone(),
+            user_id: user,
+        })
+        .await;
+    assert_eq!(
+        not_found(&r).as_ref(),
+        Some(&unknown_room),
+        "MakeKnock: {r:?}"
     );
 
     // Members chat, type and read while the outsider listens.

@@ -209,11 +209,7 @@ impl ClientApi {
             }
         };
         let state = self.require_joined(&room, &s.user_id).await?;
-        let engine = self.node.engine();
-        let have = super::events::power_level(engine, &state, &s.user_id).await?;
-        let need =
-            super::events::state_event_level(engine, &state, "m.room.canonical_alias").await?;
-        if have < need {
+        if !self.may_set_canonical_alias(&state, &s.user_id).await? {
             return Err(ApiError::forbidden(
                 "publishing a room needs the power to set its canonical alias",
             ));

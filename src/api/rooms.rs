@@ -926,6 +926,20 @@ impl ClientApi {
         }))
     }
 
+    /// Whether `user`'s power in a room with `state` lets them send `m.room.canonical_alias`:
+    /// what removing a room's alias and publishing the room both ask for.
+    pub(super) async fn may_set_canonical_alias(
+        &self,
+        state: &SortedState,
+        user: &UserId,
+    ) -> ApiResult<bool> {
+        let engine = self.node.engine();
+        let have = super::events::power_level(engine, state, user).await?;
+        let need =
+            super::events::state_event_level(engine, state, "m.room.canonical_alias").await?;
+        Ok(have >= need)
+    }
+
     pub(super) async fn put_alias(
         &self,
         req: &ApiRequest,
@@ -977,11 +991,7 @@ impl ClientApi {
                 .require_joined(&room, &s.user_id)
                 .await
                 .map_err(|_| refused())?;
-            let engine = self.node.engine();
-            let have = super::events::power_level(engine, &state, &s.user_id).await?;
-            let need =
-                super::events::state_event_level(engine, &state, "m.room.canonical_alias").await?;
-            if have < need {
+            if !self.may_set_canonical_alias(&state, &s.user_id).await? {
                 return Err(refused());
             }
         }

@@ -18,8 +18,41 @@ use crate::net::protocol::{
 use crate::net::ReplyTo;
 
 /// What a room the asker may not see, or does not exist, answers.
-fn unknown_room() -> FedResponse {
+pub(super) fn unknown_room() -> FedResponse {
     FedResponse::error(FedErrorCode::NotFound, "room unknown here")
+}
+
+/// The room, user and content of `pdu` if it is the asking server's own user's `membership`
+/// event (a join or knock handed back from a template); `Err` with the answer if it is not an
+/// event at all.
+pub(super) fn own_membership(
+    pdu: &str,
+    asker: &ServerName,
+    membership: &str,
+) -> Result<Option<(OwnedRoomId, OwnedUserId, Value)>, FedResponse> {
+    #[derive(serde::Deserialize)]
+    struct Shape {
+        #[serde(rename = "type")]
+        kind: String,
+        sender: OwnedUserId,
+        state_key: Option<String>,
+        room_id: Option<OwnedRoomId>,
+        content: Value,
+    }
+    let Ok(shape) = serde_json::from_str::<Shape>(pdu) else {
+        return Err(FedResponse::error(FedErrorCode::BadRequest, "not an event"));
+    };
+    let own = shape.kind == "m.room.member"
+        && shape.state_key.as_deref() == Some(shape.sender.as_str())
+        && shape.content["membership"] == membership
+        && ServerName::try_from(shape.sender.server_name())
+            .ok()
+            .as_ref()
+            == Some(asker);
+    Ok(shape
+        .room_id
+        .filter(|_| own)
+        .map(|room| (room, shape.sender, shape.content)))
 }
 
 /// What an event the asker may not see, or does not exist, answers.
@@ -284,33 +317,18 @@ impl P2pNode {
         asker: &ServerName,
         pdu: String,
     ) -> Result<FedResponse, NodeError> {
-        #[derive(serde::Deserialize)]
-        struct JoinShape {
-            #[serde(rename = "type")]
-            kind: String,
-            sender: OwnedUserId,
-            state_key: Option<String>,
-            room_id: Option<OwnedRoomId>,
-            content: Value,
-        }
-        let Ok(shape) = serde_json::from_str::<JoinShape>(&pdu) else {
-            return Ok(FedResponse::error(FedErrorCode::BadRequest, "not an event"));
+        let (room_id, sender, _) = match own_membership(&pdu, asker, "join") {
+            Err(not_an_event) => return Ok(not_an_event),
+            Ok(Some(own)) => own,
+            Ok(None) => {
+                tracing::warn!(%peer, "send_join that is not the asker's own join refused");
+                return Ok(FedResponse::error(
+                    FedErrorCode::Forbidden,
+                    "send_join takes the asking server's own user's join",
+                ));
+            }
         };
-        let own_join = shape.kind == "m.room.member"
-            && shape.state_key.as_deref() == Some(shape.sender.as_str())
-            && shape.content["membership"] == "join"
-            && ServerName::try_from(shape.sender.server_name())
-                .ok()
-                .as_ref()
-                == Some(asker);
-        let Some(room_id) = shape.room_id.filter(|_| own_join) else {
-            tracing::warn!(%peer, "send_join that is not the asker's own join refused");
-            return Ok(FedResponse::error(
-                FedErrorCode::Forbidden,
-                "send_join takes the asking server's own user's join",
-            ));
-        };
-        if !self.may_join(&room_id, &shape.sender).await? {
+        if !self.may_join(&room_id, &sender).await? {
             return Ok(unknown_room());
         }
         Ok(match self.take_membership(peer, &room_id, &pdu).await? {

@@ -9,6 +9,7 @@ use ruma::events::StateEventType;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{json, Value};
 
+use super::answer::{own_membership, unknown_room};
 use super::visibility::{entry_content, membership_in, Membership};
 use super::{NodeError, P2pNode};
 use crate::engine::pdu::rules_for;
@@ -17,10 +18,6 @@ use crate::net::protocol::{FedErrorCode, FedRequest, FedResponse};
 
 /// Longest knock `reason` (it goes into the event).
 pub const MAX_REASON_BYTES: usize = 1024;
-
-fn refused_knock() -> FedResponse {
-    FedResponse::error(FedErrorCode::NotFound, "no room to knock on here")
-}
 
 impl P2pNode {
     /// Knocks on `room_id` as `localpart` through `via`, a peer in the room. Returns the knock's
@@ -102,7 +99,8 @@ impl P2pNode {
         }
         if !self.may_knock(&room_id, &user_id).await? {
             tracing::info!(%peer, %room_id, %user_id, "make_knock refused");
-            return Ok(refused_knock());
+            // As for a room that is not here: a prober learns nothing of rooms it may not knock on.
+            return Ok(unknown_room());
         }
         self.membership_template(room_id, &user_id, "knock").await
     }
@@ -113,37 +111,23 @@ impl P2pNode {
         asker: &ServerName,
         pdu: String,
     ) -> Result<FedResponse, NodeError> {
-        #[derive(serde::Deserialize)]
-        struct KnockShape {
-            #[serde(rename = "type")]
-            kind: String,
-            sender: OwnedUserId,
-            state_key: Option<String>,
-            room_id: Option<OwnedRoomId>,
-            content: Value,
-        }
-        let Ok(shape) = serde_json::from_str::<KnockShape>(&pdu) else {
-            return Ok(FedResponse::error(FedErrorCode::BadRequest, "not an event"));
+        let own = match own_membership(&pdu, asker, "knock") {
+            Err(not_an_event) => return Ok(not_an_event),
+            Ok(own) => own.filter(|(_, _, content)| {
+                content["reason"]
+                    .as_str()
+                    .is_none_or(|r| r.len() <= MAX_REASON_BYTES)
+            }),
         };
-        let own_knock = shape.kind == "m.room.member"
-            && shape.state_key.as_deref() == Some(shape.sender.as_str())
-            && shape.content["membership"] == "knock"
-            && shape.content["reason"]
-                .as_str()
-                .is_none_or(|r| r.len() <= MAX_REASON_BYTES)
-            && ServerName::try_from(shape.sender.server_name())
-                .ok()
-                .as_ref()
-                == Some(asker);
-        let Some(room_id) = shape.room_id.filter(|_| own_knock) else {
+        let Some((room_id, sender, _)) = own else {
             tracing::warn!(%peer, "send_knock that is not the asker's own knock refused");
             return Ok(FedResponse::error(
                 FedErrorCode::Forbidden,
                 "send_knock takes the asking server's own user's knock",
             ));
         };
-        if !self.may_knock(&room_id, &shape.sender).await? {
-            return Ok(refused_knock());
+        if !self.may_knock(&room_id, &sender).await? {
+            return Ok(unknown_room());
         }
         if let Err(refused) = self.take_membership(peer, &room_id, &pdu).await? {
             return Ok(refused);
