@@ -423,7 +423,17 @@ async fn concurrent_senders_reach_a_syncing_reader_exactly_once() {
     }
     let mut sent = Vec::new();
     for h in senders {
-        sent.extend(h.await.unwrap());
+        let ids = h.await.unwrap();
+        // Each sender sent one after another: their events arrive in that order.
+        let at: Vec<Option<usize>> = ids
+            .iter()
+            .map(|id| seen.iter().position(|s| s == id))
+            .collect();
+        assert!(
+            at.windows(2).all(|w| w[0] < w[1]),
+            "a sender's events came out of order: {at:?}"
+        );
+        sent.extend(ids);
     }
     for id in &sent {
         assert!(seen.contains(id), "{id} never came through /sync");
@@ -435,6 +445,23 @@ async fn concurrent_senders_reach_a_syncing_reader_exactly_once() {
         "some events came through /sync twice"
     );
     assert_eq!(seen.len(), 200);
+    // And in the room's own order: what /sync delivered is what /messages reads back.
+    let page = reader
+        .ok(
+            "GET",
+            &format!("/_matrix/client/v3/rooms/{r}/messages?dir=b&limit=500"),
+            None,
+        )
+        .await;
+    let mut stored: Vec<String> = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    stored.reverse();
+    assert_eq!(seen, stored, "/sync delivered the events out of stream order");
 }
 
 // ---- history visibility ----------------------------------------------------------------------

@@ -9,6 +9,7 @@
 //! disk.
 
 mod cache;
+mod parallel;
 pub use cache::{EVENT_CACHE_BYTES, MAX_CACHED_GROUPS, MAX_CACHED_RESOLUTIONS};
 pub mod create_room;
 pub mod pdu;
@@ -189,6 +190,29 @@ struct Prepared {
     rules: RoomVersionRules,
     known_room: Option<RoomRecord>,
     event_id: OwnedEventId,
+    /// Steps 2 and 3 (signature, content hash) and parsing, when they were run ahead of the
+    /// ordered pass.
+    checked: Option<Result<Pdu, IngestError>>,
+}
+
+/// A parsed PDU whose room is known, before its id is computed.
+struct Placed {
+    object: CanonicalJsonObject,
+    version: RoomVersionId,
+    rules: RoomVersionRules,
+    known_room: Option<RoomRecord>,
+}
+
+/// A PDU parsed as JSON, with what says where it belongs: its room, or (for a create event)
+/// its room version.
+struct Parsed {
+    object: CanonicalJsonObject,
+    belongs: Belongs,
+}
+
+enum Belongs {
+    Room(OwnedRoomId),
+    NewRoom(RoomVersionId),
 }
 
 pub struct Engine {
@@ -222,6 +246,26 @@ struct Sealed {
 enum Written {
     Done(Result<(), StoreError>),
     Panicked(Box<dyn std::any::Any + Send>),
+}
+
+/// A sealed batch on its way to the disk. What it holds is not to be acknowledged to anyone
+/// before [`WriteInFlight::durable`] says so.
+#[must_use = "a write is acknowledged only once durable() says so"]
+pub struct WriteInFlight(Option<futures::channel::oneshot::Receiver<Written>>);
+
+impl WriteInFlight {
+    /// Waits until the batch is durable (and visible to readers), or its write failed.
+    pub async fn durable(self) -> Result<(), StoreError> {
+        let Some(outcome) = self.0 else {
+            return Ok(());
+        };
+        match outcome.await {
+            Ok(Written::Done(result)) => result,
+            // A store that panics (a bug) panics its caller, as it would without the task.
+            Ok(Written::Panicked(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => Err(StoreError::Backend("the write task ended".into())),
+        }
+    }
 }
 
 /// Writes a sealed batch in its turn, then makes it visible to readers. Its turn always ends,
@@ -486,9 +530,14 @@ impl Engine {
     /// Makes `batch` durable (with the pending state groups and the counters) and then visible
     /// to readers. The engine lock is released while the disk works: the next batch can be
     /// built meanwhile, and readers go on reading what was durable before.
-    async fn commit(&self, mut inner: InnerGuard<'_>, batch: WriteBatch) -> Result<(), StoreError> {
+    async fn commit(&self, inner: InnerGuard<'_>, batch: WriteBatch) -> Result<(), StoreError> {
+        self.begin_write(inner, batch).durable().await
+    }
+
+    /// Seals `batch` and sets its write going; the engine is free again once this returns.
+    fn begin_write(&self, mut inner: InnerGuard<'_>, batch: WriteBatch) -> WriteInFlight {
         let Some(sealed) = inner.seal(batch, &self.writes) else {
-            return Ok(());
+            return WriteInFlight(None);
         };
         {
             // Until it is durable, readers keep the rooms' records as they were.
@@ -514,12 +563,7 @@ impl Engine {
             let outcome = write_sealed(store, &published, &writes, sealed).await;
             let _ = done.send(outcome);
         });
-        match outcome.await {
-            Ok(Written::Done(result)) => result,
-            // A store that panics (a bug) panics its caller, as it would without the task.
-            Ok(Written::Panicked(panic)) => std::panic::resume_unwind(panic),
-            Err(_) => Err(StoreError::Backend("the write task ended".into())),
-        }
+        WriteInFlight(Some(outcome))
     }
 
     /// Waits until every sealed batch has been written (or refused): nothing is written after
@@ -579,24 +623,40 @@ impl Engine {
         scope: &Scope,
         raws: &[&[u8]],
     ) -> Result<Vec<Result<Received, IngestError>>, StoreError> {
+        // Parsing, hashing and signature checks depend on nothing the batch changes: they run
+        // on every core, and only the room look-ups and the ordered pass need the engine.
+        let parsed = parallel::map(raws.to_vec(), parse_pdu);
         let mut inner = self.lock().await;
         let store = self.store.as_ref();
-        // Prepare what can be prepared now (rooms created inside this batch come later), and
-        // look every new event id up in one read instead of one per event.
-        let mut prepared: Vec<Option<Result<Prepared, IngestError>>> =
-            Vec::with_capacity(raws.len());
-        for raw in raws {
-            prepared.push(match inner.prepare(store, raw).await {
-                Err(IngestError::UnknownRoom(_)) => None,
-                other => Some(other),
+        // Place what can be placed now (rooms created inside this batch come later).
+        let mut placed = Vec::with_capacity(raws.len());
+        for p in parsed {
+            placed.push(match p {
+                Ok(p) => match inner.place(store, p).await {
+                    Err(IngestError::UnknownRoom(_)) => None,
+                    other => Some(other),
+                },
+                Err(e) => Some(Err(e)),
             });
         }
+        let mut prepared: Vec<Option<Result<Prepared, IngestError>>> =
+            parallel::map(placed, |p| p.map(|p| p.and_then(identify)));
+        // Every new event id is looked up in one read instead of one per event.
         let ids: Vec<&OwnedEventId> = prepared
             .iter()
             .filter_map(|p| p.as_ref()?.as_ref().ok())
             .map(|p| &p.event_id)
             .collect();
         let fetched = inner.prefetch(store, &ids).await;
+        let origin = Origin::Remote(scope);
+        let mut to_check: Vec<&mut Prepared> = prepared
+            .iter_mut()
+            .filter_map(|p| p.as_mut()?.as_mut().ok())
+            .filter(|p| inner.worth_checking(p, origin))
+            .collect();
+        parallel::for_each(&mut to_check, |p| {
+            p.checked = Some(check_signed(&p.object, &p.rules, &p.event_id));
+        });
         let mut batch = WriteBatch::new();
         let mut results = Vec::with_capacity(raws.len());
         let mut failure = fetched.err();
@@ -605,17 +665,9 @@ impl Engine {
                 break;
             }
             let result = match p {
-                Some(Ok(p)) => {
-                    inner
-                        .ingest_prepared(store, p, &mut batch, Origin::Remote(scope))
-                        .await
-                }
+                Some(Ok(p)) => inner.ingest_prepared(store, p, &mut batch, origin).await,
                 Some(Err(e)) => Err(e),
-                None => {
-                    inner
-                        .ingest(store, raw, &mut batch, Origin::Remote(scope))
-                        .await
-                }
+                None => inner.ingest(store, raw, &mut batch, origin).await,
             };
             match result {
                 Err(IngestError::Store(e)) => failure = Some(e),
@@ -680,6 +732,20 @@ impl Engine {
         events: Vec<LocalEvent>,
         now: MilliSecondsSinceUnixEpoch,
     ) -> Result<Vec<Result<Received, IngestError>>, StoreError> {
+        let (results, write) = self.seal_many(identity, events, now).await?;
+        write.durable().await?;
+        Ok(results)
+    }
+
+    /// [`Engine::send_many`] up to the point where the batch is sealed: the verdicts, and the
+    /// write they depend on. The engine is free for the next batch while this one is written;
+    /// the verdicts hold only once the write is durable.
+    pub async fn seal_many(
+        &self,
+        identity: &Identity,
+        events: Vec<LocalEvent>,
+        now: MilliSecondsSinceUnixEpoch,
+    ) -> Result<(Vec<Result<Received, IngestError>>, WriteInFlight), StoreError> {
         let mut inner = self.lock().await;
         let store = self.store.as_ref();
         let mut batch = WriteBatch::new();
@@ -708,8 +774,7 @@ impl Engine {
             }
             results.push(r);
         }
-        self.commit(inner, batch).await?;
-        Ok(results)
+        Ok((results, self.begin_write(inner, batch)))
     }
 
     /// Creates a room with the preset's initial events, all committed at once.
@@ -1467,62 +1532,41 @@ impl Inner {
     /// Step 1 of the receipt checks (size, JSON, format) and the event id. Needs the room to
     /// be known already (except for create events).
     async fn prepare(&mut self, store: &dyn Store, raw: &[u8]) -> Result<Prepared, IngestError> {
-        if raw.len() > MAX_PDU_BYTES {
-            return Err(IngestError::TooLarge(raw.len()));
-        }
-        let value: serde_json::Value =
-            serde_json::from_slice(raw).map_err(|e| IngestError::NotJson(e.to_string()))?;
-        let object = match CanonicalJsonValue::try_from(value) {
-            Ok(CanonicalJsonValue::Object(o)) => o,
-            Ok(_) => return Err(IngestError::BadJson("a PDU is a JSON object".into())),
-            Err(e) => return Err(IngestError::BadJson(e.to_string())),
-        };
-        let is_create = matches!(object.get("type"), Some(CanonicalJsonValue::String(t)) if t == "m.room.create");
-        let (version, known_room) = if is_create {
-            let v = match object.get("content") {
-                Some(CanonicalJsonValue::Object(c)) => match c.get("room_version") {
-                    Some(CanonicalJsonValue::String(v)) => v.clone(),
-                    None => "1".to_owned(),
-                    Some(_) => {
-                        return Err(IngestError::BadFormat(
-                            "room_version is not a string".into(),
-                        ))
-                    }
-                },
-                _ => {
-                    return Err(IngestError::BadFormat(
-                        "create event without content".into(),
-                    ))
-                }
-            };
-            let version = RoomVersionId::try_from(v.as_str())
-                .map_err(|_| IngestError::UnsupportedRoomVersion(v.clone()))?;
-            (version, None)
-        } else {
-            let room_id = match object.get("room_id") {
-                Some(CanonicalJsonValue::String(r)) => {
-                    RoomId::parse(r).map_err(|e| IngestError::BadFormat(format!("room_id: {e}")))?
-                }
-                _ => return Err(IngestError::BadFormat("missing room_id".into())),
-            };
-            let room = self
-                .load_room(store, &room_id)
-                .await?
-                .ok_or_else(|| IngestError::UnknownRoom(room_id.to_string()))?;
-            (room.room_version.clone(), Some(room))
+        let placed = self.place(store, parse_pdu(raw)?).await?;
+        identify(placed)
+    }
+
+    /// The room (or, for a create event, the room version) a parsed PDU belongs to, and the
+    /// rules that follow from it. The event id is left to [`identify`].
+    async fn place(&mut self, store: &dyn Store, parsed: Parsed) -> Result<Placed, IngestError> {
+        let (version, known_room) = match parsed.belongs {
+            Belongs::NewRoom(version) => (version, None),
+            Belongs::Room(room_id) => {
+                let room = self
+                    .load_room(store, &room_id)
+                    .await?
+                    .ok_or_else(|| IngestError::UnknownRoom(room_id.to_string()))?;
+                (room.room_version.clone(), Some(room))
+            }
         };
         let rules = rules_for(&version)
             .ok_or_else(|| IngestError::UnsupportedRoomVersion(version.to_string()))?;
-        ruma::state_res::check_pdu_format(&object, &rules.event_format)
-            .map_err(IngestError::BadFormat)?;
-        let event_id = event_id_of(&object, &rules).map_err(IngestError::BadFormat)?;
-        Ok(Prepared {
-            object,
+        Ok(Placed {
+            object: parsed.object,
             version,
             rules,
             known_room,
-            event_id,
         })
+    }
+
+    /// Whether a prepared PDU gets as far as the signature check: not one stored already, and
+    /// within the scope (what the scope refuses costs no signature check).
+    fn worth_checking(&self, p: &Prepared, origin: Origin<'_>) -> bool {
+        let stored = self
+            .events
+            .get(&p.event_id)
+            .is_some_and(|e| e.status != EventStatus::Outlier);
+        !stored && !outside_scope(origin, p.known_room.as_ref())
     }
 
     /// Loads the events named by `ids` that are not cached yet, in one store read.
@@ -1567,6 +1611,7 @@ impl Inner {
             rules,
             known_room,
             event_id,
+            checked,
         } = prepared;
         // Earlier events of the same batch may have moved the room on since `prepare`.
         let known_room = match known_room {
@@ -1588,21 +1633,16 @@ impl Inner {
         }
 
         // What the scope refuses costs no signature check.
-        if let Origin::Remote(scope) = origin {
-            let outside = match &known_room {
-                Some(room) => scope.room.as_ref().is_some_and(|r| *r != room.room_id),
-                None => !scope.adopt,
-            };
-            if outside {
-                return Err(IngestError::Forbidden(format!(
-                    "{event_id} is outside what this node takes now"
-                )));
-            }
+        if outside_scope(origin, known_room.as_ref()) {
+            return Err(IngestError::Forbidden(format!(
+                "{event_id} is outside what this node takes now"
+            )));
         }
         // 2. Signature of the origin, whose key is its server name. 3. Content hash.
-        let object = verify_and_redact(&object, &rules)?;
-        let pdu = Pdu::from_canonical(event_id.clone(), &object)
-            .map_err(|e| IngestError::BadFormat(e.to_string()))?;
+        let pdu = match checked {
+            Some(checked) => checked?,
+            None => check_signed(&object, &rules, &event_id)?,
+        };
         if let Some(room) = &known_room {
             if pdu.room_id != room.room_id {
                 return Err(IngestError::BadFormat(
@@ -1924,6 +1964,94 @@ pub fn verify_standalone(raw: &[u8], version: &RoomVersionId) -> Result<Pdu, Ing
     let event_id = event_id_of(&object, &rules).map_err(IngestError::BadFormat)?;
     let object = verify_and_redact(&object, &rules)?;
     Pdu::from_canonical(event_id, &object).map_err(|e| IngestError::BadFormat(e.to_string()))
+}
+
+/// Step 1, the part that needs no room: size and JSON, and where the PDU belongs.
+fn parse_pdu(raw: &[u8]) -> Result<Parsed, IngestError> {
+    if raw.len() > MAX_PDU_BYTES {
+        return Err(IngestError::TooLarge(raw.len()));
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(raw).map_err(|e| IngestError::NotJson(e.to_string()))?;
+    let object = match CanonicalJsonValue::try_from(value) {
+        Ok(CanonicalJsonValue::Object(o)) => o,
+        Ok(_) => return Err(IngestError::BadJson("a PDU is a JSON object".into())),
+        Err(e) => return Err(IngestError::BadJson(e.to_string())),
+    };
+    let is_create =
+        matches!(object.get("type"), Some(CanonicalJsonValue::String(t)) if t == "m.room.create");
+    let belongs = if is_create {
+        let v = match object.get("content") {
+            Some(CanonicalJsonValue::Object(c)) => match c.get("room_version") {
+                Some(CanonicalJsonValue::String(v)) => v.clone(),
+                None => "1".to_owned(),
+                Some(_) => {
+                    return Err(IngestError::BadFormat(
+                        "room_version is not a string".into(),
+                    ))
+                }
+            },
+            _ => {
+                return Err(IngestError::BadFormat(
+                    "create event without content".into(),
+                ))
+            }
+        };
+        let version = RoomVersionId::try_from(v.as_str())
+            .map_err(|_| IngestError::UnsupportedRoomVersion(v.clone()))?;
+        Belongs::NewRoom(version)
+    } else {
+        match object.get("room_id") {
+            Some(CanonicalJsonValue::String(r)) => Belongs::Room(
+                RoomId::parse(r).map_err(|e| IngestError::BadFormat(format!("room_id: {e}")))?,
+            ),
+            _ => return Err(IngestError::BadFormat("missing room_id".into())),
+        }
+    };
+    Ok(Parsed { object, belongs })
+}
+
+/// The rest of step 1 (the room version's format) and the event id: pure, like [`parse_pdu`].
+fn identify(placed: Placed) -> Result<Prepared, IngestError> {
+    let Placed {
+        object,
+        version,
+        rules,
+        known_room,
+    } = placed;
+    ruma::state_res::check_pdu_format(&object, &rules.event_format)
+        .map_err(IngestError::BadFormat)?;
+    let event_id = event_id_of(&object, &rules).map_err(IngestError::BadFormat)?;
+    Ok(Prepared {
+        object,
+        version,
+        rules,
+        known_room,
+        event_id,
+        checked: None,
+    })
+}
+
+/// Whether `origin` refuses an event of `room` (`None`: a room the event would create).
+fn outside_scope(origin: Origin<'_>, room: Option<&RoomRecord>) -> bool {
+    match origin {
+        Origin::Remote(scope) => match room {
+            Some(room) => scope.room.as_ref().is_some_and(|r| *r != room.room_id),
+            None => !scope.adopt,
+        },
+        Origin::Local => false,
+    }
+}
+
+/// Steps 2 and 3, then the event parsed as the engine keeps it.
+fn check_signed(
+    object: &CanonicalJsonObject,
+    rules: &RoomVersionRules,
+    event_id: &EventId,
+) -> Result<Pdu, IngestError> {
+    let object = verify_and_redact(object, rules)?;
+    Pdu::from_canonical(event_id.to_owned(), &object)
+        .map_err(|e| IngestError::BadFormat(e.to_string()))
 }
 
 /// Step 2 and 3 of the receipt checks: the origin's signature must verify against the key that

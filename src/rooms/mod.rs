@@ -130,8 +130,11 @@ pub(crate) struct Shared {
     invites: Mutex<Vec<Invite>>,
     /// Local events waiting for the next group commit, with whom to tell.
     send_queue: Mutex<Vec<(LocalEvent, SendReply)>>,
-    /// One group commit at a time.
+    /// One group commit sealed at a time.
     send_turn: futures::lock::Mutex<()>,
+    /// Held from sealing a group commit until its senders are answered: commits are answered
+    /// and pushed in the order they were sealed.
+    answer_turn: futures::lock::Mutex<()>,
     delivered: Mutex<Delivered>,
     catch_up: Mutex<CatchUpProgress>,
     catch_ups: Mutex<catch_up::Running>,
@@ -188,6 +191,7 @@ impl P2pNode {
                 invites: Mutex::new(invites),
                 send_queue: Mutex::new(Vec::new()),
                 send_turn: futures::lock::Mutex::new(()),
+                answer_turn: futures::lock::Mutex::new(()),
                 delivered: Mutex::new(Delivered::default()),
                 catch_up: Mutex::new(CatchUpProgress::default()),
                 catch_ups: Mutex::new(catch_up::Running::default()),
@@ -280,6 +284,7 @@ impl P2pNode {
     pub async fn shutdown(&self) {
         self.shared.net.shutdown();
         let _turn = self.shared.send_turn.lock().await;
+        let _answers = self.shared.answer_turn.lock().await;
         self.shared.engine.writes_done().await;
     }
 

@@ -93,27 +93,27 @@ impl P2pNode {
 
     /// Group commit: whoever gets the turn signs and stores every queued send in one durable
     /// write, then answers each sender. Under load one commit carries many events; alone, a send
-    /// commits at once.
+    /// commits at once. The turn passes on once the batch is sealed, so the next batch is
+    /// signed while this one is on the disk; answers and pushes keep the commits' order.
     async fn commit_queued_sends(&self) {
-        let _turn = self.shared.send_turn.lock().await;
+        let turn = self.shared.send_turn.lock().await;
         let jobs = std::mem::take(&mut *self.shared.send_queue.lock().expect("send queue lock"));
         if jobs.is_empty() {
             return;
         }
         let (events, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
-        match self
+        let sealed = self
             .shared
             .engine
-            .send_many(&self.shared.identity, events, now())
-            .await
-        {
-            Err(e) => {
-                tracing::error!(error = %e, "storing local events failed");
-                for reply in replies {
-                    let e = crate::store::StoreError::Backend(e.to_string());
-                    let _ = reply.send(Err(NodeError::Store(e)));
-                }
-            }
+            .seal_many(&self.shared.identity, events, now())
+            .await;
+        let _answer_turn = self.shared.answer_turn.lock().await;
+        drop(turn);
+        let stored = match sealed {
+            Ok((results, write)) => write.durable().await.map(|()| results),
+            Err(e) => Err(e),
+        };
+        match stored {
             Ok(results) => {
                 // Pushed per room, in commit order, before anyone is answered.
                 let mut by_room: Vec<(ruma::OwnedRoomId, Vec<ruma::OwnedEventId>)> = Vec::new();
@@ -130,6 +130,13 @@ impl P2pNode {
                     let _ = reply.send(result.map_err(NodeError::from));
                 }
                 self.changed();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "storing local events failed");
+                for reply in replies {
+                    let e = crate::store::StoreError::Backend(e.to_string());
+                    let _ = reply.send(Err(NodeError::Store(e)));
+                }
             }
         }
     }

@@ -12,7 +12,8 @@ use super::client::Transport;
 
 pub struct NodeProcess {
     child: Child,
-    _data: tempfile::TempDir,
+    /// The data directory, when this process owns it (see [`NodeProcess::start_in`]).
+    _data: Option<tempfile::TempDir>,
     /// `host:port` of the client API.
     pub http: String,
     /// Its TCP listen address (with `/p2p/<id>`).
@@ -24,8 +25,15 @@ impl NodeProcess {
     /// Starts the binary Cargo built for this test and waits until it prints its addresses.
     pub fn start(binary: &str) -> Self {
         let data = tempfile::tempdir().unwrap();
+        let mut node = Self::start_in(binary, data.path());
+        node._data = Some(data);
+        node
+    }
+
+    /// [`NodeProcess::start`] on a data directory the caller keeps (a restart reuses it).
+    pub fn start_in(binary: &str, data: &std::path::Path) -> Self {
         let mut child = Command::new(binary)
-            .args(["--data", data.path().to_str().unwrap()])
+            .args(["--data", data.to_str().unwrap()])
             .args([
                 "--listen",
                 "/ip4/127.0.0.1/tcp/0",
@@ -60,12 +68,49 @@ impl NodeProcess {
             .unwrap();
         NodeProcess {
             child,
-            _data: data,
+            _data: None,
             http: http.unwrap(),
             tcp,
             peer_id,
         }
     }
+}
+
+impl NodeProcess {
+    /// Ends the process with SIGKILL: no shutdown, no flush, as a power cut would.
+    pub fn kill_9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// [`Transport::call`] that reports a connection the node dropped or refused instead of
+    /// failing the test (for requests racing a kill).
+    pub async fn try_call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> std::io::Result<(u16, Value)> {
+        try_call_at(self.http.clone(), method, path, token, body).await
+    }
+}
+
+/// [`NodeProcess::try_call`] to the client API at `host`, wherever its process is now.
+pub async fn try_call_at(
+    host: String,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> std::io::Result<(u16, Value)> {
+    let (method, path) = (method.to_owned(), path.to_owned());
+    let token = token.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        try_http_call(&host, &method, &path, token.as_deref(), body)
+    })
+    .await
+    .unwrap()
 }
 
 impl Drop for NodeProcess {
@@ -83,8 +128,18 @@ fn http_call(
     token: Option<&str>,
     body: Option<Value>,
 ) -> (u16, Value) {
+    try_http_call(host, method, path, token, body).unwrap()
+}
+
+fn try_http_call(
+    host: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> std::io::Result<(u16, Value)> {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut stream = TcpStream::connect(host).unwrap();
+    let mut stream = TcpStream::connect(host)?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -92,16 +147,18 @@ fn http_call(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
+    )?;
     let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let status = raw[9..12].parse().unwrap();
+    stream.read_to_string(&mut raw)?;
+    let status = raw
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "no status line"))?;
     let json = raw
         .split_once("\r\n\r\n")
         .and_then(|(_, b)| serde_json::from_str(b).ok())
         .unwrap_or(Value::Null);
-    (status, json)
+    Ok((status, json))
 }
 
 impl Transport for NodeProcess {
