@@ -461,7 +461,10 @@ async fn concurrent_senders_reach_a_syncing_reader_exactly_once() {
         .map(|e| e["event_id"].as_str().unwrap().to_owned())
         .collect();
     stored.reverse();
-    assert_eq!(seen, stored, "/sync delivered the events out of stream order");
+    assert_eq!(
+        seen, stored,
+        "/sync delivered the events out of stream order"
+    );
 }
 
 // ---- history visibility ----------------------------------------------------------------------

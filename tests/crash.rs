@@ -33,8 +33,12 @@ async fn sigkill_during_group_commit_loses_no_acknowledged_send_and_retries_make
         let mut tokens = Vec::new();
         for i in 0..SENDERS {
             let me = register(node, &format!("sender{i}"), "pw").await;
-            me.ok("POST", &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(json!({})))
-                .await;
+            me.ok(
+                "POST",
+                &format!("/_matrix/client/v3/join/{}", enc(&room)),
+                Some(json!({})),
+            )
+            .await;
             tokens.push(me.token);
         }
         (room, tokens)
@@ -78,7 +82,10 @@ async fn sigkill_during_group_commit_loses_no_acknowledged_send_and_retries_make
                     // The node went away under this request: its fate is unknown.
                     Ok((status, v)) if status >= 500 => {
                         attempts.push((txn, body, None));
-                        assert!(dead.load(Ordering::SeqCst), "a failed send while alive: {v}");
+                        assert!(
+                            dead.load(Ordering::SeqCst),
+                            "a failed send while alive: {v}"
+                        );
                         break;
                     }
                     Ok((status, v)) => panic!("send answered {status}: {v}"),
@@ -160,9 +167,17 @@ async fn sigkill_during_group_commit_loses_no_acknowledged_send_and_retries_make
     for tried in &attempts {
         for (txn, body, acked_id) in tried {
             let ids = bodies.get(body).map(Vec::as_slice).unwrap_or_default();
-            assert_eq!(ids.len(), 1, "{body} ({txn}) is in the room {} times", ids.len());
+            assert_eq!(
+                ids.len(),
+                1,
+                "{body} ({txn}) is in the room {} times",
+                ids.len()
+            );
             if let Some(id) = acked_id {
-                assert_eq!(&ids[0], id, "{body}: the acknowledged event is not the one kept");
+                assert_eq!(
+                    &ids[0], id,
+                    "{body}: the acknowledged event is not the one kept"
+                );
             }
         }
     }

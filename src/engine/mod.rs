@@ -9,7 +9,7 @@
 //! disk.
 
 mod cache;
-mod parallel;
+pub mod parallel;
 pub use cache::{EVENT_CACHE_BYTES, MAX_CACHED_GROUPS, MAX_CACHED_RESOLUTIONS};
 pub mod create_room;
 pub mod pdu;

@@ -310,11 +310,13 @@ impl P2pNode {
                     "unexpected answer to get_missing_events".into(),
                 ));
             };
-            // Checked before held: a peer answering junk costs itself the signature checks
-            // and makes this node hold nothing.
-            let mut verified = Vec::with_capacity(pdus.len());
-            for raw in pdus {
-                match Held::verify(raw, room_id, &version) {
+            // Checked before held (on every core): a peer answering junk costs itself the
+            // signature checks and makes this node hold nothing.
+            let checked =
+                crate::engine::parallel::map(pdus, |raw| Held::verify(raw, room_id, &version));
+            let mut verified = Vec::with_capacity(checked.len());
+            for h in checked {
+                match h {
                     Ok(h) => verified.push(h),
                     Err(e) => {
                         tracing::warn!(%peer, %room_id, error = %e, "catch-up answer PDU refused")
