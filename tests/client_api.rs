@@ -421,22 +421,23 @@ async fn concurrent_senders_reach_a_syncing_reader_exactly_once() {
             .await;
         seen.extend(batch);
     }
-    let mut sent = Vec::new();
+    let mut per_sender = Vec::new();
     for h in senders {
-        let ids = h.await.unwrap();
-        // Each sender sent one after another: their events arrive in that order.
-        let at: Vec<Option<usize>> = ids
+        per_sender.push(h.await.unwrap());
+    }
+    for id in per_sender.iter().flatten() {
+        assert!(seen.contains(id), "{id} never came through /sync");
+    }
+    // Each sender sent one after another: their events arrive in that order.
+    for ids in &per_sender {
+        let at: Vec<usize> = ids
             .iter()
-            .map(|id| seen.iter().position(|s| s == id))
+            .map(|id| seen.iter().position(|s| s == id).expect("seen"))
             .collect();
         assert!(
             at.windows(2).all(|w| w[0] < w[1]),
             "a sender's events came out of order: {at:?}"
         );
-        sent.extend(ids);
-    }
-    for id in &sent {
-        assert!(seen.contains(id), "{id} never came through /sync");
     }
     let unique: std::collections::HashSet<&String> = seen.iter().collect();
     assert_eq!(

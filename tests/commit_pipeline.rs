@@ -195,3 +195,64 @@ async fn a_failed_write_takes_nothing_visible_with_it() {
         fresh.room(&room).await.unwrap()
     );
 }
+
+/// A client that hangs up while its send is being written, then retries with the same
+/// transaction id: the retry waits for the first send and answers with its event; the room
+/// gets the message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_while_the_hung_up_send_is_written_makes_no_second_event() {
+    use common::client::{enc, register, Transport};
+    let store = HeldWrites::new();
+    let (_node, api) = common::in_process::peer_on(store.clone(), None).await;
+    let api = Arc::new(api);
+    let alice = register(api.as_ref(), "alice", "pw").await;
+    let room = alice.create_room(json!({"preset": "private_chat"})).await;
+    let token = alice.token.clone();
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/send/m.room.message/t1",
+        enc(&room)
+    );
+    let body = json!({"msgtype": "m.text", "body": "once"});
+
+    let (started, release) = store.hold_next();
+    let first = {
+        let (api, path, token, body) = (api.clone(), path.clone(), token.clone(), body.clone());
+        tokio::spawn(async move { api.call("PUT", &path, Some(&token), Some(body)).await })
+    };
+    started.await.expect("the send's write started");
+    // The client hangs up while its event is on the way to the disk.
+    first.abort();
+    let _ = first.await;
+    let retry = {
+        let (api, path, token, body) = (api.clone(), path.clone(), token.clone(), body.clone());
+        tokio::spawn(async move { api.call("PUT", &path, Some(&token), Some(body)).await })
+    };
+    release.send(()).unwrap();
+    let (status, answer) = retry.await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+
+    let page = alice
+        .ok(
+            "GET",
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100",
+                enc(&room)
+            ),
+            None,
+        )
+        .await;
+    let ids: Vec<&str> = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["content"]["body"] == "once")
+        .map(|e| e["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "the message is in the room {} times",
+        ids.len()
+    );
+    assert_eq!(answer["event_id"].as_str(), Some(ids[0]));
+}

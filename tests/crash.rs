@@ -89,7 +89,11 @@ async fn sigkill_during_group_commit_loses_no_acknowledged_send_and_retries_make
                         break;
                     }
                     Ok((status, v)) => panic!("send answered {status}: {v}"),
-                    Err(_) => {
+                    Err(e) => {
+                        assert!(
+                            dead.load(Ordering::SeqCst),
+                            "the node failed while alive: {e}"
+                        );
                         attempts.push((txn, body, None));
                         break;
                     }
@@ -98,7 +102,10 @@ async fn sigkill_during_group_commit_loses_no_acknowledged_send_and_retries_make
             attempts
         }));
     }
-    enough.notified().await;
+    // A bound for a node that stops answering early (the assertions above then say why).
+    tokio::time::timeout(std::time::Duration::from_secs(300), enough.notified())
+        .await
+        .expect("150 sends acknowledged before the kill");
     // Killed while the senders keep going: some of their sends are in commits under way.
     dead.store(true, Ordering::SeqCst);
     hs.kill_9();

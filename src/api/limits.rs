@@ -74,20 +74,21 @@ impl LoginAttempt<'_> {
 }
 
 /// One holder at a time per key; waiters queue. Entries live only while someone holds or
-/// waits for them.
+/// waits for them. A guard owns its hold, so it can outlive the request that took it (a send
+/// that goes on after its client hung up keeps its transaction until it is durable).
 #[derive(Default)]
 pub struct KeyedLocks {
-    held: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    held: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
-pub struct KeyedGuard<'a> {
-    locks: &'a KeyedLocks,
+pub struct KeyedGuard {
+    held: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     key: String,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl KeyedLocks {
-    pub async fn lock(&self, key: String) -> KeyedGuard<'_> {
+    pub async fn lock(&self, key: String) -> KeyedGuard {
         let lock = self
             .held
             .lock()
@@ -97,16 +98,16 @@ impl KeyedLocks {
             .clone();
         let guard = lock.lock_owned().await;
         KeyedGuard {
-            locks: self,
+            held: self.held.clone(),
             key,
             guard: Some(guard),
         }
     }
 }
 
-impl Drop for KeyedGuard<'_> {
+impl Drop for KeyedGuard {
     fn drop(&mut self) {
-        let mut held = self.locks.held.lock().expect("keyed locks");
+        let mut held = self.held.lock().expect("keyed locks");
         drop(self.guard.take());
         // Waiters hold a clone of the lock: when only the map's is left, nobody wants it.
         if held

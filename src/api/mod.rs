@@ -816,7 +816,7 @@ impl ClientApi {
 
     /// Holds the client transaction `txn` of the session's device: a retry that arrives while
     /// the first request still runs waits for it, then finds what it stored.
-    pub(super) async fn txn_lock(&self, s: &Session, txn: &str) -> limits::KeyedGuard<'_> {
+    pub(super) async fn txn_lock(&self, s: &Session, txn: &str) -> limits::KeyedGuard {
         let key = format!("{}\0{}\0{txn}", s.user_id, s.device_id);
         self.txns.lock(key).await
     }

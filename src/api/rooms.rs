@@ -393,20 +393,24 @@ impl ClientApi {
         if !content.is_object() {
             return Err(ApiError::bad_json("event content must be an object"));
         }
-        let _one_at_a_time = self.txn_lock(s, txn).await;
+        let one_at_a_time = self.txn_lock(s, txn).await;
         if let Some(id) = self.data.txn(s, txn).await? {
             return ok(json!({ "event_id": id }));
         }
         self.require_joined(&r.room_id, &s.user_id).await?;
+        let kind = r.event_type.to_string();
         let id = self
-            .send_for_txn(s, &r.room_id, &r.event_type.to_string(), content, txn)
+            .send_for_txn(s, &r.room_id, &kind, content, txn, one_at_a_time)
             .await?;
         ok(json!({ "event_id": id }))
     }
 
     /// Sends a non-state event for a client transaction. The transaction id is stored in the
     /// event's own commit: a retry after a crash finds it exactly when the event exists. The
-    /// caller holds the transaction ([`ClientApi::txn_lock`]) from its check of the id on.
+    /// caller holds the transaction ([`ClientApi::txn_lock`]) from its check of the id on and
+    /// hands the hold over: the send runs to the end even if the client hangs up, and the
+    /// transaction stays held until it is durable, so a retry meanwhile waits for it and finds
+    /// the event instead of sending it again.
     async fn send_for_txn(
         &self,
         s: &Session,
@@ -414,15 +418,27 @@ impl ClientApi {
         kind: &str,
         content: Value,
         txn: &str,
+        held: super::limits::KeyedGuard,
     ) -> ApiResult<OwnedEventId> {
         let (session, txn_id) = (s.clone(), txn.to_owned());
         let also: crate::engine::AlsoWrite = Box::new(move |id, batch| {
             super::user_data::UserData::txn_records(&session, &txn_id, id, batch)
         });
-        let sent = self
-            .node
-            .send_with(room, s.user_id.localpart(), kind, None, content, Some(also))
-            .await?;
+        let (node, room, localpart, kind) = (
+            self.node.clone(),
+            room.to_owned(),
+            s.user_id.localpart().to_owned(),
+            kind.to_owned(),
+        );
+        let (reply, sent) = futures::channel::oneshot::channel();
+        crate::net::rt::spawn(async move {
+            let result = node
+                .send_with(&room, &localpart, &kind, None, content, Some(also))
+                .await;
+            drop(held);
+            let _ = reply.send(result);
+        });
+        let sent = sent.await.map_err(|_| ApiError::stopped())??;
         Ok(sent.event_id)
     }
 
@@ -634,7 +650,7 @@ impl ClientApi {
     ) -> ApiResult<ApiResponse> {
         use ruma::api::client::redact::redact_event::v3::Request;
         let r: Request = parse(req, &[room, event, txn])?;
-        let _one_at_a_time = self.txn_lock(s, txn).await;
+        let one_at_a_time = self.txn_lock(s, txn).await;
         if let Some(id) = self.data.txn(s, txn).await? {
             return ok(json!({ "event_id": id }));
         }
@@ -657,7 +673,14 @@ impl ClientApi {
         }
         // Room versions before 11 carry `redacts` at the top level; the engine reads either.
         let id = self
-            .send_for_txn(s, &r.room_id, "m.room.redaction", content, txn)
+            .send_for_txn(
+                s,
+                &r.room_id,
+                "m.room.redaction",
+                content,
+                txn,
+                one_at_a_time,
+            )
             .await?;
         ok(json!({ "event_id": id }))
     }

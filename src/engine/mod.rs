@@ -624,7 +624,8 @@ impl Engine {
         raws: &[&[u8]],
     ) -> Result<Vec<Result<Received, IngestError>>, StoreError> {
         // Parsing, hashing and signature checks depend on nothing the batch changes: they run
-        // on every core, and only the room look-ups and the ordered pass need the engine.
+        // on every core ahead of the ordered pass (parsing before the engine is locked; the
+        // rest needs the rooms and the stored events looked up first).
         let parsed = parallel::map(raws.to_vec(), parse_pdu);
         let mut inner = self.lock().await;
         let store = self.store.as_ref();
@@ -649,14 +650,20 @@ impl Engine {
             .collect();
         let fetched = inner.prefetch(store, &ids).await;
         let origin = Origin::Remote(scope);
-        let mut to_check: Vec<&mut Prepared> = prepared
-            .iter_mut()
-            .filter_map(|p| p.as_mut()?.as_mut().ok())
-            .filter(|p| inner.worth_checking(p, origin))
-            .collect();
-        parallel::for_each(&mut to_check, |p| {
-            p.checked = Some(check_signed(&p.object, &p.rules, &p.event_id));
-        });
+        if fetched.is_ok() {
+            // Each event once: a second copy in the batch (pushed by two peers) is a duplicate
+            // by the time the ordered pass reaches it, or is checked there if the first failed.
+            let mut first_copies = HashSet::new();
+            let mut to_check: Vec<&mut Prepared> = prepared
+                .iter_mut()
+                .filter_map(|p| p.as_mut()?.as_mut().ok())
+                .filter(|p| inner.worth_checking(p, origin))
+                .filter(|p| first_copies.insert(p.event_id.clone()))
+                .collect();
+            parallel::for_each(&mut to_check, |p| {
+                p.checked = Some(check_signed(&p.object, &p.rules, &p.event_id));
+            });
+        }
         let mut batch = WriteBatch::new();
         let mut results = Vec::with_capacity(raws.len());
         let mut failure = fetched.err();

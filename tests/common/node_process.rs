@@ -77,7 +77,8 @@ impl NodeProcess {
 }
 
 impl NodeProcess {
-    /// Ends the process with SIGKILL: no shutdown, no flush, as a power cut would.
+    /// Ends the process with SIGKILL: no shutdown, and nothing of it runs afterwards (the
+    /// kernel's page cache survives, so this tests what the process does, not the disk).
     pub fn kill_9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
