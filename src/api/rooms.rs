@@ -408,9 +408,9 @@ impl ClientApi {
     /// Sends a non-state event for a client transaction. The transaction id is stored in the
     /// event's own commit: a retry after a crash finds it exactly when the event exists. The
     /// caller holds the transaction ([`ClientApi::txn_lock`]) from its check of the id on and
-    /// hands the hold over: the send runs to the end even if the client hangs up, and the
-    /// transaction stays held until it is durable, so a retry meanwhile waits for it and finds
-    /// the event instead of sending it again.
+    /// hands the hold to the group commit: once the event is queued, the transaction stays held
+    /// until it is durable even if the client hangs up, so a retry meanwhile waits for it and
+    /// finds the event instead of sending it again.
     async fn send_for_txn(
         &self,
         s: &Session,
@@ -424,21 +424,14 @@ impl ClientApi {
         let also: crate::engine::AlsoWrite = Box::new(move |id, batch| {
             super::user_data::UserData::txn_records(&session, &txn_id, id, batch)
         });
-        let (node, room, localpart, kind) = (
-            self.node.clone(),
-            room.to_owned(),
-            s.user_id.localpart().to_owned(),
-            kind.to_owned(),
-        );
-        let (reply, sent) = futures::channel::oneshot::channel();
-        crate::net::rt::spawn(async move {
-            let result = node
-                .send_with(&room, &localpart, &kind, None, content, Some(also))
-                .await;
-            drop(held);
-            let _ = reply.send(result);
-        });
-        let sent = sent.await.map_err(|_| ApiError::stopped())??;
+        let txn = crate::rooms::TxnSend {
+            record: also,
+            hold: Box::new(held),
+        };
+        let sent = self
+            .node
+            .send_with(room, s.user_id.localpart(), kind, None, content, Some(txn))
+            .await?;
         Ok(sent.event_id)
     }
 

@@ -35,13 +35,21 @@ pub fn for_each<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
 
 /// `f` of every item, in order, computed as [`for_each`] does.
 pub fn map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
-    let mut slots: Vec<(Option<T>, Option<R>)> =
-        items.into_iter().map(|t| (Some(t), None)).collect();
-    for_each(&mut slots, |(item, out)| *out = item.take().map(&f));
-    slots
-        .into_iter()
-        .map(|(_, out)| out.expect("every slot is mapped"))
-        .collect()
+    // One thread in the tab: in place, with no slots to fill.
+    #[cfg(target_arch = "wasm32")]
+    {
+        items.into_iter().map(f).collect()
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        let mut slots: Vec<(Option<T>, Option<R>)> =
+            items.into_iter().map(|t| (Some(t), None)).collect();
+        for_each(&mut slots, |(item, out)| *out = item.take().map(&f));
+        slots
+            .into_iter()
+            .map(|(_, out)| out.expect("every slot is mapped"))
+            .collect()
+    }
 }
 
 #[cfg(test)]

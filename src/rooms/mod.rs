@@ -119,6 +119,17 @@ impl Delivered {
 /// Where the answer to one queued local send goes.
 type SendReply = oneshot::Sender<Result<Received, NodeError>>;
 
+/// What a send for a client transaction brings along: writes for the same commit (its
+/// transaction record), and a hold (the transaction's lock) that is let go only once the event
+/// is durable and its sender answered, even if the client has hung up meanwhile.
+pub struct TxnSend {
+    pub record: crate::engine::AlsoWrite,
+    pub hold: Hold,
+}
+
+/// Something kept alive until a queued send is durable and answered.
+pub type Hold = Box<dyn std::any::Any + Send>;
+
 pub(crate) struct Shared {
     engine: Arc<Engine>,
     identity: Arc<Identity>,
@@ -129,7 +140,7 @@ pub(crate) struct Shared {
     edus: tokio::sync::broadcast::Sender<Edu>,
     invites: Mutex<Vec<Invite>>,
     /// Local events waiting for the next group commit, with whom to tell.
-    send_queue: Mutex<Vec<(LocalEvent, SendReply)>>,
+    send_queue: Mutex<Vec<(LocalEvent, SendReply, Option<Hold>)>>,
     /// One group commit sealed at a time.
     send_turn: futures::lock::Mutex<()>,
     /// Held from sealing a group commit until its senders are answered: commits are answered

@@ -4,7 +4,7 @@
 use ruma::{OwnedRoomId, RoomId};
 use tokio::sync::oneshot;
 
-use super::{now, NodeError, P2pNode};
+use super::{now, NodeError, P2pNode, TxnSend};
 use crate::engine::create_room::CreateRoom;
 use crate::engine::{LocalEvent, Received};
 use crate::net::rt;
@@ -54,7 +54,7 @@ impl P2pNode {
             .await
     }
 
-    /// [`P2pNode::send`], plus writes made durable in the same commit as the event.
+    /// [`P2pNode::send`] for a client transaction (see [`TxnSend`]).
     pub async fn send_with(
         &self,
         room_id: &RoomId,
@@ -62,8 +62,12 @@ impl P2pNode {
         kind: &str,
         state_key: Option<&str>,
         content: serde_json::Value,
-        also_write: Option<crate::engine::AlsoWrite>,
+        txn: Option<TxnSend>,
     ) -> Result<Received, NodeError> {
+        let (also_write, hold) = match txn {
+            Some(TxnSend { record, hold }) => (Some(record), Some(hold)),
+            None => (None, None),
+        };
         let (reply, rx) = oneshot::channel();
         // Noted before the event is stored (for the room, as its id is not known yet): once
         // anyone can see the event, the servers that may see it can fetch what it names.
@@ -80,7 +84,7 @@ impl P2pNode {
             .send_queue
             .lock()
             .expect("send queue lock")
-            .push((event, reply));
+            .push((event, reply, hold));
         // The commit runs in its own task so that a caller that gives up (a client that hangs
         // up) cannot strand the other senders whose events share the commit.
         let node = self.clone();
@@ -101,7 +105,11 @@ impl P2pNode {
         if jobs.is_empty() {
             return;
         }
-        let (events, replies): (Vec<_>, Vec<_>) = jobs.into_iter().unzip();
+        // The holds go with the replies: let go once their sender is answered.
+        let (events, replies): (Vec<_>, Vec<_>) = jobs
+            .into_iter()
+            .map(|(event, reply, hold)| (event, (reply, hold)))
+            .unzip();
         let sealed = self
             .shared
             .engine
@@ -126,14 +134,14 @@ impl P2pNode {
                 for (room_id, ids) in &by_room {
                     self.push_events(room_id, ids).await;
                 }
-                for (result, reply) in results.into_iter().zip(replies) {
+                for (result, (reply, _hold)) in results.into_iter().zip(replies) {
                     let _ = reply.send(result.map_err(NodeError::from));
                 }
                 self.changed();
             }
             Err(e) => {
                 tracing::error!(error = %e, "storing local events failed");
-                for reply in replies {
+                for (reply, _hold) in replies {
                     let e = crate::store::StoreError::Backend(e.to_string());
                     let _ = reply.send(Err(NodeError::Store(e)));
                 }
