@@ -30,6 +30,18 @@ function backedUpKeys(saved) {
     .filter((line) => line && Buffer.from(JSON.parse(line).key, "base64").toString().startsWith("backupkey\0")).length;
 }
 
+/** Waits until the page's own profile export holds at least two backed-up room keys. */
+async function profileHoldsBackedUpKeys(page) {
+  await page.waitForFunction(
+    async () => {
+      const lines = (await window.hyphae.exportProfile()).split("\n").slice(1);
+      return lines.filter((l) => l && atob(JSON.parse(l).key).startsWith("backupkey\0")).length >= 2;
+    },
+    null,
+    { timeout: 60_000, polling: 500 },
+  );
+}
+
 test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
   const node = await startWebNode();
   const profiles = [];
@@ -308,14 +320,7 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
       polling: 250,
     });
     // And until the profile's export holds them: the file is made from it.
-    await a.page.waitForFunction(
-      async () => {
-        const lines = (await window.hyphae.exportProfile()).split("\n").slice(1);
-        return lines.filter((l) => l && atob(JSON.parse(l).key).startsWith("backupkey\0")).length >= 2;
-      },
-      null,
-      { timeout: 60_000, polling: 500 },
-    );
+    await profileHoldsBackedUpKeys(a.page);
     await a.page.locator("#settings-button").click();
     recoveryKey = await a.page.locator("#settings-recovery-key").inputValue();
     assert.match(recoveryKey, /^(\w{4} ){11}\w{4}$/);
@@ -333,14 +338,7 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
       if (held >= 2) break;
       assert.ok(attempt < 5, `after ${attempt} exports the file still holds ${held} backed-up room keys`);
       console.warn(`export ${attempt} held ${held} backed-up room keys: exporting again once they are back`);
-      await a.page.waitForFunction(
-        async () => {
-          const lines = (await window.hyphae.exportProfile()).split("\n").slice(1);
-          return lines.filter((l) => l && atob(JSON.parse(l).key).startsWith("backupkey\0")).length >= 2;
-        },
-        null,
-        { timeout: 60_000, polling: 500 },
-      );
+      await profileHoldsBackedUpKeys(a.page);
     }
     await a.page.keyboard.press("Escape");
   });
