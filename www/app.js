@@ -4,7 +4,7 @@ import * as sdk from "matrix-js-sdk";
 import { logger as sdkLogger } from "matrix-js-sdk/lib/logger.js";
 import init, { Hyphae, wasmMemoryBytes } from "../pkg/hyphae.js";
 import { h, toast, describe, fail, screen, serverNameBox } from "./dom.js";
-import { DB_NAME, LOCK, PROFILE, loadSession, saveSession, localpartFor, restore } from "./profile.js";
+import { DB_NAME, LOCK, PROFILE, loadSession, openClientStore, saveSession, localpartFor, restore } from "./profile.js";
 import { Chat, cryptoStoreHolds } from "./chat.js";
 import { cryptoCallbacks } from "./recovery.js";
 import { loadSettings, applyTheme } from "./settings.js";
@@ -38,6 +38,17 @@ function homeserverStopped(reason) {
 }
 
 const wasmReady = init();
+// A returning person's chat starts with end-to-end encryption, matrix-js-sdk's own wasm module:
+// once the homeserver's module is compiled (first, as everything waits for it), fetch and
+// compile that one while the homeserver opens. The SDK's `initRustCrypto` then finds it loaded
+// (the module keeps one instance).
+const returning = loadSession();
+if (returning?.user_id) {
+  wasmReady.then(() => import("@matrix-org/matrix-sdk-crypto-wasm")).then((m) => m.initAsync()).catch(() => {});
+}
+// The chat's saved sync loads from IndexedDB meanwhile too, for the session this profile had;
+// if the person signs in as another device instead, it is not used (and gets replaced).
+const returningStore = returning?.user_id ? openClientStore(returning).catch(() => null) : Promise.resolve(null);
 
 /** The multiaddrs to bootstrap from: the ones set in settings, else the serving node's. */
 async function bootstrapAddrs() {
@@ -57,8 +68,9 @@ async function bootstrapAddrs() {
   }
 }
 
-export function clientFor(hs, session) {
+export function clientFor(hs, session, store) {
   return sdk.createClient({
+    store,
     baseUrl: BASE_URL,
     fetchFn: hs.fetch.bind(hs),
     userId: session?.user_id,
@@ -212,8 +224,12 @@ async function holdProfile(handedOver) {
   try {
     const signedIn = (async () => cryptoDevice(hs, (await resume(hs)) ?? (await onboard(hs))))();
     const session = await Promise.race([signedIn, handedOver.then(() => null)]);
+    performance.mark("hyphae-signed-in");
     if (session) {
-      chat = new Chat({ root, hs, client: clientFor(hs, session), session });
+      const same = session.user_id === returning?.user_id && session.device_id === returning?.device_id;
+      const store = (same && (await returningStore)) || (await openClientStore(session));
+      performance.mark("hyphae-client-store");
+      chat = new Chat({ root, hs, client: clientFor(hs, session, store), session });
       // For the browser console (and benchmarks): this tab's homeserver and Matrix client.
       window.hyphaeClient = chat.client;
       window.hyphaeWasmMemory = wasmMemoryBytes;

@@ -163,10 +163,26 @@ export class Chat {
       },
       () => {},
     );
+    performance.mark("hyphae-crypto-start");
     await startCrypto(c);
     const nameOf = (userId) => this.client.getRoom(this.roomId)?.getMember(userId)?.name ?? userId;
     this.cleanups.push(listenForRequests(c, nameOf, () => this.side && this.renderSide()));
     performance.mark("hyphae-crypto-ready");
+    // With a saved sync (the profile's client store) PREPARED comes from it, before the first
+    // /sync has answered; SYNCING then says the chat caught up with the homeserver.
+    const caughtUp = (state) => {
+      if (state !== "SYNCING") return;
+      c.off(ClientEvent.Sync, caughtUp);
+      performance.mark("hyphae-up-to-date");
+    };
+    c.on(ClientEvent.Sync, caughtUp);
+    // The store saves what it synced every few minutes; a page going away saves it now.
+    const save = () => c.store.save?.(true)?.catch?.(() => {});
+    window.addEventListener("pagehide", save);
+    this.cleanups.push(() => {
+      c.off(ClientEvent.Sync, caughtUp);
+      window.removeEventListener("pagehide", save);
+    });
     await c.startClient({ initialSyncLimit: PAGE, lazyLoadMembers: false });
     await Promise.all([prepared, profile]);
     performance.mark("hyphae-first-sync");

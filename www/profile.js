@@ -1,5 +1,6 @@
 // The profile: which IndexedDB database this page's homeserver lives in, the Matrix session the
 // page signs in with, and backups of both.
+import { IndexedDBStore } from "matrix-js-sdk";
 import { deleteProfile, importProfile } from "../pkg/hyphae.js";
 import { h, toast, describe, fail, screen } from "./dom.js";
 
@@ -32,6 +33,35 @@ export function localpartFor(name) {
     .replace(/^\.+|\.+$/g, "")
     .slice(0, 32);
   return part || "me";
+}
+
+/**
+ * matrix-js-sdk's own store of what the chat last synced (IndexedDB `matrix-js-sdk:<name>`), so
+ * that a start shows the rooms at once and the first /sync only brings what is new. It holds
+ * only what this profile's homeserver sent, so it is dropped whenever that homeserver's store is
+ * replaced (a restore) or another account or device signs in.
+ */
+const CLIENT_STORE = `hyphae-sdk-${PROFILE}`;
+const CLIENT_STORE_HOLDER = `hyphae:sdk-store:${PROFILE}`;
+
+/** The chat client's store for `session`, loaded. */
+export async function openClientStore(session) {
+  const holder = `${session.user_id}|${session.device_id}`;
+  if (localStorage.getItem(CLIENT_STORE_HOLDER) !== holder) await forgetClientStore();
+  const store = new IndexedDBStore({ indexedDB, localStorage, dbName: CLIENT_STORE });
+  await store.startup();
+  localStorage.setItem(CLIENT_STORE_HOLDER, holder);
+  return store;
+}
+
+/** Deletes the chat client's store (an open one closes itself and lets the deletion through). */
+export async function forgetClientStore() {
+  localStorage.removeItem(CLIENT_STORE_HOLDER);
+  await new Promise((resolve, reject) => {
+    const req = indexedDB.deleteDatabase(`matrix-js-sdk:${CLIENT_STORE}`);
+    req.onsuccess = resolve;
+    req.onerror = () => reject(req.error);
+  });
 }
 
 /** Room keys from an imported file, until the crypto stack has taken them. */
@@ -78,6 +108,8 @@ export async function restore(hs, file) {
   screen(h("h1", {}, "Restoring…"), h("p.muted", {}, "Importing your rooms and history."));
   try {
     await hs.shutdown();
+    // What the chat cached came from the store being replaced: it must not outlive it.
+    await forgetClientStore();
     await deleteProfile(DB_NAME);
     await importProfile(DB_NAME, saved.profile);
     saveSession(saved.session);

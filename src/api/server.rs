@@ -70,7 +70,11 @@ pub async fn serve(
                 )
                 // `scripts/build-web.sh` writes a `.gz` next to each file; browsers that accept
                 // gzip get those (the module is 3.4 MB raw, 1.1 MB gzipped).
-                .fallback_service(ServeDir::new(web.dir).precompressed_gzip())
+                .fallback_service(
+                    axum::Router::new()
+                        .fallback_service(ServeDir::new(web.dir).precompressed_gzip())
+                        .layer(axum::middleware::from_fn(cache_for_web_files)),
+                )
         }
     };
     let app = app.with_state(api);
@@ -80,6 +84,40 @@ pub async fn serve(
     )
     .with_graceful_shutdown(shutdown)
     .await
+}
+
+/// Lets browsers keep the web app's files. A name webpack stamped with its content's hash never
+/// changes meaning, so it is kept a year without asking again; Chromium then also keeps the
+/// compiled wasm beside it, and a new browser starts without compiling the module again. The
+/// rest (the page and its script) is asked for each time, a 304 while unchanged, so a new
+/// build shows on the next load.
+async fn cache_for_web_files(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let policy = if content_hashed(req.uri().path()) {
+        "public, max-age=31536000, immutable"
+    } else {
+        "no-cache"
+    };
+    let mut resp = next.run(req).await;
+    if resp.status().is_success() || resp.status() == http::StatusCode::NOT_MODIFIED {
+        resp.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static(policy),
+        );
+    }
+    resp
+}
+
+/// Whether a file name carries webpack's `[contenthash:8]`: `name.0123abcd.ext`.
+fn content_hashed(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or("");
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.len() >= 3
+        && parts[1..parts.len() - 1]
+            .iter()
+            .any(|p| p.len() == 8 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 async fn handle(
@@ -267,7 +305,25 @@ async fn read_body(body: axum::body::Body) -> Result<Vec<u8>, ApiError> {
 
 #[cfg(test)]
 mod tests {
-    use super::own_origins;
+    use super::{content_hashed, own_origins};
+
+    #[test]
+    fn content_hashed_names_are_those_webpack_stamps() {
+        assert!(content_hashed("/hyphae_bg.2403c2f4.wasm"));
+        assert!(content_hashed("/419.76fc25be.js"));
+        assert!(!content_hashed("/app.js"));
+        assert!(!content_hashed("/"));
+        assert!(!content_hashed("/index.html"));
+        assert!(
+            !content_hashed("/2403c2f4.wasm"),
+            "the hash is a part of its own, not the name"
+        );
+        assert!(
+            !content_hashed("/app.2403c2f.js"),
+            "seven digits are not the hash"
+        );
+        assert!(!content_hashed("/notes.deadbeeg.txt"));
+    }
 
     #[test]
     fn own_origins_name_the_listener() {
