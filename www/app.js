@@ -38,17 +38,6 @@ function homeserverStopped(reason) {
 }
 
 const wasmReady = init();
-// A returning person's chat starts with end-to-end encryption, matrix-js-sdk's own wasm module:
-// once the homeserver's module is compiled (first, as everything waits for it), fetch and
-// compile that one while the homeserver opens. The SDK's `initRustCrypto` then finds it loaded
-// (the module keeps one instance).
-const returning = loadSession();
-if (returning?.user_id) {
-  wasmReady.then(() => import("@matrix-org/matrix-sdk-crypto-wasm")).then((m) => m.initAsync()).catch(() => {});
-}
-// The chat's saved sync loads from IndexedDB meanwhile too, for the session this profile had;
-// if the person signs in as another device instead, it is not used (and gets replaced).
-const returningStore = returning?.user_id ? openClientStore(returning).catch(() => null) : Promise.resolve(null);
 
 /** The multiaddrs to bootstrap from: the ones set in settings, else the serving node's. */
 async function bootstrapAddrs() {
@@ -208,8 +197,19 @@ function onboard(hs) {
  */
 async function holdProfile(handedOver) {
   root.replaceChildren(h("div.splash", {}, h("div", {}, h("div.logo", {}, "Hyphae"), h("p", {}, "Starting your homeserver…"))));
+  // A returning person's chat can start before the homeserver has said who is signed in. Its
+  // saved sync (the client store) loads while the module compiles, for the session this
+  // profile had; a session that turns out to be another device's gets a store of its own.
+  // This tab holds the profile's lock by now, so no other tab is using either.
+  const returning = loadSession();
+  const resuming = returning?.user_id && cryptoStoreHolds(returning.user_id, returning.device_id);
+  const returningStore = resuming ? openClientStore(returning) : Promise.resolve(undefined);
   await wasmReady;
   performance.mark("hyphae-wasm-ready");
+  // Its end-to-end encryption is matrix-js-sdk's own wasm module: fetch and compile it while
+  // the homeserver opens (after ours, which everything waits for). The SDK's `initRustCrypto`
+  // then finds it loaded (the module keeps one instance).
+  if (resuming) import("@matrix-org/matrix-sdk-crypto-wasm").then((m) => m.initAsync()).catch(() => {});
   let hs;
   try {
     // Offline until the chat is on screen: the handshakes would compete with the first sync.
@@ -227,7 +227,9 @@ async function holdProfile(handedOver) {
     performance.mark("hyphae-signed-in");
     if (session) {
       const same = session.user_id === returning?.user_id && session.device_id === returning?.device_id;
-      const store = (same && (await returningStore)) || (await openClientStore(session));
+      // Settled first either way, so two opens never race over the store's holder.
+      let store = await returningStore;
+      if (!same || !store) store = await openClientStore(session);
       performance.mark("hyphae-client-store");
       chat = new Chat({ root, hs, client: clientFor(hs, session, store), session });
       // For the browser console (and benchmarks): this tab's homeserver and Matrix client.
@@ -240,6 +242,8 @@ async function holdProfile(handedOver) {
   }
   await handedOver;
   chat?.stop();
+  // The tab taking over opens the client store anew: hand it what this one synced last.
+  await chat?.client.store.save?.(true)?.catch?.(() => {});
   await hs.shutdown();
   window.hyphae = undefined;
   window.hyphaeClient = undefined;

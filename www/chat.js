@@ -176,11 +176,15 @@ export class Chat {
       performance.mark("hyphae-up-to-date");
     };
     c.on(ClientEvent.Sync, caughtUp);
-    // The store saves what it synced every few minutes; a page going away saves it now.
+    // The store saves what it synced every few minutes; a page being hidden saves it now,
+    // while it still runs (and, as a last chance, one going away).
     const save = () => c.store.save?.(true)?.catch?.(() => {});
+    const hidden = () => document.visibilityState === "hidden" && save();
+    document.addEventListener("visibilitychange", hidden);
     window.addEventListener("pagehide", save);
     this.cleanups.push(() => {
       c.off(ClientEvent.Sync, caughtUp);
+      document.removeEventListener("visibilitychange", hidden);
       window.removeEventListener("pagehide", save);
     });
     await c.startClient({ initialSyncLimit: PAGE, lazyLoadMembers: false });

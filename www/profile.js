@@ -1,6 +1,6 @@
 // The profile: which IndexedDB database this page's homeserver lives in, the Matrix session the
 // page signs in with, and backups of both.
-import { IndexedDBStore } from "matrix-js-sdk";
+import { IndexedDBStore, User } from "matrix-js-sdk";
 import { deleteProfile, importProfile } from "../pkg/hyphae.js";
 import { h, toast, describe, fail, screen } from "./dom.js";
 
@@ -44,14 +44,26 @@ export function localpartFor(name) {
 const CLIENT_STORE = `hyphae-sdk-${PROFILE}`;
 const CLIENT_STORE_HOLDER = `hyphae:sdk-store:${PROFILE}`;
 
-/** The chat client's store for `session`, loaded. */
+/**
+ * The chat client's store for `session`, loaded; undefined if it cannot be opened (it is only a
+ * cache: the client then keeps what it syncs in memory, as before there was one).
+ */
 export async function openClientStore(session) {
   const holder = `${session.user_id}|${session.device_id}`;
-  if (localStorage.getItem(CLIENT_STORE_HOLDER) !== holder) await forgetClientStore();
-  const store = new IndexedDBStore({ indexedDB, localStorage, dbName: CLIENT_STORE });
-  await store.startup();
-  localStorage.setItem(CLIENT_STORE_HOLDER, holder);
-  return store;
+  try {
+    if (localStorage.getItem(CLIENT_STORE_HOLDER) !== holder) await forgetClientStore();
+    const store = new IndexedDBStore({ indexedDB, localStorage, dbName: CLIENT_STORE });
+    // Loading saved presence makes users, which needs a maker before any client exists; the
+    // client sets its own when it is created with the store.
+    store.setUserCreator((userId) => new User(userId));
+    await store.startup();
+    localStorage.setItem(CLIENT_STORE_HOLDER, holder);
+    return store;
+  } catch (err) {
+    console.warn("the chat's saved sync could not be opened; starting without it:", err);
+    await forgetClientStore().catch(() => {});
+    return undefined;
+  }
 }
 
 /** Deletes the chat client's store (an open one closes itself and lets the deletion through). */
@@ -61,6 +73,7 @@ export async function forgetClientStore() {
     const req = indexedDB.deleteDatabase(`matrix-js-sdk:${CLIENT_STORE}`);
     req.onsuccess = resolve;
     req.onerror = () => reject(req.error);
+    req.onblocked = () => console.warn("deleting the chat's saved sync waits for another connection to close");
   });
 }
 

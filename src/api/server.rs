@@ -102,9 +102,15 @@ async fn cache_for_web_files(
     };
     let mut resp = next.run(req).await;
     if resp.status().is_success() || resp.status() == http::StatusCode::NOT_MODIFIED {
-        resp.headers_mut().insert(
+        let headers = resp.headers_mut();
+        headers.insert(
             http::header::CACHE_CONTROL,
             http::HeaderValue::from_static(policy),
+        );
+        // The body is gzipped for some requests and not for others: a cache must tell them apart.
+        headers.insert(
+            http::header::VARY,
+            http::HeaderValue::from_static("accept-encoding"),
         );
     }
     resp

@@ -83,6 +83,7 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     assert.equal(module.status, 200);
     assert.equal(module.headers.get("content-type"), "application/wasm");
     assert.equal(module.headers.get("cache-control"), "public, max-age=31536000, immutable");
+    assert.equal(module.headers.get("vary"), "accept-encoding", "gzipped or not, by Accept-Encoding");
     assert.equal((await fetch(new URL("/hyphae_bg.00000000.wasm", url))).headers.get("cache-control"), null, "a missing file is not cached");
   });
 
@@ -325,8 +326,16 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     assert.equal(await a.page.evaluate(() => typeof window.hyphae), "undefined", "the first tab stopped");
     await send(second, "Sent from the new tab");
     await waitForMessage(b.page, "Sent from the new tab");
-    await a.page.close();
-    a.page = second;
+    // And back: the first tab starts its chat again, with a client store of its own, and what
+    // arrives now shows there.
+    await a.page.locator("#take-over").click();
+    await second.locator("#elsewhere", { hasText: "moved to another tab" }).waitFor();
+    await a.page.locator("#room-name", { hasText: "Orchard" }).waitFor();
+    await send(b.page, "Welcome back to the first tab");
+    await waitForMessage(a.page, "Welcome back to the first tab");
+    await send(a.page, "Sent from the first tab again");
+    await waitForMessage(b.page, "Sent from the first tab again");
+    await second.close();
   });
 
   await step("Alice exports her profile", async () => {

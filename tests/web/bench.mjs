@@ -128,6 +128,35 @@ async function mediaFigures(from, to, roomId) {
 
 /** Typed on `from` → shown on `to`, LATENCY_SAMPLES times, for messages "`tag` <n>". */
 async function typedToVisible(from, to, tag) {
+  // Where the time goes, per message: the sender's homeserver answers the send (durable
+  // there), the receiver's SDK has the event (from a /sync), the receiver's screen shows it.
+  const stampEvents = ({ tag, sent }) => {
+    window.stampsAt = new Map();
+    const pattern = new RegExp(`^${tag} (\\d+)$`);
+    const now = () => performance.timeOrigin + performance.now();
+    const stamp = (ev, at) => {
+      const m = pattern.exec(ev.getContent()?.body ?? "");
+      if (m && !window.stampsAt.has(m[1])) window.stampsAt.set(m[1], at);
+    };
+    const client = window.hyphaeClient;
+    if (sent) {
+      // Answered: SENT; or the remote echo came first (local status → none).
+      client.on("Room.localEchoUpdated", (ev, _room, _oldId, oldStatus) => {
+        if (ev.status === "sent" || (ev.status === null && oldStatus)) stamp(ev, now());
+      });
+    } else {
+      // When the event reached the SDK; an encrypted one's body is known once decrypted.
+      const arrived = new Map();
+      client.on("Room.timeline", (ev) => {
+        if (ev.status !== null) return;
+        arrived.set(ev.getId(), now());
+        stamp(ev, arrived.get(ev.getId()));
+      });
+      client.on("Event.decrypted", (ev) => arrived.has(ev.getId()) && stamp(ev, arrived.get(ev.getId())));
+    }
+  };
+  await from.evaluate(stampEvents, { tag, sent: true });
+  await to.evaluate(stampEvents, { tag, sent: false });
   await to.evaluate((tag) => {
     window.seenAt = new Map();
     const pattern = new RegExp(`^${tag} (\\d+)$`);
@@ -139,6 +168,7 @@ async function typedToVisible(from, to, tag) {
     }).observe(document.getElementById("app"), { childList: true, subtree: true, characterData: true });
   }, tag);
   const latencies = [];
+  const parts = { saved: [], synced: [], shown: [] };
   for (let i = 0; i < LATENCY_SAMPLES; i++) {
     const sentAt = await from.evaluate((text) => {
       const box = document.getElementById("composer");
@@ -149,8 +179,22 @@ async function typedToVisible(from, to, tag) {
     }, `${tag} ${i}`);
     const seenAt = await to.waitForFunction((i) => window.seenAt.get(String(i)), i).then((h) => h.jsonValue());
     latencies.push(seenAt - sentAt);
+    const savedAt = await from.evaluate((i) => window.stampsAt.get(String(i)), i);
+    const syncedAt = await to.evaluate((i) => window.stampsAt.get(String(i)), i);
+    if (savedAt && syncedAt) {
+      parts.saved.push(savedAt - sentAt);
+      parts.synced.push(syncedAt - sentAt);
+      parts.shown.push(seenAt - syncedAt);
+    }
   }
-  return { samples: latencies.length, p50: pct(latencies, 50), p99: pct(latencies, 99) };
+  return {
+    samples: latencies.length,
+    p50: pct(latencies, 50),
+    p99: pct(latencies, 99),
+    // Medians, ms from the key press: the send answered; the event in the receiver's SDK; and
+    // from there to the screen.
+    parts_p50: { send_answered: median(parts.saved), in_receiver_sdk: median(parts.synced), sdk_to_screen: median(parts.shown) },
+  };
 }
 
 async function firstRunFormAt(page) {
@@ -316,6 +360,12 @@ async function main() {
     ],
     ["typed → visible on the other peer, p50", ms(r.typed_to_visible_ms.p50)],
     ["typed → visible on the other peer, p99", ms(r.typed_to_visible_ms.p99)],
+    [
+      "  p50 parts: send answered / in the receiver's SDK / SDK to screen",
+      Object.values(r.typed_to_visible_ms.parts_p50)
+        .map((x) => (x === undefined ? "—" : ms(x)))
+        .join(" / "),
+    ],
     ["the same, encrypted room, p50", ms(r.typed_to_visible_encrypted_ms.p50)],
     ["the same, encrypted room, p99", ms(r.typed_to_visible_encrypted_ms.p99)],
     ["20 MB upload in the tab", `${ms(r.media.upload_20mb_ms)} (${(20 / (r.media.upload_20mb_ms / 1000)).toFixed(1)} MB/s)`],
