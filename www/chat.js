@@ -26,6 +26,8 @@ const WINDOW = 80;
 const TYPING_RENEW_MS = 3000;
 const TYPING_IDLE_MS = 4000;
 const RECEIPT_PAUSE_MS = 1000;
+/** How often, at most, the client store saves what was synced (see `start`). */
+const SAVE_EVERY_MS = 30_000;
 
 const serverOf = (userId) => userId.slice(userId.indexOf(":") + 1);
 
@@ -174,25 +176,37 @@ export class Chat {
       if (state !== "SYNCING") return;
       c.off(ClientEvent.Sync, caughtUp);
       performance.mark("hyphae-up-to-date");
+      // A saved sync older than the room last open (or than every room) left nothing to
+      // open: now that the homeserver has answered, open it.
+      if (this.roomId === null || this.client.getRoom(this.roomId)?.getMyMembership() !== "join") {
+        this.roomId = this.roomToOpen();
+        this.render();
+      }
     };
     c.on(ClientEvent.Sync, caughtUp);
-    // The store saves what it synced every few minutes; a page being hidden saves it now,
-    // while it still runs (and, as a last chance, one going away).
-    const save = () => c.store.save?.(true)?.catch?.(() => {});
+    // The SDK saves its store every five minutes; a start draws its first screen from it, so
+    // save at most every SAVE_EVERY_MS after a sync, and when the page is hidden (while it
+    // still runs) or, as a last chance, goes away.
+    let savedAt = Date.now();
+    const save = () => {
+      savedAt = Date.now();
+      return c.store.save?.(true)?.catch?.(() => {});
+    };
+    const synced = (state) => state === "SYNCING" && Date.now() - savedAt > SAVE_EVERY_MS && save();
+    c.on(ClientEvent.Sync, synced);
     const hidden = () => document.visibilityState === "hidden" && save();
     document.addEventListener("visibilitychange", hidden);
     window.addEventListener("pagehide", save);
     this.cleanups.push(() => {
       c.off(ClientEvent.Sync, caughtUp);
+      c.off(ClientEvent.Sync, synced);
       document.removeEventListener("visibilitychange", hidden);
       window.removeEventListener("pagehide", save);
     });
     await c.startClient({ initialSyncLimit: PAGE, lazyLoadMembers: false });
     await Promise.all([prepared, profile]);
     performance.mark("hyphae-first-sync");
-    const last = localStorage.getItem(`hyphae:room:${this.me}`);
-    const rooms = this.joinedRooms();
-    this.roomId = rooms.find((r) => r.roomId === last)?.roomId ?? rooms[0]?.roomId ?? null;
+    this.roomId = this.roomToOpen();
     this.render();
     performance.mark("hyphae-interactive");
     document.body.dataset.ready = "true";
@@ -333,6 +347,13 @@ export class Chat {
       );
     }
     this.els.banner.replaceChildren(...parts);
+  }
+
+  /** The room open last time if it is still joined, else the most recently active one. */
+  roomToOpen() {
+    const last = localStorage.getItem(`hyphae:room:${this.me}`);
+    const rooms = this.joinedRooms();
+    return rooms.find((r) => r.roomId === last)?.roomId ?? rooms[0]?.roomId ?? null;
   }
 
   joinedRooms() {
