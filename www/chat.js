@@ -185,23 +185,18 @@ export class Chat {
     };
     c.on(ClientEvent.Sync, caughtUp);
     // The SDK saves its store every five minutes; a start draws its first screen from it, so
-    // save at most every SAVE_EVERY_MS after a sync, and when the page is hidden (while it
-    // still runs) or, as a last chance, goes away.
+    // save at most every SAVE_EVERY_MS after a sync (not as the page unloads, where a write
+    // may be cut off half way).
     let savedAt = Date.now();
-    const save = () => {
+    const synced = (state) => {
+      if (state !== "SYNCING" || Date.now() - savedAt < SAVE_EVERY_MS) return;
       savedAt = Date.now();
-      return c.store.save?.(true)?.catch?.(() => {});
+      c.store.save?.(true)?.catch?.(() => {});
     };
-    const synced = (state) => state === "SYNCING" && Date.now() - savedAt > SAVE_EVERY_MS && save();
     c.on(ClientEvent.Sync, synced);
-    const hidden = () => document.visibilityState === "hidden" && save();
-    document.addEventListener("visibilitychange", hidden);
-    window.addEventListener("pagehide", save);
     this.cleanups.push(() => {
       c.off(ClientEvent.Sync, caughtUp);
       c.off(ClientEvent.Sync, synced);
-      document.removeEventListener("visibilitychange", hidden);
-      window.removeEventListener("pagehide", save);
     });
     await c.startClient({ initialSyncLimit: PAGE, lazyLoadMembers: false });
     await Promise.all([prepared, profile]);

@@ -326,16 +326,8 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     assert.equal(await a.page.evaluate(() => typeof window.hyphae), "undefined", "the first tab stopped");
     await send(second, "Sent from the new tab");
     await waitForMessage(b.page, "Sent from the new tab");
-    // And back: the first tab starts its chat again, with a client store of its own, and what
-    // arrives now shows there.
-    await a.page.locator("#take-over").click();
-    await second.locator("#elsewhere", { hasText: "moved to another tab" }).waitFor();
-    await a.page.locator("#room-name", { hasText: "Orchard" }).waitFor();
-    await send(b.page, "Welcome back to the first tab");
-    await waitForMessage(a.page, "Welcome back to the first tab");
-    await send(a.page, "Sent from the first tab again");
-    await waitForMessage(b.page, "Sent from the first tab again");
-    await second.close();
+    await a.page.close();
+    a.page = second;
   });
 
   await step("Alice exports her profile", async () => {
@@ -437,13 +429,31 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await b.page.locator("#offline").waitFor();
     const later = "Said after the second backup";
     await send(c.page, later);
-    await c.page.waitForFunction(async (later) => {
-      const store = window.hyphaeClient.store;
-      const saved = await store.getSavedSync();
-      const rooms = Object.values(saved?.roomsData?.join ?? {});
-      if (!rooms.some((r) => r.timeline?.events?.some((e) => e.content?.body === later))) return false;
-      await store.save(true);
-      return true;
+    // Until the client store on disk holds it (read back from IndexedDB itself).
+    await c.page.waitForFunction(
+      async (later) => {
+        await window.hyphaeClient.store.save(true);
+        const db = await new Promise((resolve, reject) => {
+          const req = indexedDB.open("matrix-js-sdk:hyphae-sdk-default");
+          req.onsuccess = () => resolve(req.result);
+          req.onerror = () => reject(req.error);
+        });
+        const saved = await new Promise((resolve) => {
+          const req = db.transaction("sync").objectStore("sync").getAll();
+          req.onsuccess = () => resolve(JSON.stringify(req.result));
+        });
+        db.close();
+        return saved.includes(later);
+      },
+      later,
+      { polling: 250 },
+    );
+    // From the first screen on, the restored page must never draw it, not even for a moment.
+    await c.context.addInitScript((later) => {
+      window.drewLater = false;
+      new MutationObserver(() => {
+        for (const el of document.querySelectorAll("#timeline .msg .text")) if (el.textContent.includes(later)) window.drewLater = true;
+      }).observe(document, { childList: true, subtree: true, characterData: true });
     }, later);
     await c.page.locator("#settings-button").click();
     c.page.once("dialog", (d) => d.accept());
@@ -453,6 +463,7 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await c.page.locator(".room-item", { hasText: "Orchard" }).click();
     await waitForMessage(c.page, "Restored in a new browser");
     assert.ok(!(await messages(c.page)).includes(later), "a message the restored homeserver does not have is not shown");
+    assert.equal(await c.page.evaluate(() => window.drewLater), false, "nor was it drawn at any moment since the restore");
     await b.context.setOffline(false);
     await b.page.locator("#offline").waitFor({ state: "hidden" });
   });
@@ -471,5 +482,21 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await ready(b.page);
     assert.equal(await b.page.locator("#homeserver-stopped").count(), 0);
     await waitForMessage(b.page, "Restored in a new browser");
+  });
+
+  await step("a tab that takes its profile back chats on, with a client store of its own", async () => {
+    const second = await b.context.newPage();
+    await second.goto(url);
+    await second.locator("#elsewhere", { hasText: "open in another tab" }).waitFor();
+    await second.locator("#take-over").click();
+    await ready(second);
+    await b.page.locator("#elsewhere", { hasText: "moved to another tab" }).waitFor();
+    // And back: the first tab starts its chat again, and what arrives now shows there.
+    await b.page.locator("#take-over").click();
+    await second.locator("#elsewhere", { hasText: "moved to another tab" }).waitFor();
+    await b.page.locator("#room-name", { hasText: "Orchard" }).waitFor();
+    await send(c.page, "Welcome back to the first tab");
+    await waitForMessage(b.page, "Welcome back to the first tab");
+    await second.close();
   });
 });
