@@ -4,7 +4,7 @@ import * as sdk from "matrix-js-sdk";
 import { logger as sdkLogger } from "matrix-js-sdk/lib/logger.js";
 import init, { Hyphae, wasmMemoryBytes } from "../pkg/hyphae.js";
 import { h, toast, describe, fail, screen, serverNameBox } from "./dom.js";
-import { DB_NAME, LOCK, PROFILE, loadSession, openClientStore, saveSession, localpartFor, restore } from "./profile.js";
+import { DB_NAME, LOCK, PROFILE, loadSession, saveSession, localpartFor, restore } from "./profile.js";
 import { Chat, cryptoStoreHolds } from "./chat.js";
 import { cryptoCallbacks } from "./recovery.js";
 import { loadSettings, applyTheme } from "./settings.js";
@@ -57,9 +57,8 @@ async function bootstrapAddrs() {
   }
 }
 
-export function clientFor(hs, session, store) {
+export function clientFor(hs, session) {
   return sdk.createClient({
-    store,
     baseUrl: BASE_URL,
     fetchFn: hs.fetch.bind(hs),
     userId: session?.user_id,
@@ -197,13 +196,9 @@ function onboard(hs) {
  */
 async function holdProfile(handedOver) {
   root.replaceChildren(h("div.splash", {}, h("div", {}, h("div.logo", {}, "Hyphae"), h("p", {}, "Starting your homeserver…"))));
-  // A returning person's chat can start before the homeserver has said who is signed in. Its
-  // saved sync (the client store) loads while the module compiles, for the session this
-  // profile had; a session that turns out to be another device's gets a store of its own.
-  // This tab holds the profile's lock by now, so no other tab is using either.
+  // This tab holds the profile's lock by now: what it starts, no other tab is using.
   const returning = loadSession();
   const resuming = returning?.user_id && cryptoStoreHolds(returning.user_id, returning.device_id);
-  const returningStore = resuming ? openClientStore(returning) : Promise.resolve(undefined);
   await wasmReady;
   performance.mark("hyphae-wasm-ready");
   // Its end-to-end encryption is matrix-js-sdk's own wasm module: fetch and compile it while
@@ -226,12 +221,7 @@ async function holdProfile(handedOver) {
     const session = await Promise.race([signedIn, handedOver.then(() => null)]);
     performance.mark("hyphae-signed-in");
     if (session) {
-      const same = session.user_id === returning?.user_id && session.device_id === returning?.device_id;
-      // Settled first either way, so two opens never race over the store's holder.
-      let store = await returningStore;
-      if (!same || !store) store = await openClientStore(session);
-      performance.mark("hyphae-client-store");
-      chat = new Chat({ root, hs, client: clientFor(hs, session, store), session });
+      chat = new Chat({ root, hs, client: clientFor(hs, session), session });
       // For the browser console (and benchmarks): this tab's homeserver and Matrix client.
       window.hyphaeClient = chat.client;
       window.hyphaeWasmMemory = wasmMemoryBytes;
@@ -242,8 +232,6 @@ async function holdProfile(handedOver) {
   }
   await handedOver;
   chat?.stop();
-  // The tab taking over opens the client store anew: hand it what this one synced last.
-  await chat?.client.store.save?.(true)?.catch?.(() => {});
   await hs.shutdown();
   window.hyphae = undefined;
   window.hyphaeClient = undefined;

@@ -26,8 +26,6 @@ const WINDOW = 80;
 const TYPING_RENEW_MS = 3000;
 const TYPING_IDLE_MS = 4000;
 const RECEIPT_PAUSE_MS = 1000;
-/** How often, at most, the client store saves what was synced (see `start`). */
-const SAVE_EVERY_MS = 30_000;
 
 const serverOf = (userId) => userId.slice(userId.indexOf(":") + 1);
 
@@ -170,38 +168,20 @@ export class Chat {
     const nameOf = (userId) => this.client.getRoom(this.roomId)?.getMember(userId)?.name ?? userId;
     this.cleanups.push(listenForRequests(c, nameOf, () => this.side && this.renderSide()));
     performance.mark("hyphae-crypto-ready");
-    // With a saved sync (the profile's client store) PREPARED comes from it, before the first
-    // /sync has answered; SYNCING then says the chat caught up with the homeserver.
+    // The first /sync is in and handled (the crypto stack's part too): for the benchmarks.
     const caughtUp = (state) => {
       if (state !== "SYNCING") return;
       c.off(ClientEvent.Sync, caughtUp);
       performance.mark("hyphae-up-to-date");
-      // A saved sync older than the room last open (or than every room) left nothing to
-      // open: now that the homeserver has answered, open it.
-      if (this.roomId === null || this.client.getRoom(this.roomId)?.getMyMembership() !== "join") {
-        this.roomId = this.roomToOpen();
-        this.render();
-      }
     };
     c.on(ClientEvent.Sync, caughtUp);
-    // The SDK saves its store every five minutes; a start draws its first screen from it, so
-    // save at most every SAVE_EVERY_MS after a sync (not as the page unloads, where a write
-    // may be cut off half way).
-    let savedAt = Date.now();
-    const synced = (state) => {
-      if (state !== "SYNCING" || Date.now() - savedAt < SAVE_EVERY_MS) return;
-      savedAt = Date.now();
-      c.store.save?.(true)?.catch?.(() => {});
-    };
-    c.on(ClientEvent.Sync, synced);
-    this.cleanups.push(() => {
-      c.off(ClientEvent.Sync, caughtUp);
-      c.off(ClientEvent.Sync, synced);
-    });
+    this.cleanups.push(() => c.off(ClientEvent.Sync, caughtUp));
     await c.startClient({ initialSyncLimit: PAGE, lazyLoadMembers: false });
     await Promise.all([prepared, profile]);
     performance.mark("hyphae-first-sync");
-    this.roomId = this.roomToOpen();
+    const last = localStorage.getItem(`hyphae:room:${this.me}`);
+    const rooms = this.joinedRooms();
+    this.roomId = rooms.find((r) => r.roomId === last)?.roomId ?? rooms[0]?.roomId ?? null;
     this.render();
     performance.mark("hyphae-interactive");
     document.body.dataset.ready = "true";
@@ -342,13 +322,6 @@ export class Chat {
       );
     }
     this.els.banner.replaceChildren(...parts);
-  }
-
-  /** The room open last time if it is still joined, else the most recently active one. */
-  roomToOpen() {
-    const last = localStorage.getItem(`hyphae:room:${this.me}`);
-    const rooms = this.joinedRooms();
-    return rooms.find((r) => r.roomId === last)?.roomId ?? rooms[0]?.roomId ?? null;
   }
 
   joinedRooms() {

@@ -1,6 +1,5 @@
 // The profile: which IndexedDB database this page's homeserver lives in, the Matrix session the
 // page signs in with, and backups of both.
-import { IndexedDBStore, User } from "matrix-js-sdk";
 import { deleteProfile, importProfile } from "../pkg/hyphae.js";
 import { h, toast, describe, fail, screen } from "./dom.js";
 
@@ -33,48 +32,6 @@ export function localpartFor(name) {
     .replace(/^\.+|\.+$/g, "")
     .slice(0, 32);
   return part || "me";
-}
-
-/**
- * matrix-js-sdk's own store of what the chat last synced (IndexedDB `matrix-js-sdk:<name>`), so
- * that a start shows the rooms at once and the first /sync only brings what is new. It holds
- * only what this profile's homeserver sent, so it is dropped whenever that homeserver's store is
- * replaced (a restore) or another account or device signs in.
- */
-const CLIENT_STORE = `hyphae-sdk-${PROFILE}`;
-const CLIENT_STORE_HOLDER = `hyphae:sdk-store:${PROFILE}`;
-
-/**
- * The chat client's store for `session`, loaded; undefined if it cannot be opened (it is only a
- * cache: the client then keeps what it syncs in memory, as before there was one).
- */
-export async function openClientStore(session) {
-  const holder = `${session.user_id}|${session.device_id}`;
-  try {
-    if (localStorage.getItem(CLIENT_STORE_HOLDER) !== holder) await forgetClientStore();
-    const store = new IndexedDBStore({ indexedDB, localStorage, dbName: CLIENT_STORE });
-    // Loading saved presence makes users, which needs a maker before any client exists; the
-    // client sets its own when it is created with the store.
-    store.setUserCreator((userId) => new User(userId));
-    await store.startup();
-    localStorage.setItem(CLIENT_STORE_HOLDER, holder);
-    return store;
-  } catch (err) {
-    console.warn("the chat's saved sync could not be opened; starting without it:", err);
-    await forgetClientStore().catch(() => {});
-    return undefined;
-  }
-}
-
-/** Deletes the chat client's store (an open one closes itself and lets the deletion through). */
-export async function forgetClientStore() {
-  localStorage.removeItem(CLIENT_STORE_HOLDER);
-  await new Promise((resolve, reject) => {
-    const req = indexedDB.deleteDatabase(`matrix-js-sdk:${CLIENT_STORE}`);
-    req.onsuccess = resolve;
-    req.onerror = () => reject(req.error);
-    req.onblocked = () => console.warn("deleting the chat's saved sync waits for another connection to close");
-  });
 }
 
 /** Room keys from an imported file, until the crypto stack has taken them. */
@@ -121,8 +78,6 @@ export async function restore(hs, file) {
   screen(h("h1", {}, "Restoring…"), h("p.muted", {}, "Importing your rooms and history."));
   try {
     await hs.shutdown();
-    // What the chat cached came from the store being replaced: it must not outlive it.
-    await forgetClientStore();
     await deleteProfile(DB_NAME);
     await importProfile(DB_NAME, saved.profile);
     saveSession(saved.session);
