@@ -466,7 +466,7 @@ test("two peers chat through the web app", { timeout: 600_000 }, async (t) => {
     await waitForMessage(b.page, "Restored in a new browser");
   });
 
-  await step("a tab that takes its profile back chats on, with a client store of its own", async () => {
+  await step("a tab that takes its profile back chats on", async () => {
     const second = await b.context.newPage();
     await second.goto(url);
     await second.locator("#elsewhere", { hasText: "open in another tab" }).waitFor();
