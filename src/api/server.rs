@@ -87,10 +87,10 @@ pub async fn serve(
 }
 
 /// Lets browsers keep the web app's files. A name webpack stamped with its content's hash never
-/// changes meaning, so it is kept a year without asking again; Chromium then also keeps the
-/// compiled wasm beside it, and a new browser starts without compiling the module again. The
-/// rest (the page and its script) is asked for each time, a 304 while unchanged, so a new
-/// build shows on the next load.
+/// changes meaning, so it is kept a year without asking again (a new browser reads the modules
+/// from its disk cache, where Chromium may also keep their compiled code). The rest (the page
+/// and its script) is asked for each time, a 304 while unchanged, so a new build shows on the
+/// next load.
 async fn cache_for_web_files(
     req: axum::extract::Request,
     next: axum::middleware::Next,
