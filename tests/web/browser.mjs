@@ -115,6 +115,21 @@ export async function waitForMessage(page, text) {
   await page.locator("#timeline .msg .text", { hasText: text }).first().waitFor();
 }
 
+/**
+ * Waits until the async `fn` (run in the page, with `arg`) resolves truthy, and resolves to
+ * that value. `page.waitForFunction` cannot do this: it takes the returned promise itself as
+ * truthy and returns at once, whatever the promise resolves to.
+ */
+export async function waitUntilResolved(page, fn, arg, { timeout = UI_TIMEOUT_MS, polling = 250 } = {}) {
+  const deadline = Date.now() + timeout;
+  for (;;) {
+    const value = await page.evaluate(fn, arg);
+    if (value) return value;
+    assert.ok(Date.now() < deadline, `still not so after ${timeout} ms: ${fn}`);
+    await page.waitForTimeout(polling);
+  }
+}
+
 export async function screenshot(page, name) {
   await mkdir(ARTIFACTS, { recursive: true });
   const file = path.join(ARTIFACTS, name);
